@@ -1,0 +1,29 @@
+# Set-up and checks. Everything runs inside .venv, created on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: test demo bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# `make test`: install the package with its test extras, lint, run the whole suite.
+test: $(BIN)/python
+	$(PIP) install -e '.[test]'
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+# `make demo`: the tutorial notebook, done with jattn.
+demo: $(BIN)/python
+	$(PIP) install -e '.[demo]'
+	$(BIN)/python examples/notebook.py
+
+lint: $(BIN)/python
+	$(PIP) install -e '.[test]'
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache

@@ -1,0 +1,26 @@
+"""jattn: attention for JAX as pure functions.
+
+The functional core works on one example (``scores``, ``softmax``,
+``context``, ``attention``); ``dot_product_attention`` is the batched,
+multi-head drop-in for ``jax.nn.dot_product_attention``; ``jattn.masks`` holds
+mask predicates. Flax NNX modules live in ``jattn.nnx`` (importing ``jattn``
+does not import flax).
+"""
+
+from . import masks as masks
+from ._api import dot_product_attention as dot_product_attention
+from ._core import attention as attention
+from ._core import context as context
+from ._core import scores as scores
+from ._core import softmax as softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "context",
+    "dot_product_attention",
+    "masks",
+    "scores",
+    "softmax",
+]

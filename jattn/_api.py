@@ -1,0 +1,249 @@
+"""``dot_product_attention``: argument checks, layout, dispatch. No maths here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from . import _checks, _core
+from ._options import AttentionOptions
+from ._reference import reference_attention
+
+IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+Implementation = Literal["reference", "xla", "cudnn"]
+
+
+def dot_product_attention(
+    query: Float[ArrayLike, "*batch q_seq heads dim"],
+    key: Float[ArrayLike, "*batch kv_seq kv_heads dim"],
+    value: Float[ArrayLike, "*batch kv_seq kv_heads v_dim"],
+    bias: Float[ArrayLike, "*#batch #heads #q_seq #kv_seq"] | None = None,
+    mask: Bool[ArrayLike, "*#batch #heads #q_seq #kv_seq"] | None = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: Int[ArrayLike, "*batch"] | None = None,
+    key_value_seq_lengths: Int[ArrayLike, "*batch"] | None = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    query_segment_ids: Int[ArrayLike, "*batch q_seq"] | None = None,
+    key_value_segment_ids: Int[ArrayLike, "*batch kv_seq"] | None = None,
+    logits_soft_cap: float | None = None,
+    implementation: Implementation | None = None,
+    return_residual: bool = False,
+) -> (
+    Float[Array, "*batch q_seq heads v_dim"]
+    | tuple[Float[Array, "*batch q_seq heads v_dim"], Float[Array, "*batch q_seq heads"]]
+):
+    r"""Scaled dot-product attention; a drop-in for ``jax.nn.dot_product_attention``.
+
+    For each head, ``softmax(scale * Q K^T + bias, masked) V``. Axis legend::
+
+        batch   examples (optional: drop it from every argument)
+        q_seq   query positions         kv_seq    key/value positions
+        heads   query heads             kv_heads  key/value heads (divides heads)
+        dim     query/key features      v_dim     value features
+
+    Masks are boolean with True = attend, and every mask option is combined
+    with AND. A query row that sees no key at all returns zeros (and zero
+    gradients); ``jax.nn.dot_product_attention`` returns the mean of V there
+    instead. Everywhere else the results agree.
+
+    Args:
+        query: ``(batch, q_seq, heads, dim)`` or ``(q_seq, heads, dim)``.
+        key: ``(batch, kv_seq, kv_heads, dim)``; ``heads % kv_heads == 0``
+            (grouped-query attention, K/V are never repeated).
+        value: ``(batch, kv_seq, kv_heads, v_dim)``.
+        bias: optional float added to the logits, rank 4 and broadcastable to
+            ``(batch, heads, q_seq, kv_seq)`` (rank 3 without batch).
+        mask: optional boolean, same shape rules as ``bias``.
+        scale: logit multiplier; ``None`` means ``1/sqrt(dim)``.
+        is_causal: query ``i`` sees keys ``j <= i``.
+        query_seq_lengths: int ``(batch,)``: queries at or past it see nothing
+            and return zeros.
+        key_value_seq_lengths: int ``(batch,)``: keys at or past it are hidden.
+        local_window_size: ``(left, right)`` or one int for both: query ``i``
+            sees keys ``i - left <= j <= i + right``.
+        query_segment_ids: int ``(batch, q_seq)``; with
+            ``key_value_segment_ids`` (``(batch, kv_seq)``), query ``i`` sees key
+            ``j`` only where their ids are equal (packed sequences).
+        key_value_segment_ids: see ``query_segment_ids``; give both or neither.
+        logits_soft_cap: optional ``c > 0``: scaled logits become
+            ``c * tanh(logits / c)`` before the bias (Gemma 2).
+        implementation: ``None`` (auto: the fastest one that honours every
+            option; currently ``"reference"``), ``"reference"`` (the
+            per-example core vmapped over batch and heads), ``"xla"`` or
+            ``"cudnn"`` (delegate to ``jax.nn.dot_product_attention``, which
+            lacks segment ids, soft-capping and ``v_dim != dim``).
+        return_residual: also return the log-sum-exp of each query's logits
+            ``(batch, q_seq, heads)`` in float32 (float64 for float64 inputs).
+
+    Returns:
+        ``(batch, q_seq, heads, v_dim)`` in the input dtype (no batch axis if
+        the query had none), plus the log-sum-exp if ``return_residual``.
+
+    Raises:
+        TypeError: non-floating or mixed q/k/v dtypes, non-boolean mask,
+            non-floating bias, non-integer lengths or segment ids, a non-numeric
+            scale or soft cap.
+        ValueError: wrong ranks, mismatched sizes, ``heads % kv_heads != 0``,
+            mask/bias/lengths/segment ids of the wrong shape, a negative window,
+            an unknown implementation or an option it cannot honour.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jattn
+        >>> q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8), jnp.float32) # batch, q_seq, heads, dim
+        >>> kv = jax.random.normal(jax.random.key(1), (2, 7, 2, 8), jnp.float32)# 2 kv heads: GQA
+        >>> out = jattn.dot_product_attention(q, kv, kv, is_causal=True)
+        >>> out.shape
+        (2, 5, 4, 8)
+        >>> ref = jax.nn.dot_product_attention(q, kv, kv, is_causal=True)
+        >>> bool(jnp.allclose(out, ref, atol=1e-5))
+        True
+    """
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _checks.check_floating(name, x)
+    _checks.check_same_dtype(query=query, key=key, value=value)
+    _checks.check_rank("query", query, (3, 4), "(batch, q_seq, heads, dim) or (q_seq, heads, dim)")
+    batched = query.ndim == 4
+    axes = ("(batch, " if batched else "(") + "{}, {}, {})"
+    _checks.check_rank("key", key, (query.ndim,), axes.format("kv_seq", "kv_heads", "dim") + " like query")
+    _checks.check_rank("value", value, (query.ndim,), axes.format("kv_seq", "kv_heads", "v_dim") + " like query")
+    if not batched:
+        query, key, value = query[None], key[None], value[None]
+    batch, q_seq, heads, dim = query.shape
+    _, kv_seq, kv_heads, _ = key.shape
+    v_dim = value.shape[-1]
+    unbatch = (lambda s: s[1:]) if not batched else (lambda s: s)
+    _checks.check_shape("key", key, unbatch((batch, kv_seq, kv_heads, dim)), axes.format("kv_seq", "kv_heads", "dim"))
+    _checks.check_shape(
+        "value", value, unbatch((batch, kv_seq, kv_heads, v_dim)), axes.format("kv_seq", "kv_heads", "v_dim")
+    )
+    if heads % kv_heads:
+        raise ValueError(
+            f"query heads must be a multiple of key/value heads (kv_heads); got heads={heads}, kv_heads={kv_heads}"
+        )
+
+    logits_shape = (batch, heads, q_seq, kv_seq)
+    bias = _batched_logits_operand("bias", bias, logits_shape, batched, _checks.check_floating)
+    mask = _batched_logits_operand("mask", mask, logits_shape, batched, _checks.check_bool)
+
+    _core.check_scale(scale)
+    _core.check_soft_cap(logits_soft_cap)
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a Python bool; got {type(is_causal).__name__}")
+    opts = AttentionOptions(
+        scale=_core.default_scale(dim) if scale is None else float(scale),
+        is_causal=bool(is_causal),
+        local_window_size=_window(local_window_size),
+        query_seq_lengths=_lengths("query_seq_lengths", query_seq_lengths, batch, batched),
+        key_value_seq_lengths=_lengths("key_value_seq_lengths", key_value_seq_lengths, batch, batched),
+        query_segment_ids=_segment_ids("query_segment_ids", query_segment_ids, (batch, q_seq), batched),
+        key_value_segment_ids=_segment_ids("key_value_segment_ids", key_value_segment_ids, (batch, kv_seq), batched),
+        logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+    )
+    if (opts.query_segment_ids is None) != (opts.key_value_segment_ids is None):
+        raise ValueError("query_segment_ids and key_value_segment_ids must be given together; got only one")
+
+    match implementation:
+        case None | "reference":
+            out, lse = reference_attention(query, key, value, bias, mask, opts)
+        case "xla" | "cudnn":
+            out, lse = _jax_nn(query, key, value, bias, mask, opts, implementation)
+        case _:
+            raise ValueError(f"implementation must be one of {(None, *IMPLEMENTATIONS)}; got {implementation!r}")
+
+    if not batched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_residual else out
+
+
+def _batched_logits_operand(name, x, logits_shape, batched, check_dtype):
+    """Checks a bias or mask and gives it a leading batch axis."""
+    if x is None:
+        return None
+    x = jnp.asarray(x)
+    check_dtype(name, x)
+    if batched:
+        _checks.check_broadcastable(name, x, logits_shape, "(batch, heads, q_seq, kv_seq)")
+        return x
+    if x.ndim == 4:  # jax.nn accepts a leading batch axis of 1 on unbatched calls
+        _checks.check_broadcastable(name, x, logits_shape, "(1, heads, q_seq, kv_seq)")
+        return x
+    _checks.check_broadcastable(name, x, logits_shape[1:], "(heads, q_seq, kv_seq)")
+    return x[None]
+
+
+def _window(local_window_size) -> tuple[int, int] | None:
+    if local_window_size is None:
+        return None
+    window = (local_window_size,) * 2 if isinstance(local_window_size, int) else local_window_size
+    ok = (
+        isinstance(window, tuple)
+        and len(window) == 2
+        and all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in window)
+    )
+    if not ok:
+        raise ValueError(
+            f"local_window_size must be a non-negative int or a (left, right) tuple of them; got {local_window_size!r}"
+        )
+    return window
+
+
+def _lengths(name, lengths, batch, batched) -> Array | None:
+    if lengths is None:
+        return None
+    lengths = jnp.asarray(lengths)
+    _checks.check_integer(name, lengths)
+    if not batched and lengths.ndim == 0:
+        lengths = lengths[None]
+    _checks.check_shape(name, lengths, (batch,), "(batch,)")
+    return lengths.astype(jnp.int32)
+
+
+def _segment_ids(name, ids, shape, batched) -> Array | None:
+    if ids is None:
+        return None
+    ids = jnp.asarray(ids)
+    _checks.check_integer(name, ids)
+    seq = "q_seq" if name.startswith("query") else "kv_seq"
+    if batched:
+        _checks.check_shape(name, ids, shape, f"(batch, {seq})")
+    else:
+        _checks.check_shape(name, ids, shape[1:], f"({seq},)")
+        ids = ids[None]
+    return ids.astype(jnp.int32)
+
+
+def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementation):
+    """Delegates to ``jax.nn.dot_product_attention`` after refusing what it lacks."""
+    unsupported = []
+    if opts.query_segment_ids is not None:
+        unsupported.append("query_segment_ids/key_value_segment_ids")
+    if opts.logits_soft_cap is not None:
+        unsupported.append("logits_soft_cap")
+    if value.shape[-1] != query.shape[-1]:
+        unsupported.append(f"v_dim != dim ({value.shape[-1]} != {query.shape[-1]})")
+    if unsupported:
+        raise ValueError(
+            f"implementation={implementation!r} (jax.nn.dot_product_attention) does not support "
+            f"{', '.join(unsupported)}; use implementation='reference' or None"
+        )
+    return jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale=opts.scale,
+        is_causal=opts.is_causal,
+        query_seq_lengths=opts.query_seq_lengths,
+        key_value_seq_lengths=opts.key_value_seq_lengths,
+        local_window_size=opts.local_window_size,
+        implementation=implementation,
+        return_residual=True,
+    )

@@ -1,0 +1,77 @@
+"""Static argument checks shared by every layer.
+
+All checks run in Python at trace time on shapes and dtypes only; none of them
+looks at values, so they cost nothing inside a compiled function. Every message
+names the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_floating(name: str, x) -> None:
+    """Raises TypeError unless ``x`` has a floating-point dtype."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating-point dtype; got {dtype}")
+
+
+def check_same_dtype(**arrays) -> None:
+    """Raises TypeError unless all named arrays share one dtype."""
+    dtypes = {name: jnp.result_type(x) for name, x in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name}={dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"{', '.join(dtypes)} must share one dtype; got {listed}")
+
+
+def check_bool(name: str, x) -> None:
+    """Raises TypeError unless ``x`` is boolean (True = attend)."""
+    dtype = jnp.result_type(x)
+    if dtype != jnp.bool_:
+        raise TypeError(f"{name} must be boolean (True = attend); got dtype {dtype}")
+
+
+def check_integer(name: str, x) -> None:
+    """Raises TypeError unless ``x`` has an integer dtype."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype; got {dtype}")
+
+
+def check_rank(name: str, x, ranks: Sequence[int], axes: str) -> None:
+    """Raises ValueError unless ``x.ndim`` is one of ``ranks``.
+
+    ``axes`` is the axis legend shown in the message, e.g. ``"(q_seq, dim)"``.
+    """
+    ndim = np.ndim(x)
+    if ndim not in ranks:
+        expected = " or ".join(str(r) for r in ranks)
+        raise ValueError(f"{name} must have rank {expected} {axes}; got rank {ndim} with shape {np.shape(x)}")
+
+
+def check_shape(name: str, x, expected: tuple[int, ...], axes: str) -> None:
+    """Raises ValueError unless ``x.shape == expected`` exactly."""
+    if tuple(np.shape(x)) != tuple(expected):
+        raise ValueError(f"{name} must have shape {axes}={tuple(expected)}; got {np.shape(x)}")
+
+
+def check_broadcastable(name: str, x, target: tuple[int, ...], axes: str) -> None:
+    """Raises ValueError unless ``x`` broadcasts to ``target`` without adding axes.
+
+    Each axis of ``x`` must be 1 or equal to the matching axis of ``target``;
+    ``x`` must have exactly ``len(target)`` axes.
+    """
+    shape = tuple(np.shape(x))
+    ok = len(shape) == len(target) and all(s in (1, t) for s, t in zip(shape, target, strict=True))
+    if not ok:
+        raise ValueError(f"{name} must have shape {axes} broadcastable to {target}; got {shape}")
+
+
+def check_equal(name: str, actual: int, expected: int, what: str) -> None:
+    """Raises ValueError unless two sizes agree, e.g. q and k feature dims."""
+    if actual != expected:
+        raise ValueError(f"{name}: {what} must be {expected}; got {actual}")

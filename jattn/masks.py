@@ -1,0 +1,294 @@
+"""Attention masks as position predicates.
+
+A mask is a *predicate on positions*: ``mask_mod(q_idx, kv_idx) -> bool``,
+True where query ``q_idx`` may attend to key ``kv_idx``. Predicates take integer
+arrays that broadcast against each other and are evaluated elementwise, so the
+same object serves a dense ``(q_seq, kv_seq)`` mask (:func:`materialize`) and a
+kernel that evaluates one block at a time and never builds the dense mask.
+
+Axis legend: ``q_seq`` query positions, ``kv_seq`` key/value positions.
+
+Example:
+    >>> from jattn import masks
+    >>> mod = masks.and_masks(masks.causal(), masks.sliding_window(1, 0))
+    >>> print(masks.materialize(mod, 4, 4).astype(int))
+    [[1 0 0 0]
+     [1 1 0 0]
+     [0 1 1 0]
+     [0 0 1 1]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Int
+
+from . import _checks
+
+MaskMod = Callable[[Array, Array], Array]
+"""``mask_mod(q_idx, kv_idx) -> bool array``: True = attend."""
+
+
+def _as_index(x: ArrayLike | None) -> Array | None:
+    return None if x is None else jnp.asarray(x).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Causal:
+    """Query ``i`` (at absolute position ``i + offset``) sees keys ``j <= i + offset``."""
+
+    offset: ArrayLike = 0
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        return kv_idx <= q_idx + _as_index(self.offset)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SlidingWindow:
+    """Query at position ``p = i + offset`` sees keys ``p - left <= j <= p + right``."""
+
+    left: int
+    right: int
+    offset: ArrayLike = 0
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        pos = q_idx + _as_index(self.offset)
+        return (kv_idx >= pos - self.left) & (kv_idx <= pos + self.right)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Lengths:
+    """Only the first ``q_length`` queries and ``kv_length`` keys take part."""
+
+    q_length: ArrayLike | None = None
+    kv_length: ArrayLike | None = None
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        visible = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)), bool)
+        if self.q_length is not None:
+            visible = visible & (q_idx < _as_index(self.q_length))
+        if self.kv_length is not None:
+            visible = visible & (kv_idx < _as_index(self.kv_length))
+        return visible
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Segments:
+    """Query ``i`` sees key ``j`` only where ``q_ids[i] == kv_ids[j]`` (packed sequences)."""
+
+    q_ids: Array
+    kv_ids: Array
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        return self.q_ids[q_idx] == self.kv_ids[kv_idx]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dense:
+    """An explicit boolean ``(q_seq, kv_seq)`` mask, looked up by position."""
+
+    mask: Array
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        return self.mask[q_idx, kv_idx]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class And:
+    """Visible where every predicate is."""
+
+    mods: tuple[MaskMod, ...]
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        visible = self.mods[0](q_idx, kv_idx)
+        for mod in self.mods[1:]:
+            visible = visible & mod(q_idx, kv_idx)
+        return visible
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Or:
+    """Visible where any predicate is."""
+
+    mods: tuple[MaskMod, ...]
+
+    def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
+        visible = self.mods[0](q_idx, kv_idx)
+        for mod in self.mods[1:]:
+            visible = visible | mod(q_idx, kv_idx)
+        return visible
+
+
+def causal(*, offset: ArrayLike = 0) -> Causal:
+    """Causal predicate: query ``i`` sees keys ``j <= i + offset``.
+
+    ``offset`` is the absolute position of query 0 (e.g. the number of tokens
+    already in a KV cache); it may be a traced integer.
+
+    Example:
+        >>> from jattn import masks
+        >>> print(masks.materialize(masks.causal(), 3, 3).astype(int))
+        [[1 0 0]
+         [1 1 0]
+         [1 1 1]]
+    """
+    return Causal(offset)
+
+
+def sliding_window(left: int, right: int | None = None, *, offset: ArrayLike = 0) -> SlidingWindow:
+    """Local attention: query at ``p`` sees keys in ``[p - left, p + right]``.
+
+    Matches ``local_window_size=(left, right)`` of ``jax.nn.dot_product_attention``;
+    ``right=None`` (the default) means the same as ``left``. Pass
+    ``sliding_window(left, 0)`` for a causal window.
+
+    Raises:
+        ValueError: if a window side is negative.
+
+    Example:
+        >>> from jattn import masks
+        >>> print(masks.materialize(masks.sliding_window(1), 4, 4).astype(int))
+        [[1 1 0 0]
+         [1 1 1 0]
+         [0 1 1 1]
+         [0 0 1 1]]
+    """
+    if right is None:
+        right = left
+    for side, value in (("left", left), ("right", right)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"sliding_window {side} must be a non-negative int; got {value!r}")
+    return SlidingWindow(left, right, offset)
+
+
+def lengths(q_length: ArrayLike | None = None, kv_length: ArrayLike | None = None) -> Lengths:
+    """Padding predicate: positions at or past a length take no part.
+
+    Lengths are scalars here (one example); batched callers ``jax.vmap`` over them.
+
+    Raises:
+        TypeError: if a length is not an integer.
+        ValueError: if a length is not a scalar.
+
+    Example:
+        >>> from jattn import masks
+        >>> print(masks.materialize(masks.lengths(2, 3), 3, 4).astype(int))
+        [[1 1 1 0]
+         [1 1 1 0]
+         [0 0 0 0]]
+    """
+    for name, value in (("q_length", q_length), ("kv_length", kv_length)):
+        if value is not None:
+            _checks.check_integer(name, value)
+            _checks.check_rank(name, value, (0,), "()")
+    return Lengths(q_length, kv_length)
+
+
+def segments(q_ids: Int[ArrayLike, " q_seq"], kv_ids: Int[ArrayLike, " kv_seq"]) -> Segments:
+    """Segment predicate for packed sequences: attend only within the same segment id.
+
+    Raises:
+        TypeError: if the ids are not integers.
+        ValueError: if the ids are not vectors.
+
+    Example:
+        >>> from jattn import masks
+        >>> ids = jnp.array([0, 0, 1])
+        >>> print(masks.materialize(masks.segments(ids, ids), 3, 3).astype(int))
+        [[1 1 0]
+         [1 1 0]
+         [0 0 1]]
+    """
+    for name, value in (("q_ids", q_ids), ("kv_ids", kv_ids)):
+        _checks.check_integer(name, value)
+        _checks.check_rank(name, value, (1,), f"({name[:-4]}_seq,)")
+    return Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids))
+
+
+def dense(mask: Bool[ArrayLike, "q_seq kv_seq"]) -> Dense:
+    """Wraps an explicit boolean ``(q_seq, kv_seq)`` mask as a predicate.
+
+    Raises:
+        TypeError: if ``mask`` is not boolean.
+        ValueError: if ``mask`` is not rank 2.
+
+    Example:
+        >>> from jattn import masks
+        >>> mod = masks.dense(jnp.array([[True, False], [False, True]]))
+        >>> print(mod(jnp.array(0), jnp.array(1)))
+        False
+    """
+    _checks.check_bool("mask", mask)
+    _checks.check_rank("mask", mask, (2,), "(q_seq, kv_seq)")
+    return Dense(jnp.asarray(mask))
+
+
+def and_masks(*mods: MaskMod) -> MaskMod:
+    """Combines predicates: visible only where all of them are.
+
+    Raises:
+        ValueError: if no predicate is given.
+
+    Example:
+        >>> from jattn import masks
+        >>> mod = masks.and_masks(masks.causal(), masks.lengths(kv_length=2))
+        >>> print(masks.materialize(mod, 3, 3).astype(int))
+        [[1 0 0]
+         [1 1 0]
+         [1 1 0]]
+    """
+    if not mods:
+        raise ValueError("and_masks needs at least one mask_mod; got none")
+    return mods[0] if len(mods) == 1 else And(tuple(mods))
+
+
+def or_masks(*mods: MaskMod) -> MaskMod:
+    """Combines predicates: visible where any of them is.
+
+    Raises:
+        ValueError: if no predicate is given.
+
+    Example:
+        >>> from jattn import masks
+        >>> mod = masks.or_masks(masks.causal(), masks.sliding_window(0, 1))
+        >>> print(masks.materialize(mod, 3, 3).astype(int))
+        [[1 1 0]
+         [1 1 1]
+         [1 1 1]]
+    """
+    if not mods:
+        raise ValueError("or_masks needs at least one mask_mod; got none")
+    return mods[0] if len(mods) == 1 else Or(tuple(mods))
+
+
+def materialize(mask_mod: MaskMod, q_seq: int, kv_seq: int) -> Bool[Array, "q_seq kv_seq"]:
+    """Evaluates a predicate on every position pair: a dense boolean mask.
+
+    Args:
+        mask_mod: ``mask_mod(q_idx, kv_idx) -> bool``.
+        q_seq: number of query positions.
+        kv_seq: number of key/value positions.
+
+    Returns:
+        Boolean array of shape ``(q_seq, kv_seq)``, True = attend.
+
+    Raises:
+        ValueError: if a size is negative.
+        TypeError: if the predicate does not return booleans.
+
+    Example:
+        >>> from jattn import masks
+        >>> masks.materialize(masks.causal(), 2, 3).shape
+        (2, 3)
+    """
+    for name, value in (("q_seq", q_seq), ("kv_seq", kv_seq)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+    q_idx = jnp.arange(q_seq, dtype=jnp.int32)[:, None]
+    kv_idx = jnp.arange(kv_seq, dtype=jnp.int32)[None, :]
+    visible = mask_mod(q_idx, kv_idx)
+    _checks.check_bool("mask_mod result", visible)
+    return jnp.broadcast_to(visible, (q_seq, kv_seq))
