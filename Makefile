@@ -27,3 +27,8 @@ lint: $(BIN)/python
 
 clean:
 	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache
+
+# `make bench`: the benchmark harness (full preset) on whatever backend JAX finds.
+bench: $(BIN)/python
+	$(PIP) install -e '.[bench]'
+	$(BIN)/python -m bench

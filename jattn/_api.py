@@ -95,8 +95,8 @@ def dot_product_attention(
 
     Example:
         >>> import jax, jax.numpy as jnp, jattn
-        >>> q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8), jnp.float32) # batch, q_seq, heads, dim
-        >>> kv = jax.random.normal(jax.random.key(1), (2, 7, 2, 8), jnp.float32)# 2 kv heads: GQA
+        >>> q = jax.random.normal(jax.random.key(0), (2, 5, 4, 8), jnp.float32)  # (batch, q_seq, heads, dim)
+        >>> kv = jax.random.normal(jax.random.key(1), (2, 7, 2, 8), jnp.float32)  # 2 kv heads: GQA
         >>> out = jattn.dot_product_attention(q, kv, kv, is_causal=True)
         >>> out.shape
         (2, 5, 4, 8)
