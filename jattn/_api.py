@@ -110,23 +110,21 @@ def dot_product_attention(
     _checks.check_same_dtype(query=query, key=key, value=value)
     _checks.check_rank("query", query, (3, 4), "(batch, q_seq, heads, dim) or (q_seq, heads, dim)")
     batched = query.ndim == 4
-    axes = ("(batch, " if batched else "(") + "{}, {}, {})"
-    _checks.check_rank("key", key, (query.ndim,), axes.format("kv_seq", "kv_heads", "dim") + " like query")
-    _checks.check_rank("value", value, (query.ndim,), axes.format("kv_seq", "kv_heads", "v_dim") + " like query")
-    if not batched:
-        query, key, value = query[None], key[None], value[None]
-    batch, q_seq, heads, dim = query.shape
-    _, kv_seq, kv_heads, _ = key.shape
-    v_dim = value.shape[-1]
-    unbatch = (lambda s: s[1:]) if not batched else (lambda s: s)
-    _checks.check_shape("key", key, unbatch((batch, kv_seq, kv_heads, dim)), axes.format("kv_seq", "kv_heads", "dim"))
-    _checks.check_shape(
-        "value", value, unbatch((batch, kv_seq, kv_heads, v_dim)), axes.format("kv_seq", "kv_heads", "v_dim")
-    )
+    lead, lead_axes = (query.shape[:1], "(batch, ") if batched else ((), "(")
+    kv_axes, v_axes = lead_axes + "kv_seq, kv_heads, dim)", lead_axes + "kv_seq, kv_heads, v_dim)"
+    _checks.check_rank("key", key, (query.ndim,), kv_axes + " like query")
+    _checks.check_rank("value", value, (query.ndim,), v_axes + " like query")
+    *_, q_seq, heads, dim = query.shape
+    kv_seq, kv_heads, v_dim = key.shape[-3], key.shape[-2], value.shape[-1]
+    _checks.check_shape("key", key, (*lead, kv_seq, kv_heads, dim), kv_axes)
+    _checks.check_shape("value", value, (*lead, kv_seq, kv_heads, v_dim), v_axes)
     if heads % kv_heads:
         raise ValueError(
             f"query heads must be a multiple of key/value heads (kv_heads); got heads={heads}, kv_heads={kv_heads}"
         )
+    if not batched:
+        query, key, value = query[None], key[None], value[None]
+    batch = query.shape[0]
 
     logits_shape = (batch, heads, q_seq, kv_seq)
     bias = _batched_logits_operand("bias", bias, logits_shape, batched, _checks.check_floating)
@@ -233,17 +231,19 @@ def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementatio
             f"implementation={implementation!r} (jax.nn.dot_product_attention) does not support "
             f"{', '.join(unsupported)}; use implementation='reference' or None"
         )
-    return jax.nn.dot_product_attention(
-        query,
-        key,
-        value,
-        bias,
-        mask,
-        scale=opts.scale,
-        is_causal=opts.is_causal,
-        query_seq_lengths=opts.query_seq_lengths,
-        key_value_seq_lengths=opts.key_value_seq_lengths,
-        local_window_size=opts.local_window_size,
-        implementation=implementation,
-        return_residual=True,
-    )
+    # jax.nn mixes int32 lengths with default-int positions; keep that working under strict promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        return jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            bias,
+            mask,
+            scale=opts.scale,
+            is_causal=opts.is_causal,
+            query_seq_lengths=opts.query_seq_lengths,
+            key_value_seq_lengths=opts.key_value_seq_lengths,
+            local_window_size=opts.local_window_size,
+            implementation=implementation,
+            return_residual=True,
+        )

@@ -32,8 +32,9 @@ MaskMod = Callable[[Array, Array], Array]
 """``mask_mod(q_idx, kv_idx) -> bool array``: True = attend."""
 
 
-def _as_index(x: ArrayLike | None) -> Array | None:
-    return None if x is None else jnp.asarray(x).astype(jnp.int32)
+def _as_index(x: ArrayLike, like: ArrayLike) -> Array:
+    """``x`` in the integer dtype of the positions ``like`` (no silent promotion)."""
+    return jnp.asarray(x).astype(jnp.result_type(like))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,7 +44,7 @@ class Causal:
     offset: ArrayLike = 0
 
     def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
-        return kv_idx <= q_idx + _as_index(self.offset)
+        return kv_idx <= q_idx + _as_index(self.offset, q_idx)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -55,7 +56,7 @@ class SlidingWindow:
     offset: ArrayLike = 0
 
     def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
-        pos = q_idx + _as_index(self.offset)
+        pos = q_idx + _as_index(self.offset, q_idx)
         return (kv_idx >= pos - self.left) & (kv_idx <= pos + self.right)
 
 
@@ -69,9 +70,9 @@ class Lengths:
     def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
         visible = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)), bool)
         if self.q_length is not None:
-            visible = visible & (q_idx < _as_index(self.q_length))
+            visible = visible & (q_idx < _as_index(self.q_length, q_idx))
         if self.kv_length is not None:
-            visible = visible & (kv_idx < _as_index(self.kv_length))
+            visible = visible & (kv_idx < _as_index(self.kv_length, kv_idx))
         return visible
 
 
