@@ -11,10 +11,11 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from . import _checks, _core
 from ._options import AttentionOptions
+from ._blockwise import blockwise_attention
 from ._reference import reference_attention
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn")
-Implementation = Literal["reference", "xla", "cudnn"]
+IMPLEMENTATIONS = ("reference", "blockwise", "xla", "cudnn")
+Implementation = Literal["reference", "blockwise", "xla", "cudnn"]
 
 
 def dot_product_attention(
@@ -34,6 +35,8 @@ def dot_product_attention(
     logits_soft_cap: float | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
+    block_q: int = 256,
+    block_kv: int = 256,
 ) -> (
     Float[Array, "*batch q_seq heads v_dim"]
     | tuple[Float[Array, "*batch q_seq heads v_dim"], Float[Array, "*batch q_seq heads"]]
@@ -150,6 +153,8 @@ def dot_product_attention(
     match implementation:
         case None | "reference":
             out, lse = reference_attention(query, key, value, bias, mask, opts)
+        case "blockwise":
+            out, lse = blockwise_attention(query, key, value, bias, mask, opts, block_q=block_q, block_kv=block_kv)
         case "xla" | "cudnn":
             out, lse = _jax_nn(query, key, value, bias, mask, opts, implementation)
         case _:

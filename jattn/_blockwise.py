@@ -1,0 +1,334 @@
+"""Blockwise attention: O(N) memory online softmax with its own backward pass.
+
+FlashAttention-2 structure in pure JAX, so it runs unchanged on CPU, GPU and TPU:
+
+* forward: for each query block, loop over the key blocks it can see, carrying
+  the float32 accumulator, running max and running sum (online softmax);
+* backward: one pass over key blocks; for each, loop over the query blocks that
+  see it, recompute the probabilities from the saved log-sum-exp, accumulate
+  dK/dV for the key block and add into a full-size dQ carry. Five block
+  matmuls per visited pair (QK^T, dV, dP, dK, dQ) and no second pass for dQ.
+
+Nothing of size ``(q_seq, kv_seq)`` is built or saved (only a dense mask or
+bias the caller passed, sliced per block; and dbias, which has bias's shape).
+Block pairs are classified by ``_blocks.ExampleBlocks``: invisible pairs are
+never visited, fully visible ones skip mask arithmetic, partial ones are
+masked in-kernel. Grouped-query heads share each K/V block in the matmul, so
+K/V are never repeated.
+
+Inside the kernel arrays are head-major: q ``(kv_heads, groups, q_seq, dim)``,
+k ``(kv_heads, kv_seq, dim)``, v ``(kv_heads, kv_seq, v_dim)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from . import _core
+from ._blocks import FULL, PARTIAL, SKIP, ExampleBlocks, Grid, slice_block
+from ._options import AttentionOptions
+
+NEG = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Hashable, array-free configuration of one kernel call."""
+
+    grid: Grid
+    scale: float
+    is_causal: bool
+    local_window_size: tuple[int, int] | None
+    logits_soft_cap: float | None
+
+    def options(self) -> AttentionOptions:
+        return AttentionOptions(
+            scale=self.scale,
+            is_causal=self.is_causal,
+            local_window_size=self.local_window_size,
+            logits_soft_cap=self.logits_soft_cap,
+        )
+
+
+def blockwise_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None,
+    mask: Array | None,
+    opts: AttentionOptions,
+    *,
+    block_q: int,
+    block_kv: int,
+) -> tuple[Array, Array]:
+    """Blockwise attention on normalized 4-D inputs (see ``reference_attention``).
+
+    Returns ``(batch, q_seq, heads, v_dim)`` output and ``(batch, q_seq, heads)``
+    float32 log-sum-exp.
+    """
+    batch, q_seq, heads, dim = query.shape
+    kv_seq, kv_heads = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    grid = Grid(q_seq, kv_seq, min(block_q, q_seq), min(block_kv, kv_seq))
+    static = _Static(grid, opts.scale, opts.is_causal, opts.local_window_size, opts.logits_soft_cap)
+    pad_q, pad_kv = grid.q_padded - q_seq, grid.kv_padded - kv_seq
+
+    q = query.reshape(batch, q_seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
+    q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad_q), (0, 0)))
+    k = jnp.pad(key.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_kv), (0, 0)))
+    v = jnp.pad(value.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_kv), (0, 0)))
+    bias = _pad_logits_operand(bias, pad_q, pad_kv, 0)
+    mask = _pad_logits_operand(mask, pad_q, pad_kv, False)
+    q_len, kv_len, q_ids, kv_ids = opts.per_example_arrays()
+    if q_ids is not None:
+        q_ids = jnp.pad(q_ids, ((0, 0), (0, pad_q)), mode="edge")
+        kv_ids = jnp.pad(kv_ids, ((0, 0), (0, pad_kv)), mode="edge")
+
+    out, lse = _attention(static, q, k, v, bias, mask, (q_len, kv_len, q_ids, kv_ids))
+    out = out[:, :, :, :q_seq].transpose(0, 3, 1, 2, 4).reshape(batch, q_seq, heads, value.shape[-1])
+    lse = lse[:, :, :, :q_seq].transpose(0, 3, 1, 2).reshape(batch, q_seq, heads)
+    return out, lax.stop_gradient(lse)
+
+
+def _pad_logits_operand(x, pad_q, pad_kv, fill):
+    """Pads the q_seq/kv_seq axes of a ``(batch|1, heads|1, q|1, kv|1)`` operand."""
+    if x is None:
+        return None
+    pads = ((0, 0), (0, 0), (0, pad_q if x.shape[2] > 1 else 0), (0, pad_kv if x.shape[3] > 1 else 0))
+    return jnp.pad(x, pads, constant_values=fill)
+
+
+def _example(x, b):
+    """Example ``b`` of an operand whose batch axis may be broadcast (extent 1)."""
+    if x is None:
+        return None
+    return x[0] if x.shape[0] == 1 else x[b]
+
+
+def _per_example(per_example, b):
+    return tuple(None if a is None else a[b] for a in per_example)
+
+
+def _grouped(x, kv_heads, groups):
+    """``(heads|1, ...)`` -> ``(kv_heads|1, groups|1, ...)`` to broadcast against logits."""
+    if x.shape[0] == 1:
+        return x[:, None]
+    return x.reshape(kv_heads, groups, *x.shape[1:])
+
+
+def _block(x, idx, size, axis):
+    return lax.dynamic_slice_in_dim(x, idx * size, size, axis)
+
+
+def _logits(static: _Static, q_blk, k_blk, bias_blk):
+    """Float32 logits of a block ``(kv_heads, groups, bq, bk)`` and tanh (for the soft-cap gradient)."""
+    s = jnp.einsum("kgqd,kcd->kgqc", q_blk, k_blk, preferred_element_type=_core.compute_dtype(q_blk.dtype))
+    s = s * static.scale
+    t = None
+    if static.logits_soft_cap is not None:
+        t = jnp.tanh(s / static.logits_soft_cap)
+        s = static.logits_soft_cap * t
+    if bias_blk is not None:
+        s = s + _grouped(bias_blk, *q_blk.shape[:2]).astype(s.dtype)
+    return s, t
+
+
+# ---------------------------------------------------------------- forward
+
+
+def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
+    grid = static.grid
+    kv_heads, groups, _, _ = q.shape
+    v_dim = v.shape[-1]
+    acc_dtype = _core.compute_dtype(q.dtype)
+    blocks = ExampleBlocks(static.options(), grid, per_example, mask)
+
+    def one_q_block(qb):
+        q_blk = _block(q, qb, grid.block_q, 2)
+        shape = (kv_heads, groups, grid.block_q)
+
+        def visit(carry, kb, masked):
+            acc, m, l = carry
+            k_blk, v_blk = _block(k, kb, grid.block_kv, 1), _block(v, kb, grid.block_kv, 1)
+            bias_blk = None if bias is None else slice_block(bias, qb, kb, grid)
+            s, _ = _logits(static, q_blk, k_blk, bias_blk)
+            if masked:
+                visible = _grouped(blocks.block_mask(qb, kb), kv_heads, groups)
+                s = jnp.where(visible, s, NEG)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            if masked:
+                p = jnp.where(visible, p, 0)
+            alpha = jnp.exp(m - m_new)
+            pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v_blk, preferred_element_type=acc_dtype)
+            return acc * alpha[..., None] + pv, m_new, l * alpha + p.sum(axis=-1)
+
+        def step(kb, carry):
+            branches = [
+                lambda c: c,
+                lambda c: visit(c, kb, masked=False),
+                lambda c: visit(c, kb, masked=True),
+            ]
+            return lax.switch(blocks.kind(qb, kb), branches, carry)
+
+        init = (
+            jnp.zeros((*shape, v_dim), acc_dtype),
+            jnp.full(shape, NEG, acc_dtype),
+            jnp.zeros(shape, acc_dtype),
+        )
+        lo, hi = blocks.kv_block_range(qb)
+        acc, m, l = lax.fori_loop(lo, hi, step, init)
+        seen = l > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1)[..., None], 0)
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1)), NEG)
+        return out.astype(v.dtype), lse
+
+    out, lse = lax.map(one_q_block, jnp.arange(grid.num_q_blocks))
+    # (num_q_blocks, kv_heads, groups, bq, ...) -> (kv_heads, groups, q_padded, ...)
+    out = jnp.moveaxis(out, 0, 2).reshape(kv_heads, groups, grid.q_padded, v_dim)
+    lse = jnp.moveaxis(lse, 0, 2).reshape(kv_heads, groups, grid.q_padded)
+    return out, lse
+
+
+def _forward(static, q, k, v, bias, mask, per_example):
+    def one_example(b):
+        return _forward_example(
+            static, q[b], k[b], v[b], _example(bias, b), _example(mask, b), _per_example(per_example, b)
+        )
+
+    return lax.map(one_example, jnp.arange(q.shape[0]))
+
+
+# ---------------------------------------------------------------- backward
+
+
+def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, lse, dout):
+    grid = static.grid
+    kv_heads, groups, _, dim = q.shape
+    v_dim = v.shape[-1]
+    acc_dtype = _core.compute_dtype(q.dtype)
+    blocks = ExampleBlocks(static.options(), grid, per_example, mask)
+    # D_i = sum_d dO_id O_id: the softmax-Jacobian term of every row.
+    delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype)
+
+    def one_kv_block(carry, kb):
+        k_blk, v_blk = _block(k, kb, grid.block_kv, 1), _block(v, kb, grid.block_kv, 1)
+
+        def visit(dk, dv, qb, masked):
+            """New dK/dV accumulators, and this pair's dQ block and dlogits."""
+            q_blk = _block(q, qb, grid.block_q, 2)
+            do_blk = _block(dout, qb, grid.block_q, 2)
+            bias_blk = None if bias is None else slice_block(bias, qb, kb, grid)
+            s, t = _logits(static, q_blk, k_blk, bias_blk)
+            p = jnp.exp(s - _block(lse, qb, grid.block_q, 2)[..., None])
+            if masked:
+                p = jnp.where(_grouped(blocks.block_mask(qb, kb), kv_heads, groups), p, 0)
+            dv = dv + jnp.einsum("kgqc,kgqd->kcd", p.astype(dout.dtype), do_blk, preferred_element_type=acc_dtype)
+            dp = jnp.einsum("kgqd,kcd->kgqc", do_blk, v_blk, preferred_element_type=acc_dtype)
+            dlogits = p * (dp - _block(delta, qb, grid.block_q, 2)[..., None])
+            ds = dlogits if t is None else dlogits * (1 - t * t)
+            ds = (ds * static.scale).astype(q.dtype)
+            dk = dk + jnp.einsum("kgqc,kgqd->kcd", ds, q_blk, preferred_element_type=acc_dtype)
+            dq_blk = jnp.einsum("kgqc,kcd->kgqd", ds, k_blk, preferred_element_type=acc_dtype)
+            return dk, dv, dq_blk, (None if bias is None else dlogits)
+
+        def skip(dk, dv, qb):
+            dlogits = None if bias is None else jnp.zeros((kv_heads, groups, grid.block_q, grid.block_kv), acc_dtype)
+            return dk, dv, jnp.zeros((kv_heads, groups, grid.block_q, dim), acc_dtype), dlogits
+
+        def step(qb, c):
+            # The switch only carries block-sized values: the full-size dQ (and
+            # dbias) are updated in place outside it, so no branch copies them.
+            dk, dv, dq, dbias = c
+            branches = [
+                lambda dk, dv: skip(dk, dv, qb),
+                lambda dk, dv: visit(dk, dv, qb, masked=False),
+                lambda dk, dv: visit(dk, dv, qb, masked=True),
+            ]
+            dk, dv, dq_blk, dlogits = lax.switch(blocks.kind(qb, kb), branches, dk, dv)
+            dq = lax.dynamic_update_slice_in_dim(dq, _block(dq, qb, grid.block_q, 2) + dq_blk, qb * grid.block_q, 2)
+            if dbias is not None:
+                dbias = _add_bias_block(dbias, dlogits, qb, kb, grid)
+            return dk, dv, dq, dbias
+
+        dq, dbias = carry
+        init = (
+            jnp.zeros((kv_heads, grid.block_kv, dim), acc_dtype),
+            jnp.zeros((kv_heads, grid.block_kv, v_dim), acc_dtype),
+            dq,
+            dbias,
+        )
+        lo, hi = blocks.q_block_range(kb)
+        dk, dv, dq, dbias = lax.fori_loop(lo, hi, step, init)
+        return (dq, dbias), (dk, dv)
+
+    dq0 = jnp.zeros(q.shape, acc_dtype)
+    dbias0 = None if bias is None else jnp.zeros(bias.shape, acc_dtype)
+    (dq, dbias), (dk, dv) = lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(grid.num_kv_blocks))
+    # (num_kv_blocks, kv_heads, bk, ...) -> (kv_heads, kv_padded, ...)
+    dk = jnp.moveaxis(dk, 0, 1).reshape(kv_heads, grid.kv_padded, dim)
+    dv = jnp.moveaxis(dv, 0, 1).reshape(kv_heads, grid.kv_padded, v_dim)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+def _add_bias_block(dbias, ds, qb, kb, grid: Grid):
+    """Adds a block's dlogits into dbias ``(heads|1, q|1, kv|1)``, summing broadcast axes."""
+    heads_b, tq, tk = dbias.shape
+    ds = ds.reshape(-1, *ds.shape[2:])  # (heads, bq, bk)
+    ds = ds.sum(axis=0, keepdims=True) if heads_b == 1 else ds
+    ds = ds.sum(axis=1, keepdims=True) if tq == 1 else ds
+    ds = ds.sum(axis=2, keepdims=True) if tk == 1 else ds
+    start = (0, 0 if tq == 1 else qb * grid.block_q, 0 if tk == 1 else kb * grid.block_kv)
+    current = lax.dynamic_slice(dbias, start, ds.shape)
+    return lax.dynamic_update_slice(dbias, current + ds, start)
+
+
+def _backward(static, q, k, v, bias, mask, per_example, out, lse, dout):
+    def one_example(b):
+        return _backward_example(
+            static,
+            q[b],
+            k[b],
+            v[b],
+            _example(bias, b),
+            _example(mask, b),
+            _per_example(per_example, b),
+            out[b],
+            lse[b],
+            dout[b],
+        )
+
+    dq, dk, dv, dbias = lax.map(one_example, jnp.arange(q.shape[0]))
+    if bias is not None:
+        dbias = dbias.sum(axis=0, keepdims=True) if bias.shape[0] == 1 else dbias
+        dbias = dbias.astype(bias.dtype)
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------- autodiff
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(static, q, k, v, bias, mask, per_example):
+    return _forward(static, q, k, v, bias, mask, per_example)
+
+
+def _attention_fwd(static, q, k, v, bias, mask, per_example):
+    out, lse = _forward(static, q, k, v, bias, mask, per_example)
+    return (out, lse), (q, k, v, bias, mask, per_example, out, lse)
+
+
+def _attention_bwd(static, residuals, cotangents):
+    q, k, v, bias, mask, per_example, out, lse = residuals
+    dout, _ = cotangents  # the log-sum-exp output carries no gradient (stop_gradient above)
+    dq, dk, dv, dbias = _backward(static, q, k, v, bias, mask, per_example, out, lse, dout)
+    return dq, dk, dv, dbias, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
