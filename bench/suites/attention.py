@@ -18,6 +18,7 @@ import numpy as np
 from ..case import Case, JaxTarget, PythonTarget, Target
 from ..config import BenchConfig
 from ..flops import attention_flops
+from ..inputs import normal
 
 
 def implementation_labels(backend: str, *, torch_importable: bool) -> list[tuple[str, bool]]:
@@ -57,11 +58,10 @@ def forward_backward(f: Callable) -> Callable:
 
 def make_inputs(params: dict, *, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Normal q ``(batch, seq, heads, dim)`` and k, v ``(batch, kv_seq, kv_heads, dim)``."""
-    keys = jax.random.split(jax.random.key(seed), 3)
     b, t, s, h, kvh, d = (params[n] for n in ("batch", "seq", "kv_seq", "heads", "kv_heads", "dim"))
-    q = jax.random.normal(keys[0], (b, t, h, d), params["dtype"])
-    k = jax.random.normal(keys[1], (b, s, kvh, d), params["dtype"])
-    v = jax.random.normal(keys[2], (b, s, kvh, d), params["dtype"])
+    q = normal((b, t, h, d), params["dtype"], seed=seed)
+    k = normal((b, s, kvh, d), params["dtype"], seed=seed + 1)
+    v = normal((b, s, kvh, d), params["dtype"], seed=seed + 2)
     return q, k, v
 
 

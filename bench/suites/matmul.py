@@ -9,20 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import jax
 import jax.numpy as jnp
 
 from ..case import Case, JaxTarget
 from ..config import BenchConfig
 from ..flops import matmul_flops
+from ..inputs import normal
 
 
 def _target(batch: int, m: int, k: int, n: int, dtype: str) -> JaxTarget:
-    key_a, key_b = jax.random.split(jax.random.key(0))
     shape_a, shape_b = ((batch, m, k), (batch, k, n)) if batch > 1 else ((m, k), (k, n))
-    a = jax.random.normal(key_a, shape_a, dtype)
-    b = jax.random.normal(key_b, shape_b, dtype)
-    return JaxTarget(jnp.matmul, (a, b))
+    return JaxTarget(jnp.matmul, (normal(shape_a, dtype, seed=0), normal(shape_b, dtype, seed=1)))
 
 
 def cases(cfg: BenchConfig) -> Iterator[Case]:

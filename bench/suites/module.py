@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from ..case import Case, JaxTarget, Target, Unavailable
 from ..config import BenchConfig
 from ..flops import module_flops
+from ..inputs import normal
 
 
 def flax_module(params: dict) -> Any:
@@ -73,7 +74,7 @@ def module_target(module: Any, x: jax.Array, notes: dict) -> JaxTarget:
 
 def build(impl: str, params: dict) -> Target:
     """The target of one module case; the jattn side also records its agreement with flax."""
-    x = jax.random.normal(jax.random.key(1), (params["batch"], params["seq"], params["features"]), params["dtype"])
+    x = normal((params["batch"], params["seq"], params["features"]), params["dtype"], seed=1)
     peer = flax_module(params)
     if impl.startswith("flax.nnx:"):
         return module_target(peer, x, {})

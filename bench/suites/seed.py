@@ -18,13 +18,13 @@ from .. import seed_numpy
 from ..case import Case, JaxTarget, PythonTarget, Target
 from ..config import BenchConfig
 from ..flops import attention_flops
+from ..inputs import normal
 
 
 def _inputs(kind: str, seq: int, dim: int, dtype: str) -> tuple[jax.Array, ...]:
-    keys = jax.random.split(jax.random.key(0), 2)
     if kind == "single":
-        return jax.random.normal(keys[0], (dim,), dtype), jax.random.normal(keys[1], (seq, dim), dtype)
-    return (jax.random.normal(keys[0], (1, seq, dim), dtype),)
+        return normal((dim,), dtype, seed=0), normal((seq, dim), dtype, seed=1)
+    return (normal((1, seq, dim), dtype, seed=0),)
 
 
 def _jattn_self_attention(x):
