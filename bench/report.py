@@ -70,11 +70,15 @@ def performance_section(doc: dict[str, Any], *, plot: str | None = None) -> str:
     failures = table.failure_rows(doc["results"])
     if failures[1]:
         parts += ["Cases that did not run here:", table.render_markdown(failures)]
+    if lines := table.notes(doc["results"]):
+        parts += ["Notes:", "\n".join(f"- {line}" for line in lines)]
     parts.append(
         "GFLOP/s use the FLOP counts of `bench/flops.py`: forward attention = 2·batch·heads·(visible pairs)·"
         "(dim + v_dim), i.e. 4·B·H·T·S·D without a mask; causal counts only the visible pairs; backward = "
         f"{cfg['backward_factor']}x forward, GQA counted per query head. `%roof` is the percentage of this run's "
-        f"best matmul throughput ({roof})."
+        f"best matmul throughput, its fastest call ({roof}). The backward convention counts the "
+        "recomputation a memory-efficient kernel does; an implementation that keeps the weights does less "
+        "work, so its fwd+bwd `%roof` can read high (even above 100)."
     )
     return "\n\n".join(parts)
 

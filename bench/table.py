@@ -70,6 +70,15 @@ def failure_rows(results: Sequence[dict[str, Any]]) -> Table:
     return ["suite", "impl", "status", "cases", "reason"], rows
 
 
+def notes(results: Sequence[dict[str, Any]]) -> list[str]:
+    """``"suite impl label: key=value, ..."`` for every case that left notes (e.g. weight copying)."""
+    return [
+        f"{r['suite']} {r['impl']} {r['label']}: " + ", ".join(f"{k}={v}" for k, v in r["notes"].items())
+        for r in results
+        if r.get("notes")
+    ]
+
+
 def attention_pivot(results: Sequence[dict[str, Any]]) -> Table:
     """Attention medians as one row per (mode, causal, lengths), one column per implementation.
 
@@ -121,6 +130,8 @@ def summary(doc: dict[str, Any]) -> str:
     failures = failure_rows(doc["results"])
     if failures[1]:
         parts += ["Not run:", render_text(failures)]
+    if lines := notes(doc["results"]):
+        parts += ["Notes:", "\n".join(lines)]
     roof = ", ".join(f"{d} {g:.3g} GFLOP/s" for d, g in doc["roofline_gflops"].items()) or "none"
     parts.append(f"Matmul roofline: {roof}. 'vs peer' = median time / peer's median time (below 1 is faster).")
     return "\n\n".join(parts)

@@ -81,7 +81,7 @@ def test_flop_errors():
 
 def _record(impl, median, *, peer=False, suite="attention", flops=100, dtype="float32", status="ok"):
     return {"suite": suite, "impl": impl, "peer": peer, "params": {"dtype": dtype, "seq": 3}, "flops": flops,
-            "status": status, "median_s": median, "label": "x"}  # fmt: skip
+            "status": status, "median_s": median, "min_s": median, "label": "x"}  # fmt: skip
 
 
 def test_add_derived_ratios_and_roofline():
@@ -147,6 +147,21 @@ def test_formatting_and_readme_region():
     assert report.replace_region(text, "new") == "a\n<!-- perf:start -->\nnew\n<!-- perf:end -->\nb\n"
     with pytest.raises(ValueError, match="perf:start"):
         report.replace_region("no markers", "new")
+
+
+def test_module_weights_are_copied_when_paths_match():
+    from flax import nnx
+
+    from bench.suites import module as module_suite
+
+    def mha(heads, seed):
+        return nnx.MultiHeadAttention(num_heads=heads, in_features=4, qkv_features=4, decode=False, rngs=nnx.Rngs(seed))
+
+    src, dst = mha(2, 0), mha(2, 1)
+    assert module_suite.copy_weights(src, dst) == "weights copied from the flax module"
+    for path, value in module_suite.param_arrays(src).items():
+        assert (module_suite.param_arrays(dst)[path] == value).all()
+    assert module_suite.copy_weights(src, mha(4, 0)).startswith("weights not copied (parameters differ")
 
 
 def test_seed_numpy_doctests():
