@@ -39,7 +39,8 @@ def jattn_module(params: dict) -> Any:
 
         from jattn import nnx as jattn_nnx
     except ImportError as e:
-        raise Unavailable(f"jattn.nnx not available ({e})") from e
+        where = str(e).split(" (/")[0]  # keep the reason, drop this machine's path
+        raise Unavailable(f"jattn.nnx not available ({type(e).__name__}: {where})") from e
     f, h = params["features"], params["heads"]
     return jattn_nnx.MultiHeadAttention(h, f, head_dim=f // h, rngs=nnx.Rngs(0))
 
