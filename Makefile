@@ -19,6 +19,7 @@ test: $(BIN)/python
 demo: $(BIN)/python
 	$(PIP) install -e '.[demo]'
 	$(BIN)/python examples/notebook.py
+	$(BIN)/python -m bench --quick
 
 lint: $(BIN)/python
 	$(PIP) install -e '.[test]'

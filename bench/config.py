@@ -1,0 +1,83 @@
+"""Benchmark settings: one frozen dataclass and the two presets (``quick`` and ``full``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+
+SUITE_NAMES = ("matmul", "attention", "seed", "module", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run depends on; recorded in the results file.
+
+    Attributes:
+        preset: ``"quick"`` or ``"full"`` (a label; the values below are what count).
+        suites: suites to run; ``matmul`` is always added (it is the roofline).
+        seq_lengths: attention sequence-length sweep.
+        kv_seq: key/value length for cross-attention; None = self-attention.
+        batch, heads, dim: attention shape, layout ``(batch, seq, heads, dim)``.
+        kv_heads: key/value heads (grouped-query attention); None = ``heads``.
+        dtype: input dtype name.
+        modes: ``"fwd"`` and/or ``"fwd+bwd"``.
+        causal: which of non-causal (False) and causal (True) to run.
+        impls: fnmatch patterns on implementation labels (``"jattn:*"``,
+            ``"jax.nn:xla"``); a bare name ``x`` means ``jattn:x``. None = all.
+        repeats: timed calls per case.
+        warmup: untimed calls before them.
+        matmul_sizes: square matmul sizes N for the roofline.
+        module_seq, module_features, module_heads: the ``module`` suite's shape.
+        seed_sizes: ``(kind, seq, dim)`` for the ``seed`` suite; kind is
+            ``"single"`` (one query against ``seq`` keys) or ``"self"``
+            (self-attention of a ``(1, seq, dim)`` batch).
+        backward_factor: FLOP convention for the backward (see ``bench.flops``).
+    """
+
+    preset: str = "full"
+    suites: tuple[str, ...] = SUITE_NAMES
+    seq_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+    kv_seq: int | None = None
+    batch: int = 1
+    heads: int = 8
+    kv_heads: int | None = None
+    dim: int = 64
+    dtype: str = "float32"
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd")
+    causal: tuple[bool, ...] = (False, True)
+    impls: tuple[str, ...] | None = None
+    repeats: int = 10
+    warmup: int = 2
+    matmul_sizes: tuple[int, ...] = (1024, 2048)
+    module_seq: int = 2048
+    module_features: int = 512
+    module_heads: int = 8
+    seed_sizes: tuple[tuple[str, int, int], ...] = (
+        ("single", 2, 3),
+        ("self", 3, 3),
+        ("single", 256, 64),
+        ("self", 64, 32),
+        ("self", 256, 64),
+        ("self", 1024, 64),
+    )
+    backward_factor: float = 2.5
+
+    def wants(self, impl: str) -> bool:
+        """Whether implementation label ``impl`` is selected by ``impls``."""
+        if self.impls is None:
+            return True
+        patterns = [p if ":" in p else f"jattn:{p}" for p in self.impls]
+        return any(fnmatch.fnmatchcase(impl, p) for p in patterns)
+
+
+QUICK = BenchConfig(
+    preset="quick",
+    seq_lengths=(128, 256, 512),
+    repeats=5,
+    warmup=1,
+    matmul_sizes=(512, 1024),
+    module_seq=256,
+    seed_sizes=(("single", 2, 3), ("self", 3, 3), ("single", 256, 64), ("self", 256, 64)),
+)
+FULL = BenchConfig()
+PRESETS = {"quick": QUICK, "full": FULL}

@@ -1,0 +1,231 @@
+"""The benchmark harness: FLOP counting by hand, derived fields, and one tiny end-to-end run.
+
+No timing is asserted here: the smoke run uses one repeat on tiny shapes and
+only checks that every field is there and every case was accounted for.
+"""
+
+import dataclasses
+import doctest
+import json
+
+import jax
+import pytest
+
+import bench.seed_numpy
+import jattn
+from bench import __main__ as cli
+from bench import report, runner, table
+from bench.case import Case, JaxTarget, PythonTarget, Unavailable
+from bench.config import PRESETS, BenchConfig
+from bench.flops import attention_flops, matmul_flops, module_flops, visible_pairs
+from bench.measure import measure
+from bench.suites import attention as attention_suite
+
+# ---- FLOP counting, hand-computed -------------------------------------------------
+
+
+def test_attention_flops_full():
+    # 4 * B * H * T * S * D = 4 * 2 * 3 * 5 * 7 * 4
+    assert attention_flops(batch=2, heads=3, q_seq=5, kv_seq=7, dim=4) == 3360
+
+
+def test_attention_flops_causal_square_counts_visible_half_exactly():
+    # T = S = 4: rows see 1 + 2 + 3 + 4 = 10 keys; 2 * 1 * 1 * 10 * (8 + 8)
+    assert visible_pairs(4, 4, causal=True) == 10
+    assert attention_flops(batch=1, heads=1, q_seq=4, kv_seq=4, dim=8, causal=True) == 320
+
+
+@pytest.mark.parametrize(("q_seq", "kv_seq", "pairs"), [(5, 3, 1 + 2 + 3 + 3 + 3), (3, 5, 1 + 2 + 3), (7, 7, 28)])
+def test_causal_pairs_cross_lengths(q_seq, kv_seq, pairs):
+    assert visible_pairs(q_seq, kv_seq, causal=True) == pairs
+    # same convention as jattn's causal mask (top-left aligned)
+    assert int(jattn.masks.materialize(jattn.masks.causal(), q_seq, kv_seq).sum()) == pairs
+
+
+def test_cross_attention_uses_q_seq_times_kv_seq():
+    assert visible_pairs(3, 11, causal=False) == 33
+    assert attention_flops(batch=1, heads=2, q_seq=3, kv_seq=11, dim=5) == 4 * 2 * 3 * 11 * 5
+
+
+def test_gqa_does_not_change_flops_per_query_head():
+    # 4 * 1 * 8 * 16 * 16 * 64, whatever the number of kv heads
+    counts = {attention_flops(batch=1, heads=8, kv_heads=kv, q_seq=16, kv_seq=16, dim=64) for kv in (None, 1, 2, 8)}
+    assert counts == {524288}
+
+
+def test_backward_is_two_and_a_half_forwards():
+    assert attention_flops(batch=2, heads=3, q_seq=5, kv_seq=7, dim=4, mode="fwd+bwd") == 3360 * 7 // 2
+    assert (
+        attention_flops(batch=1, heads=1, q_seq=4, kv_seq=4, dim=8, causal=True, mode="fwd+bwd", backward_factor=2.0)
+        == 960
+    )
+
+
+def test_v_dim_and_matmul_and_module_flops():
+    assert attention_flops(batch=1, heads=1, q_seq=2, kv_seq=3, dim=4, v_dim=6) == 2 * 6 * (4 + 6)
+    assert matmul_flops(2, 3, 5) == 60
+    assert matmul_flops(2, 3, 5, batch=7) == 420
+    # 3 input projections 2*T*F*F, output 2*T*F*F, attention 4*H*T*T*Dh; T=5, F=6, H=2, Dh=3
+    assert module_flops(batch=1, seq=5, features=6, heads=2, head_dim=3) == 4 * 2 * 5 * 6 * 6 + 4 * 2 * 5 * 5 * 3
+
+
+def test_flop_errors():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        attention_flops(batch=1, heads=1, q_seq=1, kv_seq=1, dim=1, mode="bwd")
+    with pytest.raises(ValueError, match="heads=6, kv_heads=4"):
+        attention_flops(batch=1, heads=6, kv_heads=4, q_seq=1, kv_seq=1, dim=1)
+
+
+# ---- runner pieces without timing -------------------------------------------------
+
+
+def _record(impl, median, *, peer=False, suite="attention", flops=100, dtype="float32", status="ok"):
+    return {"suite": suite, "impl": impl, "peer": peer, "params": {"dtype": dtype, "seq": 3}, "flops": flops,
+            "status": status, "median_s": median, "min_s": median, "label": "x"}  # fmt: skip
+
+
+def test_add_derived_ratios_and_roofline():
+    results = [
+        _record("jax:matmul", 1e-9, suite="matmul", flops=400),  # 400 GFLOP/s
+        _record("jax.nn:xla", 2e-9, peer=True),
+        _record("jattn:reference", 1e-9),
+        _record("jattn:broken", None, status="error"),
+    ]
+    roof = runner.add_derived(results)
+    assert roof == {"float32": pytest.approx(400)}
+    mine = results[2]
+    assert mine["gflops"] == pytest.approx(100)
+    assert mine["roofline_pct"] == pytest.approx(25)
+    assert mine["ratios"] == {"jax.nn:xla": pytest.approx(0.5)}
+    assert results[1]["ratios"] == {}
+    assert results[3]["gflops"] is None and results[3]["ratios"] == {}
+
+
+def test_run_case_records_errors_and_unavailable():
+    def broken():
+        raise RuntimeError("cuDNN is not detected.\nmore detail")
+
+    def missing():
+        raise Unavailable("not here")
+
+    base = {"suite": "s", "impl": "i", "label": "l", "params": {}, "flops": None}
+    err = runner.run_case(Case(**base, build=broken), repeats=1, warmup=0)
+    assert err["status"] == "error" and err["error"] == "RuntimeError: cuDNN is not detected."
+    gone = runner.run_case(Case(**base, build=missing), repeats=1, warmup=0)
+    assert gone["status"] == "unavailable" and gone["error"] == "not here"
+
+
+def test_measure_fields():
+    out = measure(JaxTarget(lambda x: x * 2, (jax.numpy.ones(3),)), repeats=2, warmup=0)
+    assert set(out) == {"compile_s", "temp_bytes", "times_s", "median_s", "min_s", "max_s", "repeats"}
+    assert len(out["times_s"]) == 2 and out["compile_s"] > 0
+    py = measure(PythonTarget(sum, ([1, 2],)), repeats=1, warmup=0)
+    assert py["compile_s"] is None and py["temp_bytes"] is None
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        measure(PythonTarget(sum, ([1],)), repeats=0, warmup=0)
+
+
+def test_new_jattn_implementations_are_picked_up(monkeypatch):
+    monkeypatch.setattr(jattn._api, "IMPLEMENTATIONS", (*jattn._api.IMPLEMENTATIONS, "blockwise"))
+    labels = dict(attention_suite.implementation_labels("cpu", torch_importable=False))
+    assert labels["jattn:blockwise"] is False and labels["jax.nn:xla"] is True
+    assert "jax.nn:cudnn" not in labels and "torch:sdpa" not in labels
+    assert "jax.nn:cudnn" in dict(attention_suite.implementation_labels("gpu", torch_importable=True))
+
+
+def test_config_patterns_and_presets():
+    cfg = BenchConfig(impls=("reference", "jax.nn:*"))
+    assert cfg.wants("jattn:reference") and cfg.wants("jax.nn:cudnn")
+    assert not cfg.wants("jattn:xla") and BenchConfig().wants("anything")
+    assert PRESETS["quick"].repeats >= 5 and PRESETS["full"].repeats >= 5
+
+
+def test_formatting_and_readme_region():
+    assert (table.fmt_time(2.5e-6), table.fmt_time(0.0123), table.fmt_time(3.0)) == ("2.5 us", "12.3 ms", "3 s")
+    assert table.fmt_bytes(None) == "-" and table.fmt_bytes(3 * 2**20) == "3.0 MiB"
+    text = "a\n<!-- perf:start -->\nold\n<!-- perf:end -->\nb\n"
+    assert report.replace_region(text, "new") == "a\n<!-- perf:start -->\nnew\n<!-- perf:end -->\nb\n"
+    with pytest.raises(ValueError, match="perf:start"):
+        report.replace_region("no markers", "new")
+
+
+def test_module_weights_are_copied_when_paths_match():
+    from flax import nnx
+
+    from bench.suites import module as module_suite
+
+    def mha(heads, seed):
+        return nnx.MultiHeadAttention(num_heads=heads, in_features=4, qkv_features=4, decode=False, rngs=nnx.Rngs(seed))
+
+    src, dst = mha(2, 0), mha(2, 1)
+    assert module_suite.copy_weights(src, dst) == "weights copied from the flax module"
+    for path, value in module_suite.param_arrays(src).items():
+        assert (module_suite.param_arrays(dst)[path] == value).all()
+    assert module_suite.copy_weights(src, mha(4, 0)).startswith("weights not copied (parameters differ")
+
+
+def test_seed_numpy_doctests():
+    assert doctest.testmod(bench.seed_numpy).failed == 0
+
+
+# ---- one tiny end-to-end run through the CLI --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["--quick", "--seq", "8", "--heads", "2", "--dim", "4", "--causal", "yes", "--repeats", "1",
+            "--warmup", "0", "--module-seq", "4", "--impl", "reference", "cudnn", "jax.nn:*", "*:notebook",
+            "jattn:attention", "*:MultiHeadAttention", "jattn.nnx:*", "--name", "smoke", "--out-dir", str(out),
+            "--no-progress"]  # fmt: skip
+    cfg = cli.config_from_args(cli.parser().parse_args(argv))
+    small = {"matmul_sizes": (8,), "module_features": 8, "module_heads": 2, "seed_sizes": (("single", 2, 3),)}
+    cfg = dataclasses.replace(cfg, **small)
+    doc = runner.run(cfg, progress=False, argv=argv)
+    path = out / "smoke.json"
+    path.write_text(json.dumps(doc))
+    return path, json.loads(path.read_text())
+
+
+def test_smoke_results_fields(smoke):
+    _, doc = smoke
+    assert {"version", "meta", "config", "roofline_gflops", "results"} <= set(doc)
+    meta = doc["meta"]
+    assert meta["backend"] == jax.default_backend() and meta["device_kind"] and meta["cpu_count"] >= 1
+    assert meta["versions"]["jax"] == jax.__version__ and "flop_convention" in meta
+    assert doc["roofline_gflops"]["float32"] > 0
+    ok_fields = {"compile_s", "median_s", "min_s", "max_s", "times_s", "gflops", "roofline_pct", "temp_bytes", "ratios"}
+    by_impl = {}
+    for r in doc["results"]:
+        assert r["status"] in ("ok", "error", "unavailable")
+        if r["status"] == "ok":
+            assert ok_fields <= set(r) and r["min_s"] <= r["median_s"] <= r["max_s"]
+        else:
+            assert r["error"]
+        by_impl.setdefault((r["suite"], r["impl"]), []).append(r)
+    ref = by_impl[("attention", "jattn:reference")]
+    assert {(r["params"]["mode"], r["params"]["causal"]) for r in ref} == {("fwd", True), ("fwd+bwd", True)}
+    assert all(r["status"] == "ok" and "jax.nn:xla" in r["ratios"] for r in ref)
+    assert ref[0]["flops"] == attention_flops(batch=1, heads=2, q_seq=8, kv_seq=8, dim=4, causal=True)
+    if jax.default_backend() == "cpu":
+        assert all(r["status"] == "error" for r in by_impl[("attention", "jattn:cudnn")])
+    assert by_impl[("seed", "jattn:attention")][0]["ratios"].keys() == {"numpy:notebook"}
+    assert by_impl[("module", "flax.nnx:MultiHeadAttention")][0]["status"] == "ok"
+    assert by_impl[("module", "jattn.nnx:MultiHeadAttention")][0]["status"] in ("ok", "unavailable")
+    assert by_impl[("decode", "jattn.nnx:decode")][0]["status"] == "unavailable"
+
+
+def test_smoke_table_plot_and_report(smoke, tmp_path):
+    path, doc = smoke
+    text = table.summary(doc)
+    assert "jattn:reference" in text and "Not run:" in text
+    from bench import plot
+
+    png = plot.plot_attention(doc, path.with_suffix(".png"))
+    assert png.stat().st_size > 0
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- perf:start -->\n<!-- perf:end -->\n")
+    assert report.main([str(path), "--readme", str(readme)]) == 0
+    section = readme.read_text()
+    assert "## Performance" in section and f"quick {jax.default_backend().upper()} run" in section
+    assert "smoke.png)" in section and "| case | jattn:reference | jax.nn:xla (peer) |" in section
