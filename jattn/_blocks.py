@@ -188,4 +188,3 @@ def _real_positions(grid: Grid, tq: int, tk: int) -> Array:
     rows = jnp.arange(tq, dtype=jnp.int32)[:, None] < (grid.q_seq if tq > 1 else 1)
     cols = jnp.arange(tk, dtype=jnp.int32)[None, :] < (grid.kv_seq if tk > 1 else 1)
     return rows & cols
-

@@ -31,7 +31,7 @@ from jax import lax
 from jaxtyping import Array
 
 from . import _core
-from ._blocks import FULL, PARTIAL, SKIP, ExampleBlocks, Grid, slice_block
+from ._blocks import ExampleBlocks, Grid, slice_block
 from ._options import AttentionOptions
 
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -90,10 +90,26 @@ def blockwise_attention(
         q_ids = jnp.pad(q_ids, ((0, 0), (0, pad_q)), mode="edge")
         kv_ids = jnp.pad(kv_ids, ((0, 0), (0, pad_kv)), mode="edge")
 
-    out, lse = _attention(static, q, k, v, bias, mask, (q_len, kv_len, q_ids, kv_ids))
+    per_example = (q_len, kv_len, q_ids, kv_ids)
+    if batch > 1 and _can_fold_batch(batch, heads, bias, mask, per_example):
+        # Nothing differs between examples but the data: fold the batch into
+        # the kv_heads axis so every block matmul covers the whole batch.
+        fold = lambda x: None if x is None else x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])  # noqa: E731
+        out, lse = _attention(static, fold(q), fold(k), fold(v), fold(bias), fold(mask), per_example)
+        out, lse = out.reshape(batch, kv_heads, *out.shape[2:]), lse.reshape(batch, kv_heads, *lse.shape[2:])
+    else:
+        out, lse = _attention(static, q, k, v, bias, mask, per_example)
     out = out[:, :, :, :q_seq].transpose(0, 3, 1, 2, 4).reshape(batch, q_seq, heads, value.shape[-1])
     lse = lse[:, :, :, :q_seq].transpose(0, 3, 1, 2).reshape(batch, q_seq, heads)
     return out, lax.stop_gradient(lse)
+
+
+def _can_fold_batch(batch, heads, bias, mask, per_example) -> bool:
+    """True when the batch can be treated as extra heads: no per-example masks or
+    lengths, and bias/mask either span both batch and heads or neither."""
+    if any(a is not None for a in per_example):
+        return False
+    return all(x is None or x.shape[:2] in ((1, 1), (batch, heads)) for x in (bias, mask))
 
 
 def _pad_logits_operand(x, pad_q, pad_kv, fill):
@@ -154,7 +170,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
         shape = (kv_heads, groups, grid.block_q)
 
         def visit(carry, kb, masked):
-            acc, m, l = carry
+            acc, m, row_sum = carry
             k_blk, v_blk = _block(k, kb, grid.block_kv, 1), _block(v, kb, grid.block_kv, 1)
             bias_blk = None if bias is None else slice_block(bias, qb, kb, grid)
             s, _ = _logits(static, q_blk, k_blk, bias_blk)
@@ -167,7 +183,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
                 p = jnp.where(visible, p, 0)
             alpha = jnp.exp(m - m_new)
             pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v_blk, preferred_element_type=acc_dtype)
-            return acc * alpha[..., None] + pv, m_new, l * alpha + p.sum(axis=-1)
+            return acc * alpha[..., None] + pv, m_new, row_sum * alpha + p.sum(axis=-1)
 
         def step(kb, carry):
             branches = [
@@ -183,10 +199,11 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
             jnp.zeros(shape, acc_dtype),
         )
         lo, hi = blocks.kv_block_range(qb)
-        acc, m, l = lax.fori_loop(lo, hi, step, init)
-        seen = l > 0
-        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1)[..., None], 0)
-        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1)), NEG)
+        acc, m, row_sum = lax.fori_loop(lo, hi, step, init)
+        seen = row_sum > 0
+        safe_sum = jnp.where(seen, row_sum, 1)
+        out = jnp.where(seen[..., None], acc / safe_sum[..., None], 0)
+        lse = jnp.where(seen, m + jnp.log(safe_sum), NEG)
         return out.astype(v.dtype), lse
 
     out, lse = lax.map(one_q_block, jnp.arange(grid.num_q_blocks))
@@ -312,6 +329,12 @@ def _backward(static, q, k, v, bias, mask, per_example, out, lse, dout):
 
 
 # ---------------------------------------------------------------- autodiff
+#
+# First order: the blockwise backward above. Second order (grad of grad) goes
+# through the backward's own custom VJP, which differentiates a dense version
+# of the same maths: O(q_seq * kv_seq) memory, but only for higher derivatives.
+# Each rule calls its own function again for its primal value, so that value
+# stays differentiable when an outer transformation traces the rule.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -320,15 +343,61 @@ def _attention(static, q, k, v, bias, mask, per_example):
 
 
 def _attention_fwd(static, q, k, v, bias, mask, per_example):
-    out, lse = _forward(static, q, k, v, bias, mask, per_example)
+    out, lse = _attention(static, q, k, v, bias, mask, per_example)
     return (out, lse), (q, k, v, bias, mask, per_example, out, lse)
 
 
 def _attention_bwd(static, residuals, cotangents):
-    q, k, v, bias, mask, per_example, out, lse = residuals
     dout, _ = cotangents  # the log-sum-exp output carries no gradient (stop_gradient above)
-    dq, dk, dv, dbias = _backward(static, q, k, v, bias, mask, per_example, out, lse, dout)
+    dq, dk, dv, dbias = _attention_grads(static, *residuals, dout)
     return dq, dk, dv, dbias, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention_grads(static, q, k, v, bias, mask, per_example, out, lse, dout):
+    return _backward(static, q, k, v, bias, mask, per_example, out, lse, dout)
+
+
+def _attention_grads_fwd(static, q, k, v, bias, mask, per_example, out, lse, dout):
+    grads = _attention_grads(static, q, k, v, bias, mask, per_example, out, lse, dout)
+    return grads, (q, k, v, bias, mask, per_example, out, lse, dout)
+
+
+def _attention_grads_bwd(static, residuals, cotangents):
+    q, k, v, bias, mask, per_example, out, lse, dout = residuals
+
+    def first_order(q, k, v, bias, dout):
+        _, vjp = jax.vjp(lambda q, k, v, bias: _dense(static, q, k, v, bias, mask, per_example), q, k, v, bias)
+        return vjp(dout)
+
+    _, vjp = jax.vjp(first_order, q, k, v, bias, dout)
+    dq, dk, dv, dbias, ddout = vjp(tuple(cotangents))
+    # out and lse are functions of q, k, v, bias; the dense maths already
+    # accounts for that path, so they get zero cotangents.
+    return dq, dk, dv, dbias, None, None, jnp.zeros_like(out), jnp.zeros_like(lse), ddout
+
+
+_attention_grads.defvjp(_attention_grads_fwd, _attention_grads_bwd)
+
+
+def _dense(static: _Static, q, k, v, bias, mask, per_example):
+    """The kernel's maths with one block spanning everything (for second derivatives)."""
+    grid = static.grid
+    whole = Grid(grid.q_seq, grid.kv_seq, grid.q_padded, grid.kv_padded)
+    dense_static = dataclasses.replace(static, grid=whole)
+
+    def one_example(q, k, v, bias, mask, per_example):
+        blocks = ExampleBlocks(static.options(), whole, per_example, mask)
+        s, _ = _logits(dense_static, q, k, bias)
+        visible = _grouped(blocks.block_mask(0, 0), *q.shape[:2])
+        weights, _ = _core.softmax_with_lse(s, visible)
+        return jnp.einsum("kgqc,kcd->kgqd", weights.astype(v.dtype), v, preferred_element_type=s.dtype).astype(v.dtype)
+
+    outs = [
+        one_example(q[b], k[b], v[b], _example(bias, b), _example(mask, b), _per_example(per_example, b))
+        for b in range(q.shape[0])
+    ]
+    return jnp.stack(outs)
