@@ -54,6 +54,11 @@ def _ceil_div(a, b):
     return -(-a // b)
 
 
+def _int32(x):
+    """Block indices are int32 whatever jax_enable_x64 says (dynamic_slice wants one type)."""
+    return jnp.asarray(x).astype(jnp.int32)
+
+
 class ExampleBlocks:
     """Block classification for one example (built inside the traced kernel).
 
@@ -102,7 +107,7 @@ class ExampleBlocks:
         lo, _ = self.row_interval(q0)
         _, hi = self.row_interval(q_last)
         empty = (q_last < q0) | (hi <= lo)
-        return jnp.where(empty, 0, lo // bk), jnp.where(empty, 0, _ceil_div(hi, bk))
+        return _int32(jnp.where(empty, 0, lo // bk)), _int32(jnp.where(empty, 0, _ceil_div(hi, bk)))
 
     def q_block_range(self, kb):
         """Query blocks ``[lo, hi)`` that may see key block ``kb``."""
@@ -117,7 +122,7 @@ class ExampleBlocks:
             lo = jnp.maximum(lo, k0 - right)
             hi = jnp.minimum(hi, k_end + left)
         empty = (k_end <= k0) | (hi <= lo)
-        return jnp.where(empty, 0, lo // bq), jnp.where(empty, 0, _ceil_div(hi, bq))
+        return _int32(jnp.where(empty, 0, lo // bq)), _int32(jnp.where(empty, 0, _ceil_div(hi, bq)))
 
     def kind(self, qb, kb):
         """SKIP, FULL or PARTIAL for the block pair ``(qb, kb)``."""
@@ -156,11 +161,17 @@ class ExampleBlocks:
 
 def slice_block(x: Array, qb, kb, grid: Grid) -> Array:
     """Block ``(qb, kb)`` of ``x`` with shape ``(lead, q_padded|1, kv_padded|1)``."""
-    lead, tq, tk = x.shape
-    start_q = 0 if tq == 1 else qb * grid.block_q
-    start_k = 0 if tk == 1 else kb * grid.block_kv
-    size = (lead, 1 if tq == 1 else grid.block_q, 1 if tk == 1 else grid.block_kv)
-    return lax.dynamic_slice(x, (0, start_q, start_k), size)
+    _, tq, tk = x.shape
+    size = (x.shape[0], 1 if tq == 1 else grid.block_q, 1 if tk == 1 else grid.block_kv)
+    return lax.dynamic_slice(x, block_start(x.shape, qb, kb, grid), size)
+
+
+def block_start(shape, qb, kb, grid: Grid) -> tuple[Array, Array, Array]:
+    """int32 start of block ``(qb, kb)`` in a ``(lead, q|1, kv|1)`` array (broadcast axes start at 0)."""
+    zero = jnp.zeros((), jnp.int32)
+    start_q = zero if shape[1] == 1 else _int32(qb * grid.block_q)
+    start_k = zero if shape[2] == 1 else _int32(kb * grid.block_kv)
+    return zero, start_q, start_k
 
 
 def _block_range(ids: Array, seq: int, block: int) -> tuple[Array, Array]:

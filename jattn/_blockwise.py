@@ -31,7 +31,7 @@ from jax import lax
 from jaxtyping import Array
 
 from . import _core
-from ._blocks import ExampleBlocks, Grid, slice_block
+from ._blocks import ExampleBlocks, Grid, block_start, slice_block
 from ._options import AttentionOptions
 
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -124,11 +124,11 @@ def _example(x, b):
     """Example ``b`` of an operand whose batch axis may be broadcast (extent 1)."""
     if x is None:
         return None
-    return x[0] if x.shape[0] == 1 else x[b]
+    return x[0] if x.shape[0] == 1 else lax.dynamic_index_in_dim(x, b, keepdims=False)
 
 
 def _per_example(per_example, b):
-    return tuple(None if a is None else a[b] for a in per_example)
+    return tuple(None if a is None else lax.dynamic_index_in_dim(a, b, keepdims=False) for a in per_example)
 
 
 def _grouped(x, kv_heads, groups):
@@ -185,7 +185,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
             pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v_blk, preferred_element_type=acc_dtype)
             return acc * alpha[..., None] + pv, m_new, row_sum * alpha + p.sum(axis=-1)
 
-        def step(kb, carry):
+        def step(kb, carry):  # branches in the order of _blocks.SKIP, FULL, PARTIAL
             branches = [
                 lambda c: c,
                 lambda c: visit(c, kb, masked=False),
@@ -206,7 +206,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
         lse = jnp.where(seen, m + jnp.log(safe_sum), NEG)
         return out.astype(v.dtype), lse
 
-    out, lse = lax.map(one_q_block, jnp.arange(grid.num_q_blocks))
+    out, lse = lax.map(one_q_block, jnp.arange(grid.num_q_blocks, dtype=jnp.int32))
     # (num_q_blocks, kv_heads, groups, bq, ...) -> (kv_heads, groups, q_padded, ...)
     out = jnp.moveaxis(out, 0, 2).reshape(kv_heads, groups, grid.q_padded, v_dim)
     lse = jnp.moveaxis(lse, 0, 2).reshape(kv_heads, groups, grid.q_padded)
@@ -215,11 +215,12 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
 
 def _forward(static, q, k, v, bias, mask, per_example):
     def one_example(b):
+        q_b, k_b, v_b = (lax.dynamic_index_in_dim(x, b, keepdims=False) for x in (q, k, v))
         return _forward_example(
-            static, q[b], k[b], v[b], _example(bias, b), _example(mask, b), _per_example(per_example, b)
+            static, q_b, k_b, v_b, _example(bias, b), _example(mask, b), _per_example(per_example, b)
         )
 
-    return lax.map(one_example, jnp.arange(q.shape[0]))
+    return lax.map(one_example, jnp.arange(q.shape[0], dtype=jnp.int32))
 
 
 # ---------------------------------------------------------------- backward
@@ -259,7 +260,7 @@ def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, ls
             dlogits = None if bias is None else jnp.zeros((kv_heads, groups, grid.block_q, grid.block_kv), acc_dtype)
             return dk, dv, jnp.zeros((kv_heads, groups, grid.block_q, dim), acc_dtype), dlogits
 
-        def step(qb, c):
+        def step(qb, c):  # branches in the order of _blocks.SKIP, FULL, PARTIAL
             # The switch only carries block-sized values: the full-size dQ (and
             # dbias) are updated in place outside it, so no branch copies them.
             dk, dv, dq, dbias = c
@@ -287,7 +288,7 @@ def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, ls
 
     dq0 = jnp.zeros(q.shape, acc_dtype)
     dbias0 = None if bias is None else jnp.zeros(bias.shape, acc_dtype)
-    (dq, dbias), (dk, dv) = lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(grid.num_kv_blocks))
+    (dq, dbias), (dk, dv) = lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
     # (num_kv_blocks, kv_heads, bk, ...) -> (kv_heads, kv_padded, ...)
     dk = jnp.moveaxis(dk, 0, 1).reshape(kv_heads, grid.kv_padded, dim)
     dv = jnp.moveaxis(dv, 0, 1).reshape(kv_heads, grid.kv_padded, v_dim)
@@ -301,27 +302,22 @@ def _add_bias_block(dbias, ds, qb, kb, grid: Grid):
     ds = ds.sum(axis=0, keepdims=True) if heads_b == 1 else ds
     ds = ds.sum(axis=1, keepdims=True) if tq == 1 else ds
     ds = ds.sum(axis=2, keepdims=True) if tk == 1 else ds
-    start = (0, 0 if tq == 1 else qb * grid.block_q, 0 if tk == 1 else kb * grid.block_kv)
+    start = block_start(dbias.shape, qb, kb, grid)
     current = lax.dynamic_slice(dbias, start, ds.shape)
     return lax.dynamic_update_slice(dbias, current + ds, start)
 
 
 def _backward(static, q, k, v, bias, mask, per_example, out, lse, dout):
     def one_example(b):
+        q_b, k_b, v_b, out_b, lse_b, dout_b = (
+            lax.dynamic_index_in_dim(x, b, keepdims=False) for x in (q, k, v, out, lse, dout)
+        )
+        bias_b, mask_b = _example(bias, b), _example(mask, b)
         return _backward_example(
-            static,
-            q[b],
-            k[b],
-            v[b],
-            _example(bias, b),
-            _example(mask, b),
-            _per_example(per_example, b),
-            out[b],
-            lse[b],
-            dout[b],
+            static, q_b, k_b, v_b, bias_b, mask_b, _per_example(per_example, b), out_b, lse_b, dout_b
         )
 
-    dq, dk, dv, dbias = lax.map(one_example, jnp.arange(q.shape[0]))
+    dq, dk, dv, dbias = lax.map(one_example, jnp.arange(q.shape[0], dtype=jnp.int32))
     if bias is not None:
         dbias = dbias.sum(axis=0, keepdims=True) if bias.shape[0] == 1 else dbias
         dbias = dbias.astype(bias.dtype)
