@@ -1,0 +1,75 @@
+"""KV-cache bookkeeping for autoregressive decoding: writes, decode masks, overflow.
+
+The cache holds ``max_length`` key/value positions per example and a filled
+count ``index`` of shape ``(batch,)``. A call with ``n_new`` tokens writes them
+at absolute positions ``index + i`` and lets query ``i`` see key ``j`` iff
+``j <= index + i`` (causal, offset by what is already cached). That is told to
+``jattn.dot_product_attention`` as ``key_value_seq_lengths = index + n_valid``,
+which lets a blockwise kernel skip every key block past the filled length, plus,
+for ``n_new > 1`` only, a small dense ``(batch, 1, n_new, max_length)`` mask for
+causality inside the new chunk (with one new token the length says it all).
+
+Writing past ``max_length`` never wraps around or clamps: the write is dropped,
+the output rows of those queries are NaN, and an error is raised (eagerly when
+the filled count is concrete, from a ``jax.debug.callback`` when it is traced).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+
+def write(
+    cache: Float[Array, "batch max_length kv_heads dim"],
+    new: Float[Array, "batch n_new kv_heads dim"],
+    index: Int[Array, " batch"],
+) -> Float[Array, "batch max_length kv_heads dim"]:
+    """Writes ``new[b, i]`` at position ``index[b] + i``; positions past the end are dropped, never wrapped."""
+    batch, n_new = new.shape[:2]
+    positions = index[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :]
+    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+def decode_mask(
+    index: Int[Array, " batch"], n_new: int, max_length: int
+) -> Bool[Array, "batch 1 n_new max_length"] | None:
+    """Causality inside a chunk of ``n_new`` queries at positions ``index + i``; None when ``n_new == 1``."""
+    if n_new == 1:
+        return None
+    positions = index[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :]  # (batch, n_new)
+    keys = jnp.arange(max_length, dtype=jnp.int32)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
+def _raise_overflow(end, max_length) -> None:
+    raise ValueError(
+        "KV cache overflow: decoding would write positions up to "
+        f"{int(np.max(end))} (exclusive) but init_cache(max_length={int(max_length)}); "
+        "nothing was wrapped around — re-initialize the cache with a larger max_length"
+    )
+
+
+def check_overflow(index: Int[Array, " batch"], n_valid: Int[Array, " batch"], max_length: int) -> None:
+    """Raises if ``index + n_valid > max_length``: now when concrete, at run time when traced.
+
+    Under ``jax.jit`` the error comes from a ``jax.debug.callback`` and reaches
+    the caller as a ``JaxRuntimeError`` carrying this message when the result is
+    used; the caller also poisons the rows past the end with NaN (see
+    :func:`past_end`) in case a backend drops callbacks.
+    """
+    end = index + n_valid
+    if not isinstance(end, jax.core.Tracer):
+        if bool(jnp.any(end > max_length)):
+            _raise_overflow(end, max_length)
+        return
+    over = jnp.any(end > max_length)
+    jax.lax.cond(over, lambda: jax.debug.callback(_raise_overflow, end, max_length), lambda: None)
+
+
+def past_end(index: Int[Array, " batch"], n_new: int, max_length: int) -> Bool[Array, "batch n_new"]:
+    """True for the new queries whose absolute position is at or past ``max_length``."""
+    return index[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :] >= max_length
