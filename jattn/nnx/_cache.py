@@ -29,7 +29,7 @@ def write(
 ) -> Float[Array, "batch max_length kv_heads dim"]:
     """Writes ``new[b, i]`` at position ``index[b] + i``; positions past the end are dropped, never wrapped."""
     batch, n_new = new.shape[:2]
-    positions = index[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :]
+    positions = index[:, None] + jnp.arange(n_new, dtype=index.dtype)[None, :]
     rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
     return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
 
@@ -40,8 +40,8 @@ def decode_mask(
     """Causality inside a chunk of ``n_new`` queries at positions ``index + i``; None when ``n_new == 1``."""
     if n_new == 1:
         return None
-    positions = index[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :]  # (batch, n_new)
-    keys = jnp.arange(max_length, dtype=jnp.int32)
+    positions = index[:, None] + jnp.arange(n_new, dtype=index.dtype)[None, :]  # (batch, n_new)
+    keys = jnp.arange(max_length, dtype=index.dtype)
     return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
@@ -72,4 +72,4 @@ def check_overflow(index: Int[Array, " batch"], n_valid: Int[Array, " batch"], m
 
 def past_end(index: Int[Array, " batch"], n_new: int, max_length: int) -> Bool[Array, "batch n_new"]:
     """True for the new queries whose absolute position is at or past ``max_length``."""
-    return index[:, None] + jnp.arange(n_new, dtype=jnp.int32)[None, :] >= max_length
+    return index[:, None] + jnp.arange(n_new, dtype=index.dtype)[None, :] >= max_length
