@@ -25,11 +25,19 @@ _MHA_NAMES = tuple(n for n in _MHA_NAMES_WITH_BIAS if n.endswith("kernel"))
 _RANKS = {"kernel": 3, "query/bias": 2, "key/bias": 2, "value/bias": 2, "out/bias": 1}
 
 
+def _variable_array(variable: Any) -> np.ndarray:
+    """A Keras variable's value as NumPy (``.value`` avoids Keras's NumPy-2 ``__array__`` deprecation)."""
+    try:
+        return np.asarray(variable.value)
+    except (TypeError, RuntimeError):  # e.g. a torch-backend tensor that requires grad
+        return np.asarray(variable.numpy())
+
+
 def _weights_of(source: Any, what: str) -> tuple[list[np.ndarray], dict]:
     config = {}
     if hasattr(source, "get_weights"):
         config = source.get_config()
-        weights = source.get_weights()
+        weights = [_variable_array(v) for v in source.weights]  # the order of get_weights()
         if not weights:
             raise ValueError(f"the Keras {what} layer has no weights yet; call it once (or build it) before loading")
     else:
