@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -12,112 +9,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-import jattn
-from jattn import _checks
-
 from . import _cache, _keras, _weights
+from ._projection import Projection, check_inputs, compute_dtype, positive_int
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    return value
-
-
-def compute_dtype(dtype, param_dtype, *arrays: Array) -> jnp.dtype:
-    """``dtype`` if given, else the JAX promotion of the inputs' and the parameters' dtypes (as in Flax)."""
-    if dtype is not None:
-        return jnp.dtype(dtype)
-    with jax.numpy_dtype_promotion("standard"):  # the explicit lattice, also under strict promotion
-        return jnp.dtype(jnp.result_type(param_dtype, *(a.dtype for a in arrays)))
-
-
-def check_inputs(name: str, x: Array, features: int, seq: str, features_name: str) -> None:
-    """Floating dtype and shape ``(batch, seq, features)``, with expected-vs-actual messages."""
-    _checks.check_floating(name, x)
-    _checks.check_rank(name, x, (3,), f"(batch, {seq}, {features_name})")
-    if x.shape[-1] != features:
-        raise ValueError(f"{name} must have shape (batch, {seq}, {features_name}={features}); got {x.shape}")
-
-
-# The pure parts of a call are jit-compiled functions: an eager call then costs
-# one compilation per shape instead of one per primitive, and under an outer
-# jit they are inlined.
-
-
-@functools.partial(jax.jit, static_argnames=("axes", "dtype"))
-def _project(x: Array, kernel: Array, bias: Array | None, *, axes: int, dtype: Any) -> Array:
-    y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=axes)
-    if bias is not None:
-        bias = bias.astype(dtype)
-        y = y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
-    return y
-
-
-@functools.partial(jax.jit, static_argnames=("is_causal", "implementation"))
-def _fast_attention(query, key, value, options, *, is_causal, implementation):
-    return jattn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=implementation, **options)
-
-
-@functools.partial(jax.jit, static_argnames=("is_causal", "implementation", "dropout_rate"))
-def _weights_attention(query, key, value, options, dropout_key, *, is_causal, implementation, dropout_rate):
-    """Context and weights through the materialized core, with dropout on the weights if ``dropout_key``."""
-    # The fast path's argument checks (and error messages), at trace time only.
-    jax.eval_shape(
-        functools.partial(_fast_attention, is_causal=is_causal, implementation=implementation),
-        query,
-        key,
-        value,
-        options,
-    )
-    batch, q_seq, heads, _ = query.shape
-    visible = _weights.visible_mask(batch, heads, q_seq, key.shape[1], is_causal=is_causal, **options)
-    dropout = None
-    if dropout_key is not None:
-        keep_prob = 1.0 - dropout_rate
-
-        def dropout(w):  # as nnx.Dropout: keep with probability 1 - rate, scale the kept weights up
-            keep = jax.random.bernoulli(dropout_key, keep_prob, w.shape)
-            return jax.lax.select(keep, w / jnp.asarray(keep_prob, w.dtype), jnp.zeros_like(w))
-
-    return _weights.materialized_attention(query, key, value, visible, dropout)
-
-
-class Projection(nnx.Module):
-    """A dense map from the trailing ``in_shape`` axes to ``out_shape`` (the Keras/Flax kernel layout).
-
-    ``kernel`` has shape ``in_shape + out_shape`` and ``bias`` ``out_shape``;
-    the initializers see the flattened ``(prod(in_shape), prod(out_shape))``
-    matrix, so fan-in and fan-out are those of the equivalent dense layer.
-    """
-
-    def __init__(
-        self,
-        in_shape: Sequence[int],
-        out_shape: Sequence[int],
-        *,
-        use_bias: bool,
-        param_dtype: Any,
-        kernel_init: nnx.Initializer,
-        bias_init: nnx.Initializer,
-        rngs: nnx.Rngs,
-    ):
-        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
-        flat = (math.prod(self.in_shape), math.prod(self.out_shape))
-        kernel = kernel_init(rngs.params(), flat, param_dtype)
-        self.kernel = nnx.Param(jnp.reshape(kernel, self.in_shape + self.out_shape))
-        if use_bias:
-            bias = bias_init(rngs.params(), (flat[1],), param_dtype)
-            self.bias = nnx.Param(jnp.reshape(bias, self.out_shape))
-        else:
-            self.bias = nnx.data(None)
-
-    def __call__(self, x: Array, dtype: Any) -> Array:
-        bias = None if self.bias is None else self.bias[...]
-        return _project(x, self.kernel[...], bias, axes=len(self.in_shape), dtype=jnp.dtype(dtype))
 
 
 class MultiHeadAttention(nnx.Module):
@@ -215,25 +111,25 @@ class MultiHeadAttention(nnx.Module):
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
-        self.num_heads = _positive_int("num_heads", num_heads)
-        self.in_features = _positive_int("in_features", in_features)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.in_features = positive_int("in_features", in_features)
         if head_dim is None and in_features % num_heads:
             raise ValueError(
                 f"in_features must be divisible by num_heads when head_dim is not given; "
                 f"got in_features={in_features}, num_heads={num_heads}"
             )
-        self.head_dim = _positive_int("head_dim", in_features // num_heads if head_dim is None else head_dim)
-        self.value_head_dim = _positive_int(
+        self.head_dim = positive_int("head_dim", in_features // num_heads if head_dim is None else head_dim)
+        self.value_head_dim = positive_int(
             "value_head_dim", self.head_dim if value_head_dim is None else value_head_dim
         )
-        self.out_features = _positive_int("out_features", in_features if out_features is None else out_features)
-        self.num_kv_heads = _positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
+        self.out_features = positive_int("out_features", in_features if out_features is None else out_features)
+        self.num_kv_heads = positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
         if num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads must be a multiple of num_kv_heads; got num_heads={num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}"
             )
-        self.in_kv_features = _positive_int("in_kv_features", in_features if in_kv_features is None else in_kv_features)
+        self.in_kv_features = positive_int("in_kv_features", in_features if in_kv_features is None else in_kv_features)
         if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate must be a float in [0, 1); got {dropout_rate!r}")
         self.dropout_rate = float(dropout_rate)
@@ -362,7 +258,9 @@ class MultiHeadAttention(nnx.Module):
 
         past_end = None
         if self.cache_index is not None:
-            key, value, options, past_end = self._decode_step(query, key, value, options, is_causal, self_attention)
+            key, value, options, past_end = _cache.append(
+                self, query, key, value, options, is_causal=is_causal, self_attention=self_attention
+            )
             is_causal = False  # now expressed by the cache's lengths and mask
 
         if deterministic is None:
@@ -370,7 +268,7 @@ class MultiHeadAttention(nnx.Module):
         dropping = self.dropout_rate > 0 and not deterministic
         weights = None
         if return_weights or dropping:
-            context, weights = _weights_attention(
+            context, weights = _weights.weights_attention(
                 query,
                 key,
                 value,
@@ -381,7 +279,7 @@ class MultiHeadAttention(nnx.Module):
                 dropout_rate=self.dropout_rate,
             )
         else:
-            context = _fast_attention(
+            context = _weights.fast_attention(
                 query, key, value, options, is_causal=is_causal, implementation=self.implementation
             )
         out = self.out(context, dtype)
@@ -451,8 +349,8 @@ class MultiHeadAttention(nnx.Module):
             >>> mha.cache_index[...]
             Array([6], dtype=int32)
         """
-        _positive_int("batch", batch)
-        _positive_int("max_length", max_length)
+        positive_int("batch", batch)
+        positive_int("max_length", max_length)
         if dtype is None:
             dtype = self.dtype if self.dtype is not None else self.param_dtype
         self.cached_key = nnx.Cache(jnp.zeros((batch, max_length, self.num_kv_heads, self.head_dim), dtype))
@@ -464,58 +362,6 @@ class MultiHeadAttention(nnx.Module):
         self.cached_key = nnx.data(None)
         self.cached_value = nnx.data(None)
         self.cache_index = nnx.data(None)
-
-    def _decode_step(self, query, key, value, options, is_causal, self_attention):
-        """Appends the new keys/values and returns what to attend over, and the rows past the end."""
-        if not self_attention:
-            raise ValueError(
-                "decoding with a KV cache is self-attention only; got inputs_k/inputs_v (call clear_cache() first)"
-            )
-        if not is_causal:
-            raise ValueError("decoding with a KV cache is causal; pass is_causal=True (or call clear_cache() first)")
-        for name in ("key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids"):
-            if options[name] is not None:
-                raise ValueError(f"{name} cannot be given while decoding with a KV cache (call clear_cache() first)")
-        cached_key, cached_value = self.cached_key[...], self.cached_value[...]
-        batch, max_length = cached_key.shape[:2]
-        n_new = query.shape[1]
-        if query.shape[0] != batch:
-            raise ValueError(f"inputs_q must have the cache's batch size {batch} (init_cache); got {query.shape[0]}")
-        if key.dtype != cached_key.dtype:
-            raise ValueError(
-                f"the KV cache has dtype {cached_key.dtype} but this call computes in {key.dtype}; "
-                "pass dtype= to init_cache or cast the inputs"
-            )
-        if n_new > max_length:
-            raise ValueError(f"inputs_q has {n_new} tokens but the KV cache holds max_length={max_length}")
-        index = self.cache_index[...]
-        n_valid = options["query_seq_lengths"]
-        if n_valid is None:
-            n_valid = jnp.full((batch,), n_new, jnp.int32)
-        else:
-            _checks.check_integer("query_seq_lengths", n_valid)
-            _checks.check_shape("query_seq_lengths", n_valid, (batch,), "(batch,)")
-            n_valid = n_valid.astype(jnp.int32)
-            if not isinstance(n_valid, jax.core.Tracer) and not bool(jnp.all((n_valid >= 0) & (n_valid <= n_new))):
-                raise ValueError(f"query_seq_lengths must lie in [0, {n_new}] (the new tokens); got {n_valid}")
-        _cache.check_overflow(index, n_valid, max_length)
-        mask = options["mask"]
-        if mask is not None:
-            _checks.check_bool("mask", mask)
-            logits_shape = (batch, self.num_heads, n_new, max_length)
-            _checks.check_broadcastable("mask", mask, logits_shape, "(batch, heads, q_seq, max_length)")
-        causal = _cache.decode_mask(index, n_new, max_length)
-        if causal is not None:
-            mask = causal if mask is None else mask & causal
-        key = _cache.write(cached_key, key, index)
-        value = _cache.write(cached_value, value, index)
-        self.cached_key[...] = key
-        self.cached_value[...] = value
-        self.cache_index[...] = index + n_valid
-        options = dict(options, mask=mask, key_value_seq_lengths=index + n_valid)
-        return key, value, options, _cache.past_end(index, n_new, max_length)
-
-    # ---------------------------------------------------------------- Keras
 
     @classmethod
     def from_keras(

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from jattn import _checks
+
 
 def write(
     cache: Float[Array, "batch max_length kv_heads dim"],
@@ -73,3 +75,59 @@ def check_overflow(index: Int[Array, " batch"], n_valid: Int[Array, " batch"], m
 def past_end(index: Int[Array, " batch"], n_new: int, max_length: int) -> Bool[Array, "batch n_new"]:
     """True for the new queries whose absolute position is at or past ``max_length``."""
     return index[:, None] + jnp.arange(n_new, dtype=index.dtype)[None, :] >= max_length
+
+
+def append(module, query, key, value, options, *, is_causal, self_attention):
+    """Appends the new keys/values to ``module``'s cache; returns what to attend over and the rows past the end.
+
+    Returns ``(key, value, options, past_end)``: the whole updated cache,
+    the ``dot_product_attention`` options with the decode lengths and mask,
+    and ``(batch, n_new)`` flags of queries at or past ``max_length``.
+    """
+    if not self_attention:
+        raise ValueError(
+            "decoding with a KV cache is self-attention only; got inputs_k/inputs_v (call clear_cache() first)"
+        )
+    if not is_causal:
+        raise ValueError("decoding with a KV cache is causal; pass is_causal=True (or call clear_cache() first)")
+    for name in ("key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids"):
+        if options[name] is not None:
+            raise ValueError(f"{name} cannot be given while decoding with a KV cache (call clear_cache() first)")
+    cached_key, cached_value = module.cached_key[...], module.cached_value[...]
+    batch, max_length = cached_key.shape[:2]
+    n_new = query.shape[1]
+    if query.shape[0] != batch:
+        raise ValueError(f"inputs_q must have the cache's batch size {batch} (init_cache); got {query.shape[0]}")
+    if key.dtype != cached_key.dtype:
+        raise ValueError(
+            f"the KV cache has dtype {cached_key.dtype} but this call computes in {key.dtype}; "
+            "pass dtype= to init_cache or cast the inputs"
+        )
+    if n_new > max_length:
+        raise ValueError(f"inputs_q has {n_new} tokens but the KV cache holds max_length={max_length}")
+    index = module.cache_index[...]
+    n_valid = options["query_seq_lengths"]
+    if n_valid is None:
+        n_valid = jnp.full((batch,), n_new, jnp.int32)
+    else:
+        _checks.check_integer("query_seq_lengths", n_valid)
+        _checks.check_shape("query_seq_lengths", n_valid, (batch,), "(batch,)")
+        n_valid = n_valid.astype(jnp.int32)
+        if not isinstance(n_valid, jax.core.Tracer) and not bool(jnp.all((n_valid >= 0) & (n_valid <= n_new))):
+            raise ValueError(f"query_seq_lengths must lie in [0, {n_new}] (the new tokens); got {n_valid}")
+    check_overflow(index, n_valid, max_length)
+    mask = options["mask"]
+    if mask is not None:
+        _checks.check_bool("mask", mask)
+        logits_shape = (batch, module.num_heads, n_new, max_length)
+        _checks.check_broadcastable("mask", mask, logits_shape, "(batch, heads, q_seq, max_length)")
+    causal = decode_mask(index, n_new, max_length)
+    if causal is not None:
+        mask = causal if mask is None else mask & causal
+    key = write(cached_key, key, index)
+    value = write(cached_value, value, index)
+    module.cached_key[...] = key
+    module.cached_value[...] = value
+    module.cache_index[...] = index + n_valid
+    options = dict(options, mask=mask, key_value_seq_lengths=index + n_valid)
+    return key, value, options, past_end(index, n_new, max_length)

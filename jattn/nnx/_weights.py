@@ -9,10 +9,14 @@ composes the public per-example core instead: ``jattn.scores`` and
 grouped-query heads are mapped over ``(kv_heads, groups)`` so K/V are never
 repeated. Every mask option is turned into one dense boolean mask with the
 ``jattn.masks`` predicates, exactly the options ``dot_product_attention`` takes.
+
+``fast_attention`` and ``weights_attention`` are the two jit-compiled entry
+points of a module call: an eager call compiles once per shape, not once per op.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -102,3 +106,32 @@ def materialized_attention(
     out = g(used.reshape(batch, kv_heads, groups, q_seq, kv_seq), value)  # (B, K, G, T, Dv)
     out = out.reshape(batch, heads, q_seq, v_dim).transpose(0, 2, 1, 3)
     return out, weights
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal", "implementation"))
+def fast_attention(query, key, value, options, *, is_causal, implementation):
+    return jattn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=implementation, **options)
+
+
+@functools.partial(jax.jit, static_argnames=("is_causal", "implementation", "dropout_rate"))
+def weights_attention(query, key, value, options, dropout_key, *, is_causal, implementation, dropout_rate):
+    """Context and weights through the materialized core, with dropout on the weights if ``dropout_key``."""
+    # The fast path's argument checks (and error messages), at trace time only.
+    jax.eval_shape(
+        functools.partial(fast_attention, is_causal=is_causal, implementation=implementation),
+        query,
+        key,
+        value,
+        options,
+    )
+    batch, q_seq, heads, _ = query.shape
+    visible = visible_mask(batch, heads, q_seq, key.shape[1], is_causal=is_causal, **options)
+    dropout = None
+    if dropout_key is not None:
+        keep_prob = 1.0 - dropout_rate
+
+        def dropout(w):  # as nnx.Dropout: keep with probability 1 - rate, scale the kept weights up
+            keep = jax.random.bernoulli(dropout_key, keep_prob, w.shape)
+            return jax.lax.select(keep, w / jnp.asarray(keep_prob, w.dtype), jnp.zeros_like(w))
+
+    return materialized_attention(query, key, value, visible, dropout)
