@@ -1,0 +1,274 @@
+"""``AttentionBlock``: the tutorial's multi-head self-attention + residual + LayerNorm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from jattn import _checks
+
+from . import _keras
+from ._attention import MultiHeadAttention, default_bias_init, default_kernel_init
+
+KERAS_LAYER_NORM_EPSILON = 1e-3
+
+
+class AttentionBlock(nnx.Module):
+    r"""Self-attention, residual add and LayerNorm: ``norm(x + mha(x))``, or ``x + mha(norm(x))``.
+
+    The default (post-norm) is the tutorial's Keras block
+    ``LayerNormalization()(Add()([x, MultiHeadAttention(...)(x, x)]))``, with
+    Keras's LayerNorm epsilon ``1e-3`` so that loaded Keras weights give the
+    same outputs; ``pre_norm=True`` gives the pre-norm block of most current
+    transformers. The attention is a :class:`MultiHeadAttention` (``attention``)
+    whose output has ``in_features`` features; the norm is an ``nnx.LayerNorm``
+    (``norm``, parameters ``scale`` and ``bias``).
+
+    Inputs are float ``(batch, seq, in_features)``: token ids go through an
+    embedding first (``nnx.Embed``), and a wrongly ranked input is an error
+    rather than a silently broadcast result.
+
+    Args:
+        num_heads: attention heads.
+        in_features: features in and out.
+        head_dim: features per head (Keras ``key_dim``); default
+            ``in_features // num_heads``.
+        value_head_dim: value features per head; default ``head_dim``.
+        num_kv_heads: key/value heads (GQA); default ``num_heads``.
+        use_bias: biases in the attention projections.
+        dropout_rate: dropout on the attention weights.
+        pre_norm: normalize the attention input instead of the sum.
+        epsilon: LayerNorm epsilon (Keras's default ``1e-3``; Flax uses ``1e-6``).
+        dtype: computation dtype (default: promotion of inputs and params).
+        param_dtype: parameter dtype.
+        kernel_init: attention kernel initializer.
+        bias_init: attention bias initializer.
+        implementation: passed to ``jattn.dot_product_attention``.
+        rngs: ``nnx.Rngs``.
+
+    Example:
+        The tutorial's example done right: token ids, an embedding, the block.
+
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from jattn import nnx as jnnx
+        >>> rngs = nnx.Rngs(0)
+        >>> embed = nnx.Embed(100, 16, rngs=rngs)
+        >>> block = jnnx.AttentionBlock(2, 16, head_dim=8, rngs=rngs)
+        >>> tokens = jax.random.randint(jax.random.key(0), (3, 10), 0, 100)  # (batch, seq) ids
+        >>> block(embed(tokens)).shape
+        (3, 10, 16)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        head_dim: int | None = None,
+        value_head_dim: int | None = None,
+        num_kv_heads: int | None = None,
+        use_bias: bool = True,
+        dropout_rate: float = 0.0,
+        pre_norm: bool = False,
+        epsilon: float = KERAS_LAYER_NORM_EPSILON,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: nnx.Initializer = default_kernel_init,
+        bias_init: nnx.Initializer = default_bias_init,
+        implementation: str | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.attention = MultiHeadAttention(
+            num_heads,
+            in_features,
+            head_dim=head_dim,
+            value_head_dim=value_head_dim,
+            out_features=in_features,
+            num_kv_heads=num_kv_heads,
+            use_bias=use_bias,
+            dropout_rate=dropout_rate,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            implementation=implementation,
+            rngs=rngs,
+        )
+        self.norm = nnx.LayerNorm(
+            in_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs
+        )
+        self.pre_norm = bool(pre_norm)
+        self.in_features = in_features
+
+    def __call__(
+        self,
+        inputs: Float[ArrayLike, "batch seq in_features"],
+        *,
+        mask: Bool[ArrayLike, "#batch #heads #seq #seq"] | None = None,
+        is_causal: bool = False,
+        query_seq_lengths: Int[ArrayLike, " batch"] | None = None,
+        key_value_seq_lengths: Int[ArrayLike, " batch"] | None = None,
+        query_segment_ids: Int[ArrayLike, "batch seq"] | None = None,
+        key_value_segment_ids: Int[ArrayLike, "batch seq"] | None = None,
+        deterministic: bool | None = None,
+        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+        return_weights: bool = False,
+    ) -> (
+        Float[Array, "batch seq in_features"]
+        | tuple[Float[Array, "batch seq in_features"], Float[Array, "batch heads seq kv_seq"]]
+    ):
+        """Applies the block; the keyword arguments are those of :class:`MultiHeadAttention`.
+
+        Args:
+            inputs: float ``(batch, seq, in_features)``.
+            mask: see :class:`MultiHeadAttention`, and the other options likewise.
+            is_causal: causal self-attention (required while decoding).
+            query_seq_lengths: padding of the queries (or of new tokens while decoding).
+            key_value_seq_lengths: padding of the keys.
+            query_segment_ids: packed sequences, with ``key_value_segment_ids``.
+            key_value_segment_ids: see ``query_segment_ids``.
+            deterministic: True turns dropout off.
+            rngs: overrides the dropout stream.
+            return_weights: also return the attention weights ``(batch, heads, seq, kv_seq)``.
+
+        Returns:
+            ``(batch, seq, in_features)``, and the weights if ``return_weights``.
+
+        Raises:
+            TypeError: integer inputs (token ids: embed them first).
+            ValueError: inputs not of shape ``(batch, seq, in_features)``, and
+                the errors of :class:`MultiHeadAttention`.
+        """
+        x = jnp.asarray(inputs)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(
+                f"inputs must be float (batch, seq, in_features); got dtype {x.dtype} with shape {x.shape} "
+                "(token ids? embed them first, e.g. with nnx.Embed)"
+            )
+        _checks.check_rank("inputs", x, (3,), f"(batch, seq, in_features={self.in_features})")
+        options = dict(
+            mask=mask,
+            is_causal=is_causal,
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
+            query_segment_ids=query_segment_ids,
+            key_value_segment_ids=key_value_segment_ids,
+            deterministic=deterministic,
+            rngs=rngs,
+            return_weights=return_weights,
+        )
+        attended = self.attention(self._norm(x) if self.pre_norm else x, **options)
+        attended, weights = attended if return_weights else (attended, None)
+        y = x.astype(attended.dtype) + attended
+        if not self.pre_norm:
+            y = self._norm(y)
+        return (y, weights) if return_weights else y
+
+    def _norm(self, x: Array) -> Array:
+        # nnx.LayerNorm promotes inputs and parameters implicitly (float64 inputs, float32 params).
+        with jax.numpy_dtype_promotion("standard"):
+            return self.norm(x)
+
+    def init_cache(self, batch: int, max_length: int, *, dtype: Any = None) -> None:
+        """Allocates the attention's KV cache; see :meth:`MultiHeadAttention.init_cache`.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from jattn import nnx as jnnx
+            >>> block = jnnx.AttentionBlock(2, 8, rngs=nnx.Rngs(0))
+            >>> block.init_cache(batch=1, max_length=8)
+            >>> block(jnp.ones((1, 3, 8), jnp.float32), is_causal=True).shape
+            (1, 3, 8)
+            >>> block.attention.cache_index[...]
+            Array([3], dtype=int32)
+        """
+        self.attention.init_cache(batch, max_length, dtype=dtype)
+
+    def clear_cache(self) -> None:
+        """Drops the attention's KV cache."""
+        self.attention.clear_cache()
+
+    @classmethod
+    def from_keras(
+        cls,
+        attention: Any,
+        layer_norm: Any,
+        *,
+        pre_norm: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        implementation: str | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> AttentionBlock:
+        """A block with the weights of a Keras ``MultiHeadAttention`` and ``LayerNormalization``.
+
+        Each source is a built layer or its ``get_weights()`` list; the LayerNorm
+        epsilon is taken from the layer (Keras's default ``1e-3`` for a list).
+
+        Raises:
+            ValueError: see :meth:`MultiHeadAttention.from_keras`, and a
+                LayerNorm whose size differs from the attention's features.
+
+        Example:
+            >>> import numpy as np
+            >>> from jattn import nnx as jnnx
+            >>> mha = [np.ones(s, np.float32) for s in [(8, 2, 4), (8, 2, 4), (8, 2, 4), (2, 4, 8)]]
+            >>> norm = [np.ones(8, np.float32), np.zeros(8, np.float32)]  # gamma, beta
+            >>> block = jnnx.AttentionBlock.from_keras(mha, norm)
+            >>> block.attention.num_heads, block.norm.epsilon
+            (2, 0.001)
+        """
+        arrays, config = _keras.mha_arrays(attention)
+        _, norm_config = _keras.layer_norm_arrays(layer_norm)
+        in_features, num_heads, head_dim = arrays["query/kernel"].shape
+        block = cls(
+            num_heads,
+            in_features,
+            head_dim=head_dim,
+            value_head_dim=arrays["value/kernel"].shape[2],
+            use_bias="query/bias" in arrays,
+            dropout_rate=config.get("dropout_rate", 0.0),
+            pre_norm=pre_norm,
+            epsilon=norm_config.get("epsilon", KERAS_LAYER_NORM_EPSILON),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            implementation=implementation,
+            rngs=nnx.Rngs(0) if rngs is None else rngs,
+        )
+        block.load_keras_weights(attention, layer_norm)
+        return block
+
+    def load_keras_weights(self, attention: Any, layer_norm: Any) -> None:
+        """Copies Keras ``MultiHeadAttention`` and ``LayerNormalization`` weights (layers or lists) into the block.
+
+        Raises:
+            ValueError: on any shape mismatch, or a LayerNorm layer whose epsilon
+                differs from the block's.
+
+        Example:
+            >>> import numpy as np
+            >>> from flax import nnx
+            >>> from jattn import nnx as jnnx
+            >>> block = jnnx.AttentionBlock(2, 8, use_bias=False, rngs=nnx.Rngs(0))
+            >>> mha = [np.ones(s, np.float32) for s in [(8, 2, 4), (8, 2, 4), (8, 2, 4), (2, 4, 8)]]
+            >>> block.load_keras_weights(mha, [np.full(8, 2.0, np.float32), np.zeros(8, np.float32)])
+            >>> float(block.norm.scale[...].sum())
+            16.0
+        """
+        arrays, norm_config = _keras.layer_norm_arrays(layer_norm)
+        epsilon = norm_config.get("epsilon", self.norm.epsilon)
+        if epsilon != self.norm.epsilon:
+            raise ValueError(f"the Keras LayerNormalization has epsilon={epsilon} but this block {self.norm.epsilon}")
+        for name, array in arrays.items():
+            param = getattr(self.norm, name)
+            if array.shape != param.shape:
+                raise ValueError(f"Keras LayerNormalization {name} must have shape {param.shape}; got {array.shape}")
+        self.attention.load_keras_weights(attention)
+        for name, array in arrays.items():
+            getattr(self.norm, name).set_value(jnp.asarray(array, self.norm.param_dtype))
