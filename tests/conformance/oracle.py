@@ -102,7 +102,7 @@ def attention(
             rows = seen.any(axis=1)
             peak = np.where(seen, logits, -np.inf).max(axis=1, initial=-np.inf)
             peak = np.where(rows, peak, 0.0)
-            e = np.where(seen, np.exp(logits - peak[:, None]), 0.0)
+            e = np.exp(np.where(seen, logits - peak[:, None], -np.inf))  # exp(-inf) = 0: masked
             total = e.sum(axis=1)
             p = e / np.where(rows, total, 1.0)[:, None]
             out[b, :, n] = p @ v[b, :, kn]
