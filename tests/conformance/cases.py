@@ -77,16 +77,18 @@ class Tolerance:
 
 
 TOLERANCES = {
-    jnp.dtype(jnp.float64): Tolerance(out=1e-11, grad=1e-10),
-    jnp.dtype(jnp.float32): Tolerance(out=2e-6, grad=1e-5),
-    jnp.dtype(jnp.bfloat16): Tolerance(out=2e-2, grad=5e-2),
-    jnp.dtype(jnp.float16): Tolerance(out=3e-3, grad=6e-3),
+    jnp.dtype(jnp.float64): Tolerance(out=1e-12, grad=1e-11),
+    jnp.dtype(jnp.float32): Tolerance(out=1e-6, grad=5e-6),
+    jnp.dtype(jnp.bfloat16): Tolerance(out=1.6e-2, grad=3e-2),
+    jnp.dtype(jnp.float16): Tolerance(out=2e-3, grad=4e-3),
 }
 """Per-dtype error bound, relative to ``max(1, max |expected|)`` of the compared array.
 
 The oracle sees the inputs already rounded to the dtype, so these measure the
 kernel's own rounding: softmax in float32 and the weights cast to the input
-dtype before the weighted sum.
+dtype before the weighted sum. The reference measures (out, grad) at about
+(2e-16, 4e-16), (1e-7, 3e-7), (4e-3, 5e-3) and (4e-4, 5e-4); the bounds leave
+room for blockwise kernels that round in another order (about 2 ulps for 16-bit).
 """
 
 
