@@ -3,11 +3,13 @@
 The functional core works on one example (``scores``, ``softmax``,
 ``context``, ``attention``); ``dot_product_attention`` is the batched,
 multi-head drop-in for ``jax.nn.dot_product_attention``; ``jattn.masks`` holds
-mask predicates. Flax NNX modules live in ``jattn.nnx`` (importing ``jattn``
-does not import flax).
+mask predicates; ``jattn.testing`` checks the gradients of attention variants.
+Flax NNX modules live in ``jattn.nnx`` (importing ``jattn`` does not import
+flax).
 """
 
 from . import masks as masks
+from . import testing as testing
 from ._api import dot_product_attention as dot_product_attention
 from ._core import attention as attention
 from ._core import context as context
@@ -23,4 +25,5 @@ __all__ = [
     "masks",
     "scores",
     "softmax",
+    "testing",
 ]

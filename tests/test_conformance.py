@@ -1,0 +1,226 @@
+"""The conformance suite: every implementation against a float64 NumPy oracle and jax.nn.
+
+Adding a name to ``jattn._api.IMPLEMENTATIONS`` adds it to every test here.
+Outputs and ``jax.vjp`` gradients (query, key, value, bias) are compared with
+the oracle in ``tests/conformance/oracle.py`` under the per-dtype tolerances
+of ``tests/conformance/cases.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conformance import cases
+from conformance.cases import (
+    CASES,
+    DELEGATING,
+    DTYPE_CASES,
+    DTYPES,
+    assert_close,
+    cotangent_like,
+    forward_and_vjp,
+    make_inputs,
+    promotion_for,
+    tolerance,
+)
+from jax.test_util import check_grads
+
+import jattn
+from jattn.testing import check_attention_grads
+
+IMPLEMENTATIONS = cases.implementation_params()
+FULL_IMPLEMENTATIONS = cases.full_implementation_params()
+
+
+def check_against_oracle(implementation, case, dtype):
+    if implementation in DELEGATING and case.jax_nn_refuses:
+        pytest.skip(f"{implementation} refuses {case.jax_nn_refuses}: see test_delegating_implementations_refuse")
+    cases.skip_unsupported_upstream(implementation, dtype)
+    inputs = make_inputs(case, dtype)
+    v_dim = case.v_dim or case.dim
+    out_shape = (*inputs.query.shape[:-1], v_dim)
+    cotangent = cotangent_like(out_shape, dtype)
+    if implementation in DELEGATING:
+        # jax.nn returns mean(V) on rows that see no key (jattn: zeros); leave those rows out everywhere.
+        visible = inputs.unbatch(inputs.oracle().visible_rows)
+        cotangent = jnp.where(visible[..., None], cotangent, jnp.zeros((), dtype))
+        rows = visible
+    else:
+        rows = None
+    expected = inputs.oracle(cotangent)
+    run = forward_and_vjp(implementation, case)
+    with promotion_for(implementation, dtype):
+        out, grads = run(inputs.query, inputs.key, inputs.value, inputs.bias, inputs.mask, inputs.arrays, cotangent)
+    tol = tolerance(implementation, dtype)
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected the input dtype {dtype}"
+    assert_close(out, inputs.unbatch(expected.out), tol.out, "output", rows)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype, f"{name} gradient dtype {grad.dtype}, expected {dtype}"
+        assert_close(grad, inputs.unbatch(expected.grads[name]), tol.grad, f"d{name}")
+
+
+@pytest.mark.parametrize("case", cases.case_params(CASES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_float32_outputs_and_gradients_match_oracle(implementation, case):
+    check_against_oracle(implementation, case, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != jnp.float32], ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("case", cases.case_params(DTYPE_CASES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_other_dtypes_match_oracle(implementation, case, dtype):
+    check_against_oracle(implementation, case, dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.jax_nn_refuses and c.batch is not None], ids=str)
+@pytest.mark.parametrize("implementation", [p for p in IMPLEMENTATIONS if p.values[0] in DELEGATING])
+def test_delegating_implementations_refuse(implementation, case):
+    inputs = make_inputs(case)
+    f = jax.jit(cases.attention_fn(implementation, case))
+    first_reason = case.jax_nn_refuses.split(", ")[0].split(" ")[0]
+    with pytest.raises(ValueError, match=rf"implementation='{implementation}'.*does not support.*{first_reason}"):
+        f(inputs.query, inputs.key, inputs.value, inputs.bias, inputs.mask, inputs.arrays)
+
+
+JAX_NN_CASES = [
+    *[c for c in CASES if not c.jax_nn_refuses and c.batch is not None][::2],
+    cases.CASES_BY_NAME["unbatched"],
+]
+
+
+@pytest.mark.parametrize("case", cases.case_params(JAX_NN_CASES))
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_drop_in_for_jax_nn(implementation, case):
+    """Same call, same result as jax.nn.dot_product_attention wherever a row sees a key."""
+    inputs = make_inputs(case)
+    args = (inputs.query, inputs.key, inputs.value, inputs.bias, inputs.mask)
+    with promotion_for(implementation, jnp.float32):
+        ours = jax.jit(cases.attention_fn(implementation, case))(*args, inputs.arrays)
+    with jax.numpy_dtype_promotion("standard"):  # jax.nn mixes int64 positions with int32 lengths
+        theirs = jax.jit(lambda *a, arrays: jax.nn.dot_product_attention(*a, **case.static, **arrays))(
+            *args, arrays=inputs.arrays
+        )
+    visible = inputs.unbatch(inputs.oracle().visible_rows)
+    assert_close(ours, theirs, cases.TOLERANCES[jnp.dtype(jnp.float32)].out, "output vs jax.nn", visible)
+
+
+STRICT_PROMOTION_BUG = pytest.mark.xfail(
+    strict=True,
+    raises=jax.dtypes.TypePromotionError,
+    reason="BUG: implementation='xla'/'cudnn' fails under jax_numpy_dtype_promotion='strict' (jax.nn mixes float32 "
+    "with float64/bfloat16/float16 and int64 positions with int32 lengths); _api._jax_nn could call jax.nn "
+    "inside jax.numpy_dtype_promotion('standard')",
+)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "lengths"),
+    [
+        pytest.param(jnp.float32, False, id="float32"),
+        pytest.param(jnp.float32, True, id="float32-lengths", marks=STRICT_PROMOTION_BUG),
+        pytest.param(jnp.float64, False, id="float64", marks=STRICT_PROMOTION_BUG),
+        pytest.param(jnp.bfloat16, False, id="bfloat16", marks=STRICT_PROMOTION_BUG),
+    ],
+)
+@pytest.mark.parametrize("implementation", [p for p in IMPLEMENTATIONS if p.values[0] in DELEGATING])
+def test_delegating_under_strict_promotion(implementation, dtype, lengths):
+    """The suite runs with strict promotion; the delegating paths must work under it too."""
+    inputs = make_inputs(cases.CASES_BY_NAME["both_lengths_causal" if lengths else "plain"], dtype)
+    f = jax.jit(cases.attention_fn(implementation, inputs.case))
+    out = f(inputs.query, inputs.key, inputs.value, inputs.bias, inputs.mask, inputs.arrays)
+    assert out.dtype == dtype
+
+
+RESIDUAL_CASES = [cases.CASES_BY_NAME[n] for n in ("everything_jax_nn_has", "everything", "unbatched")]
+
+
+RESIDUAL_DTYPE_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: return_residual with implementation='xla'/'cudnn' returns the log-sum-exp in the input dtype "
+    "(jax.nn casts it to key.dtype); the docstring promises float32 for 16-bit inputs",
+)
+
+
+def residual_params():
+    for impl in IMPLEMENTATIONS:
+        name = impl.values[0]
+        for case in RESIDUAL_CASES:
+            if name in DELEGATING and case.jax_nn_refuses:
+                continue
+            for dtype in DTYPES if case.name == "everything_jax_nn_has" else [jnp.float32]:
+                marks = list(impl.marks) + cases.known_bug_marks(case)
+                if name in DELEGATING and dtype in (jnp.bfloat16, jnp.float16):
+                    marks.append(RESIDUAL_DTYPE_BUG)
+                yield pytest.param(name, case, dtype, marks=marks, id=f"{name}-{case}-{jnp.dtype(dtype).name}")
+
+
+@pytest.mark.parametrize(("implementation", "case", "dtype"), list(residual_params()))
+def test_residual_is_log_sum_exp(implementation, case, dtype):
+    inputs = make_inputs(case, dtype)
+    f = jax.jit(cases.attention_fn(implementation, case, return_residual=True))
+    with promotion_for(implementation, dtype):
+        out, lse = f(inputs.query, inputs.key, inputs.value, inputs.bias, inputs.mask, inputs.arrays)
+    expected = inputs.oracle()
+    assert out.dtype == dtype
+    assert lse.shape == out.shape[:-1]
+    want = jnp.float64 if dtype == jnp.float64 else jnp.float32
+    assert lse.dtype == want, f"log-sum-exp dtype {lse.dtype}, documented {jnp.dtype(want)}"
+    assert np.isfinite(np.asarray(lse)).all()
+    visible = inputs.unbatch(expected.visible_rows)
+    tol = tolerance(implementation, dtype).out
+    assert_close(lse, np.where(visible, inputs.unbatch(expected.lse), 0.0), tol, "log-sum-exp", visible)
+
+
+# --- float64 gradient checks -----------------------------------------------------------------------
+
+GRAD_CHECK_CASES = [cases.CASES_BY_NAME["everything"]]  # bias, dense mask, lengths, segments, cap, GQA, v_dim
+
+
+def float64_args(case):
+    inputs = make_inputs(case, jnp.float64)
+    diff = (inputs.query, inputs.key, inputs.value) + (() if inputs.bias is None else (inputs.bias,))
+
+    def fn(*xs, implementation):
+        q, k, v, *b = xs
+        return jattn.dot_product_attention(
+            q,
+            k,
+            v,
+            b[0] if b else None,
+            inputs.mask,
+            **case.static,
+            **inputs.arrays,
+            implementation=implementation,
+        )
+
+    return inputs, diff, fn
+
+
+@pytest.mark.parametrize("case", cases.case_params(GRAD_CHECK_CASES))
+@pytest.mark.parametrize("implementation", FULL_IMPLEMENTATIONS)
+def test_check_grads_order_2_float64(implementation, case):
+    _, diff, fn = float64_args(case)
+    f = jax.jit(functools.partial(fn, implementation=implementation))
+    check_grads(f, diff, order=2, modes=("rev",))
+    try:
+        jax.jvp(f, diff, diff)
+    except TypeError as e:  # a custom_vjp kernel has no forward mode; reverse mode covers it
+        pytest.skip(f"{implementation} has no forward-mode autodiff: {e}")
+    check_grads(f, diff, order=2, modes=("fwd",))
+
+
+@pytest.mark.parametrize("case", [cases.CASES_BY_NAME["everything"]], ids=str)
+@pytest.mark.parametrize("implementation", FULL_IMPLEMENTATIONS)
+def test_gradient_helper_against_finite_differences_and_reference(implementation, case):
+    _, diff, fn = float64_args(case)
+    report = check_attention_grads(
+        functools.partial(fn, implementation=implementation),
+        *diff,
+        reference=functools.partial(fn, implementation="reference"),
+        max_elements=64,
+    )
+    assert report.passed, str(report)
