@@ -213,17 +213,17 @@ def _batched_logits_operand(name, x, logits_shape, batched, check_dtype):
 def _window(local_window_size) -> tuple[int, int] | None:
     if local_window_size is None:
         return None
-    window = (local_window_size,) * 2 if isinstance(local_window_size, int) else local_window_size
-    ok = (
-        isinstance(window, tuple)
-        and len(window) == 2
-        and all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in window)
-    )
+
+    def is_size(w):
+        return isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_)) and w >= 0
+
+    window = (local_window_size,) * 2 if is_size(local_window_size) else local_window_size
+    ok = isinstance(window, tuple) and len(window) == 2 and all(is_size(w) for w in window)
     if not ok:
         raise ValueError(
             f"local_window_size must be a non-negative int or a (left, right) tuple of them; got {local_window_size!r}"
         )
-    return window
+    return int(window[0]), int(window[1])
 
 
 def _lengths(name, lengths, batch, batched) -> Array | None:
@@ -267,7 +267,7 @@ def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementatio
         )
     # jax.nn mixes int32 lengths with default-int positions; keep that working under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
-        return jax.nn.dot_product_attention(
+        out, lse = jax.nn.dot_product_attention(
             query,
             key,
             value,
@@ -281,3 +281,5 @@ def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementatio
             implementation=implementation,
             return_residual=True,
         )
+    # jax.nn gives the log-sum-exp in the input dtype; jattn's is in the softmax dtype.
+    return out, lse.astype(_core.compute_dtype(query.dtype))

@@ -120,15 +120,33 @@ def _pad_logits_operand(x, pad_q, pad_kv, fill):
     return jnp.pad(x, pads, constant_values=fill)
 
 
-def _example(x, b):
-    """Example ``b`` of an operand whose batch axis may be broadcast (extent 1)."""
-    if x is None:
-        return None
-    return x[0] if x.shape[0] == 1 else lax.dynamic_index_in_dim(x, b, keepdims=False)
+def _over_batch(fn, *operands):
+    """Maps ``fn`` over the batch axis of its operands, one example at a time.
+
+    An operand whose batch axis has extent 1 (broadcast bias or mask) is given
+    whole to every example. ``lax.map`` keeps each example's block skipping
+    exact; when the batch axis is explicitly sharded (``jax.make_mesh``'s
+    default axes), slicing it is not allowed and ``jax.vmap`` is used instead.
+    """
+    batch = operands[0].shape[0]
+    mapped = [None if x is None or x.shape[0] != batch else x for x in operands]
+    if batch == 1:
+        mapped = [None] * len(operands)  # one example: index it directly
+    shared = [x[0] if x is not None and m is None else None for x, m in zip(operands, mapped, strict=True)]
+
+    def one(xs):
+        return fn(*(s if m is None else x for x, s, m in zip(xs, shared, mapped, strict=True)))
+
+    if batch == 1:
+        return jax.tree.map(lambda y: y[None], one([None] * len(operands)))
+    if _batch_explicitly_sharded(operands[0]):
+        return jax.vmap(one)(mapped)
+    return lax.map(one, mapped)
 
 
-def _per_example(per_example, b):
-    return tuple(None if a is None else lax.dynamic_index_in_dim(a, b, keepdims=False) for a in per_example)
+def _batch_explicitly_sharded(x) -> bool:
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
+    return len(spec) > 0 and spec[0] is not None
 
 
 def _grouped(x, kv_heads, groups):
@@ -200,7 +218,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
         )
         lo, hi = blocks.kv_block_range(qb)
         acc, m, row_sum = lax.fori_loop(lo, hi, step, init)
-        seen = row_sum > 0
+        seen = row_sum != 0  # NaN rows count as seen, so NaN inputs propagate
         safe_sum = jnp.where(seen, row_sum, 1)
         out = jnp.where(seen[..., None], acc / safe_sum[..., None], 0)
         lse = jnp.where(seen, m + jnp.log(safe_sum), NEG)
@@ -214,13 +232,10 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
 
 
 def _forward(static, q, k, v, bias, mask, per_example):
-    def one_example(b):
-        q_b, k_b, v_b = (lax.dynamic_index_in_dim(x, b, keepdims=False) for x in (q, k, v))
-        return _forward_example(
-            static, q_b, k_b, v_b, _example(bias, b), _example(mask, b), _per_example(per_example, b)
-        )
+    def one_example(q, k, v, bias, mask, *per_example):
+        return _forward_example(static, q, k, v, bias, mask, per_example)
 
-    return lax.map(one_example, jnp.arange(q.shape[0], dtype=jnp.int32))
+    return _over_batch(one_example, q, k, v, bias, mask, *per_example)
 
 
 # ---------------------------------------------------------------- backward
@@ -308,16 +323,10 @@ def _add_bias_block(dbias, ds, qb, kb, grid: Grid):
 
 
 def _backward(static, q, k, v, bias, mask, per_example, out, lse, dout):
-    def one_example(b):
-        q_b, k_b, v_b, out_b, lse_b, dout_b = (
-            lax.dynamic_index_in_dim(x, b, keepdims=False) for x in (q, k, v, out, lse, dout)
-        )
-        bias_b, mask_b = _example(bias, b), _example(mask, b)
-        return _backward_example(
-            static, q_b, k_b, v_b, bias_b, mask_b, _per_example(per_example, b), out_b, lse_b, dout_b
-        )
+    def one_example(q, k, v, out, lse, dout, bias, mask, *per_example):
+        return _backward_example(static, q, k, v, bias, mask, per_example, out, lse, dout)
 
-    dq, dk, dv, dbias = lax.map(one_example, jnp.arange(q.shape[0], dtype=jnp.int32))
+    dq, dk, dv, dbias = _over_batch(one_example, q, k, v, out, lse, dout, bias, mask, *per_example)
     if bias is not None:
         dbias = dbias.sum(axis=0, keepdims=True) if bias.shape[0] == 1 else dbias
         dbias = dbias.astype(bias.dtype)
@@ -392,8 +401,6 @@ def _dense(static: _Static, q, k, v, bias, mask, per_example):
         weights, _ = _core.softmax_with_lse(s, visible)
         return jnp.einsum("kgqc,kcd->kgqd", weights.astype(v.dtype), v, preferred_element_type=s.dtype).astype(v.dtype)
 
-    outs = [
-        one_example(q[b], k[b], v[b], _example(bias, b), _example(mask, b), _per_example(per_example, b))
-        for b in range(q.shape[0])
-    ]
-    return jnp.stack(outs)
+    return _over_batch(
+        lambda q, k, v, bias, mask, *pe: one_example(q, k, v, bias, mask, pe), q, k, v, bias, mask, *per_example
+    )

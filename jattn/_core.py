@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from . import _checks
@@ -33,18 +34,22 @@ def default_scale(dim: int) -> float:
     return 1.0 / math.sqrt(dim)
 
 
+def _is_real_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def check_scale(scale: float | None) -> None:
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+    if scale is not None and not _is_real_number(scale):
         raise TypeError(f"scale must be a Python float or None; got {type(scale).__name__}")
 
 
 def check_soft_cap(logits_soft_cap: float | None) -> None:
     if logits_soft_cap is None:
         return
-    if isinstance(logits_soft_cap, bool) or not isinstance(logits_soft_cap, (int, float)):
+    if not _is_real_number(logits_soft_cap):
         raise TypeError(f"logits_soft_cap must be a positive float or None; got {logits_soft_cap!r}")
-    if not logits_soft_cap > 0:
-        raise ValueError(f"logits_soft_cap must be a positive float or None; got {logits_soft_cap!r}")
+    if not 0 < logits_soft_cap < math.inf:
+        raise ValueError(f"logits_soft_cap must be a positive finite float or None; got {logits_soft_cap!r}")
 
 
 def _check_qk(q, k) -> None:

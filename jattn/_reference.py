@@ -57,25 +57,27 @@ def reference_attention(
             return x[:, :, None]
         return x.reshape(x.shape[0], kv_heads, groups, *x.shape[2:])
 
-    def one_head(q, k, v, bias, mask, mask_mod):
-        if mask_mod is not None:
-            structured = masks.materialize(mask_mod, q_seq, kv_seq)
-            mask = structured if mask is None else structured & mask
-        out, _, lse = _core.attention_core(q, k, v, mask, bias, scale=opts.scale, logits_soft_cap=opts.logits_soft_cap)
-        return out, lse
-
-    def one_kv_head(q, k, v, bias, mask, mask_mod):
-        bias, bias_axis = _leading_axis(bias)
-        mask, mask_axis = _leading_axis(mask)
-        f = jax.vmap(one_head, in_axes=(1, None, None, bias_axis, mask_axis, None), out_axes=1)
-        return f(q, k, v, bias, mask, mask_mod)
-
     def one_example(q, k, v, bias, mask, per_example):
+        # The predicate is closed over, not passed through vmap: it is no JAX type.
         mask_mod = opts.mask_mod(*per_example)
+        structured = None if mask_mod is None else masks.materialize(mask_mod, q_seq, kv_seq)
+
+        def one_head(q, k, v, bias, mask):
+            if structured is not None:
+                mask = structured if mask is None else structured & mask
+            out, _, lse = _core.attention_core(
+                q, k, v, mask, bias, scale=opts.scale, logits_soft_cap=opts.logits_soft_cap
+            )
+            return out, lse
+
+        def one_kv_head(q, k, v, bias, mask):
+            bias, bias_axis = _leading_axis(bias)
+            mask, mask_axis = _leading_axis(mask)
+            return jax.vmap(one_head, in_axes=(1, None, None, bias_axis, mask_axis), out_axes=1)(q, k, v, bias, mask)
+
         bias, bias_axis = _leading_axis(bias)
         mask, mask_axis = _leading_axis(mask)
-        f = jax.vmap(one_kv_head, in_axes=(1, 1, 1, bias_axis, mask_axis, None), out_axes=1)
-        return f(q, k, v, bias, mask, mask_mod)
+        return jax.vmap(one_kv_head, in_axes=(1, 1, 1, bias_axis, mask_axis), out_axes=1)(q, k, v, bias, mask)
 
     bias, bias_axis = _leading_axis(grouped(bias))
     mask, mask_axis = _leading_axis(grouped(mask))

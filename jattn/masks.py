@@ -129,6 +129,9 @@ def causal(*, offset: ArrayLike = 0) -> Causal:
     ``offset`` is the absolute position of query 0 (e.g. the number of tokens
     already in a KV cache); it may be a traced integer.
 
+    Raises:
+        TypeError: if ``offset`` is not an integer.
+
     Example:
         >>> from jattn import masks
         >>> print(masks.materialize(masks.causal(), 3, 3).astype(int))
@@ -136,6 +139,7 @@ def causal(*, offset: ArrayLike = 0) -> Causal:
          [1 1 0]
          [1 1 1]]
     """
+    _checks.check_integer("offset", offset)
     return Causal(offset)
 
 
@@ -148,6 +152,7 @@ def sliding_window(left: int, right: int | None = None, *, offset: ArrayLike = 0
 
     Raises:
         ValueError: if a window side is negative.
+        TypeError: if ``offset`` is not an integer.
 
     Example:
         >>> from jattn import masks
@@ -162,6 +167,7 @@ def sliding_window(left: int, right: int | None = None, *, offset: ArrayLike = 0
     for side, value in (("left", left), ("right", right)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"sliding_window {side} must be a non-negative int; got {value!r}")
+    _checks.check_integer("offset", offset)
     return SlidingWindow(left, right, offset)
 
 

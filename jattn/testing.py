@@ -8,6 +8,14 @@ which argument, which index, the two values — and raises
 :class:`GradCheckError` with that report when a tolerance is exceeded.
 
 This module imports only JAX and NumPy (``import jattn.testing``).
+
+Example:
+    >>> import jax, jattn
+    >>> from jattn.testing import check_attention_grads
+    >>> q = jax.random.normal(jax.random.key(0), (1, 3, 2, 4))
+    >>> report = check_attention_grads(jattn.dot_product_attention, q, q, q, reference=jattn.dot_product_attention)
+    >>> report.passed
+    True
 """
 
 from __future__ import annotations

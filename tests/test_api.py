@@ -305,7 +305,7 @@ KV = jnp.ones((2, 7, 3, 3))
         ),
         ({"is_causal": 1}, TypeError, r"is_causal must be a Python bool; got int"),
         ({"scale": jnp.float32(2)}, TypeError, r"scale must be a Python float or None"),
-        ({"logits_soft_cap": -1.0}, ValueError, r"logits_soft_cap must be a positive float or None; got -1.0"),
+        ({"logits_soft_cap": -1.0}, ValueError, r"logits_soft_cap must be a positive finite float or None; got -1.0"),
         (
             {"implementation": "xla", "logits_soft_cap": 2.0},
             ValueError,

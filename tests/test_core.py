@@ -224,7 +224,7 @@ def test_fully_masked_row_has_zero_gradient():
         (
             lambda: jattn.attention(jnp.ones((2, 4)), jnp.ones((3, 4)), jnp.ones((3, 4)), logits_soft_cap=0.0),
             ValueError,
-            r"logits_soft_cap must be a positive float or None; got 0.0",
+            r"logits_soft_cap must be a positive finite float or None; got 0.0",
         ),
         (
             lambda: jattn.attention(jnp.ones((2, 4)), jnp.ones((3, 4)), jnp.ones((3, 4)), logits_soft_cap="2"),

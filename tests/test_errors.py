@@ -37,10 +37,6 @@ def entry(name, fn, args, error, match, jit=True, **kwargs):
     return pytest.param(fn, args, kwargs, error, match, jit, id=name)
 
 
-UNBATCHED_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: every unbatched (3-D) call fails on the key shape check first (see test_conformance)"
-)
-
 CATALOGUE = [
     # --- dot_product_attention: q/k/v ranks, shapes, dtypes -------------------------------------
     entry("query_rank_2", dpa, (z(5, 8), K, V), ValueError,
@@ -108,7 +104,7 @@ CATALOGUE = [
           r"implementation must be one of \(None, 'reference', .*\); got 'flash'", implementation="flash"),
     entry("scale_string", dpa, (Q, K, V), TypeError, r"scale must be a Python float or None; got str", scale="0.5"),
     entry("soft_cap_zero", dpa, (Q, K, V), ValueError,
-          r"logits_soft_cap must be a positive float or None; got 0", logits_soft_cap=0),
+          r"logits_soft_cap must be a positive finite float or None; got 0", logits_soft_cap=0),
     entry("soft_cap_string", dpa, (Q, K, V), TypeError,
           r"logits_soft_cap must be a positive float or None; got '1'", logits_soft_cap="1"),
     entry("is_causal_int", dpa, (Q, K, V), TypeError, r"is_causal must be a Python bool; got int", is_causal=1),
@@ -125,10 +121,10 @@ CATALOGUE = [
     # --- unbatched calls ---------------------------------------------------------------------------
     pytest.param(dpa, (Q[0], K[0], V[0], None, ones_bool(5, 7)), {}, ValueError,
                  r"mask must have shape \(heads, q_seq, kv_seq\) broadcastable to \(4, 5, 7\); got \(5, 7\)", True,
-                 id="unbatched_mask_rank_2", marks=UNBATCHED_BUG),
+                 id="unbatched_mask_rank_2"),
     pytest.param(lambda q, k, v, n: dpa(q, k, v, query_seq_lengths=n), (Q[0], K[0], V[0], z(2, dtype=I32)), {},
                  ValueError, r"query_seq_lengths must have shape .*; got \(2,\)", True,
-                 id="unbatched_lengths_vector", marks=UNBATCHED_BUG),
+                 id="unbatched_lengths_vector"),
     # --- the per-example core ---------------------------------------------------------------------
     entry("scores_dim", jattn.scores, (z(5, 4), z(7, 3)), ValueError,
           r"k: the last axis \(dim\) of k, as in q must be 4; got 3"),
@@ -159,7 +155,7 @@ CATALOGUE = [
     entry("attention_mask_rank", jattn.attention, (z(5, 4), z(7, 4), z(7, 4), ones_bool(1, 5, 7)), ValueError,
           r"mask must have shape \(q_seq, kv_seq\) broadcastable to \(5, 7\); got \(1, 5, 7\)"),
     entry("attention_soft_cap_negative", jattn.attention, (z(5, 4), z(7, 4), z(7, 4)), ValueError,
-          r"logits_soft_cap must be a positive float or None; got -1.0", logits_soft_cap=-1.0),
+          r"logits_soft_cap must be a positive finite float or None; got -1.0", logits_soft_cap=-1.0),
     # --- mask predicates ----------------------------------------------------------------------------
     entry("window_left_negative", masks.sliding_window, (-1,), ValueError,
           r"sliding_window left must be a non-negative int; got -1", jit=False),
@@ -187,16 +183,13 @@ CATALOGUE = [
           r"kv_seq must be a non-negative int; got 3.0", jit=False),
     entry("materialize_non_boolean_predicate", masks.materialize, (lambda i, j: i - j, 3, 3), TypeError,
           r"mask_mod result must be boolean \(True = attend\); got dtype int32", jit=False),
-    # --- bugs: accepted today, but they silently produce NaN or truncate ------------------------------
-    pytest.param(dpa, (Q, K, V), {"logits_soft_cap": float("inf")}, ValueError, r"logits_soft_cap", True,
-                 id="soft_cap_infinite", marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG: logits_soft_cap=inf passes validation and every output is NaN (inf * tanh(x / inf))"))),
-    pytest.param(masks.causal, (), {"offset": 1.5}, TypeError, r"offset", False,
-                 id="causal_float_offset", marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG: masks.causal(offset=1.5) silently truncates the offset to 1 (_as_index casts to int32)"))),
-    pytest.param(masks.sliding_window, (1,), {"offset": 0.5}, TypeError, r"offset", False,
-                 id="window_float_offset", marks=pytest.mark.xfail(strict=True, reason=(
-                     "BUG: masks.sliding_window(1, offset=0.5) silently truncates the offset to 0"))),
+    # --- once accepted silently (NaN output, truncated offsets); now refused ------------------------
+    pytest.param(dpa, (Q, K, V), {"logits_soft_cap": float("inf")}, ValueError,
+                 r"logits_soft_cap must be a positive finite float or None; got inf", True, id="soft_cap_infinite"),
+    pytest.param(masks.causal, (), {"offset": 1.5}, TypeError, r"offset must have an integer dtype; got float",
+                 False, id="causal_float_offset"),
+    pytest.param(masks.sliding_window, (1,), {"offset": 0.5}, TypeError,
+                 r"offset must have an integer dtype; got float", False, id="window_float_offset"),
 ]  # fmt: skip
 
 
@@ -211,11 +204,6 @@ def test_catalogue_is_large_enough():
     assert len(CATALOGUE) >= 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: jax.nn.dot_product_attention accepts NumPy scalars for scale/local_window_size; jattn refuses "
-    "np.float32 scale ('scale must be a Python float or None; got float32') and np.int64 window sizes",
-)
 @pytest.mark.parametrize(
     "kwargs", [{"scale": np.float32(0.5)}, {"local_window_size": np.int64(2)}], ids=["np_float32_scale", "np_window"]
 )

@@ -158,7 +158,7 @@ SHARDED_SCRIPT = textwrap.dedent(
             return out, jnp.sum(out ** 2)
         f = jax.jit(loss)
         g = jax.jit(jax.grad(lambda *a: loss(*a)[1], argnums=(0, 1, 2)))
-        # jax.nn mixes int64 positions with int32 lengths (a strict-promotion xfail in test_conformance).
+        # The expected values come from the same call under standard promotion.
         promotion = jax.numpy_dtype_promotion("standard") if impl in delegating else contextlib.nullcontext()
         with promotion:
             expected = f(q, k, v, lengths)[0]
@@ -186,12 +186,6 @@ SHARDED_SCRIPT = textwrap.dedent(
     """
 )
 SHARDABLE = [p.values[0] for p in IMPLEMENTATIONS if p.values[0] != "cudnn"]
-EXPLICIT_MESH_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on a mesh with Explicit axes (jax.make_mesh's default) the reference kernel fails for any "
-    "structured mask (is_causal, window, lengths, segment ids): _reference passes the masks.* dataclass "
-    "through jax.vmap as an argument -> \"TypeError: Argument 'Causal(offset=0)' ... is not a valid JAX type\"",
-)
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +208,18 @@ def sharded_results():
     return json.loads(line.removeprefix("RESULTS "))
 
 
+EXPLICIT_MESH_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="GAP: with Explicit mesh axes (jax.make_mesh's default) the blockwise kernel's lax.switch branches get "
+    "different output shardings ('Revise branch 0 and/or branch1 so that all output types match'); "
+    "auto-sharded meshes work",
+)
+
+
 def sharded_params():
     for mode in ("auto", "explicit"):
         for impl in SHARDABLE:
-            marks = [EXPLICIT_MESH_BUG] if mode == "explicit" and impl not in DELEGATING else []
+            marks = [EXPLICIT_MESH_GAP] if (mode, impl) == ("explicit", "blockwise") else []
             yield pytest.param(f"{mode}-{impl}", marks=marks, id=f"{mode}-{impl}")
 
 

@@ -49,9 +49,9 @@ def promotion_for(implementation: str, dtype):
     """Standard dtype promotion around the delegating implementations.
 
     jax.nn's XLA path mixes float32 constants with other float dtypes and int64
-    positions with int32 lengths, which strict promotion rejects. That failure
-    is its own strict-xfail test (``test_delegating_under_strict_promotion``);
-    here it is set aside so the delegating implementations' numbers get checked.
+    positions with int32 lengths, which strict promotion rejects; jattn wraps
+    its call (``test_delegating_under_strict_promotion`` checks that), and the
+    peer calls made directly by the tests need the same.
     """
     del dtype
     if implementation in DELEGATING:
@@ -222,17 +222,10 @@ CASES = [
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 
-UNBATCHED_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="BUG: every unbatched (3-D) call fails: _api checks key/value against the unbatched shape "
-    "after adding the batch axis ('key must have shape (kv_seq, kv_heads, dim)=(7, 2, 4); got (1, 7, 2, 4)')",
-)
-
 
 def known_bug_marks(case: Case) -> list:
-    """Strict xfails for library bugs a case runs into; delete a mark when its bug is fixed."""
-    return [UNBATCHED_BUG] if case.batch is None else []
+    """Strict xfails for library bugs a case runs into; delete a mark when its bug is fixed (none open)."""
+    return []
 
 
 def case_params(selected) -> list:
