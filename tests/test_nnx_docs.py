@@ -1,4 +1,4 @@
-"""jattn.nnx documentation: the README's nnx examples run, public names have doctest examples."""
+"""jattn.nnx documentation: the README has nnx examples, public names have doctest examples."""
 
 import re
 from pathlib import Path
@@ -6,13 +6,11 @@ from pathlib import Path
 from jattn import nnx as jnnx
 
 
-def test_readme_nnx_examples_run():
+def test_readme_has_nnx_examples():
+    # tests/test_readme.py runs every README block; here: the nnx section has its own.
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     region = readme.split("<!-- nnx:start -->")[1].split("<!-- nnx:end -->")[0]
-    blocks = re.findall(r"```python\n(.*?)```", region, re.S)
-    assert len(blocks) >= 3
-    for code in blocks:
-        exec(compile(code, "README.md", "exec"), {})
+    assert len(re.findall(r"```python\n(.*?)```", region, re.S)) >= 3
 
 
 def test_public_names_have_examples():
