@@ -35,8 +35,8 @@ def dot_product_attention(
     logits_soft_cap: float | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
-    block_q: int = 256,
-    block_kv: int = 256,
+    block_q: int = 512,
+    block_kv: int = 512,
 ) -> (
     Float[Array, "*batch q_seq heads v_dim"]
     | tuple[Float[Array, "*batch q_seq heads v_dim"], Float[Array, "*batch q_seq heads"]]

@@ -160,17 +160,59 @@ def _block(x, idx, size, axis):
     return lax.dynamic_slice_in_dim(x, idx * size, size, axis)
 
 
-def _logits(static: _Static, q_blk, k_blk, bias_blk):
-    """Float32 logits of a block ``(kv_heads, groups, bq, bk)`` and tanh (for the soft-cap gradient)."""
-    s = jnp.einsum("kgqd,kcd->kgqc", q_blk, k_blk, preferred_element_type=_core.compute_dtype(q_blk.dtype))
-    s = s * static.scale
+def _mm(a: Array, b: Array) -> Array:
+    """Batched ``a @ b`` over the leading (kv_heads) axis, accumulated in the compute dtype.
+
+    Every block product in this file is arranged as this plain (non-transposed)
+    matmul by keeping transposed copies of K, Q and dO: on CPU, XLA runs
+    transposed-operand products up to 4x slower than plain ones.
+    """
+    acc = _core.compute_dtype(a.dtype)
+    if a.dtype != acc and jax.default_backend() == "cpu":
+        # XLA:CPU has no 16-bit x 16-bit -> float32 dot for every shape; widening is exact.
+        a, b = a.astype(acc), b.astype(acc)
+    return jnp.einsum("kij,kjl->kil", a, b, preferred_element_type=acc)
+
+
+def _rows(x: Array) -> Array:
+    """``(kv_heads, groups, rows, x)`` -> ``(kv_heads, groups * rows, x)`` (free: a reshape)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _scaled(static: _Static, x: Array) -> Array:
+    """Multiplies the (small) query block by the scale, for 32/64-bit inputs.
+
+    16-bit inputs keep the scale for the float32 logits, so no precision is lost.
+    """
+    return x * jnp.asarray(static.scale, x.dtype) if jnp.finfo(x.dtype).bits >= 32 else x
+
+
+def _finish_logits(static: _Static, s: Array, dtype) -> tuple[Array, Array | None]:
+    if jnp.finfo(dtype).bits < 32:
+        s = s * static.scale
     t = None
     if static.logits_soft_cap is not None:
         t = jnp.tanh(s / static.logits_soft_cap)
         s = static.logits_soft_cap * t
-    if bias_blk is not None:
-        s = s + _grouped(bias_blk, *q_blk.shape[:2]).astype(s.dtype)
     return s, t
+
+
+def _logits(static: _Static, q_blk, kt_blk, bias_blk):
+    """Float32 logits ``(kv_heads, groups, bq, bk)`` of a block, and tanh for the soft-cap gradient.
+
+    ``q_blk`` is ``(kv_heads, groups, bq, dim)``, ``kt_blk`` the transposed keys ``(kv_heads, dim, bk)``.
+    """
+    kv_heads, groups, bq, _ = q_blk.shape
+    s = _mm(_rows(_scaled(static, q_blk)), kt_blk).reshape(kv_heads, groups, bq, -1)
+    s, t = _finish_logits(static, s, q_blk.dtype)
+    if bias_blk is not None:
+        s = s + _grouped(bias_blk, kv_heads, groups).astype(s.dtype)
+    return s, t
+
+
+def _transposed_block(x: Array) -> Array:
+    """A ``(kv_heads|1, groups|1, bq|1, bk|1)`` mask or bias block as ``(kv_heads|1, bk|1, groups|1, bq|1)``."""
+    return x.transpose(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------- forward
@@ -182,6 +224,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
     v_dim = v.shape[-1]
     acc_dtype = _core.compute_dtype(q.dtype)
     blocks = ExampleBlocks(static.options(), grid, per_example, mask)
+    kt = k.transpose(0, 2, 1)  # (kv_heads, dim, kv_padded): plain matmuls for q @ k^T
 
     def one_q_block(qb):
         q_blk = _block(q, qb, grid.block_q, 2)
@@ -189,9 +232,9 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
 
         def visit(carry, kb, masked):
             acc, m, row_sum = carry
-            k_blk, v_blk = _block(k, kb, grid.block_kv, 1), _block(v, kb, grid.block_kv, 1)
+            kt_blk, v_blk = _block(kt, kb, grid.block_kv, 2), _block(v, kb, grid.block_kv, 1)
             bias_blk = None if bias is None else slice_block(bias, qb, kb, grid)
-            s, _ = _logits(static, q_blk, k_blk, bias_blk)
+            s, _ = _logits(static, q_blk, kt_blk, bias_blk)
             if masked:
                 visible = _grouped(blocks.block_mask(qb, kb), kv_heads, groups)
                 s = jnp.where(visible, s, NEG)
@@ -200,7 +243,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
             if masked:
                 p = jnp.where(visible, p, 0)
             alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum("kgqc,kcd->kgqd", p.astype(v.dtype), v_blk, preferred_element_type=acc_dtype)
+            pv = _mm(_rows(p.astype(v.dtype)), v_blk).reshape(acc.shape)
             return acc * alpha[..., None] + pv, m_new, row_sum * alpha + p.sum(axis=-1)
 
         def step(kb, carry):  # branches in the order of _blocks.SKIP, FULL, PARTIAL
@@ -250,63 +293,80 @@ def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, ls
     # D_i = sum_d dO_id O_id: the softmax-Jacobian term of every row.
     delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype)
 
+    # The backward works on transposed logits ``(kv_heads, bk, groups * bq)``
+    # so that all five block products are plain matmuls (see ``_mm``).
+    rows = groups * grid.block_q
+    qt = q.transpose(0, 3, 1, 2)  # (kv_heads, dim, groups, q_padded)
+    dout_t = dout.transpose(0, 3, 1, 2)  # (kv_heads, v_dim, groups, q_padded)
+    kt = k.transpose(0, 2, 1)  # (kv_heads, dim, kv_padded)
+    row_block = lambda x, qb: _block(x, qb, grid.block_q, 2).reshape(kv_heads, 1, rows)  # noqa: E731
+    col_block = lambda x, qb: _block(x, qb, grid.block_q, 3).reshape(kv_heads, x.shape[1], rows)  # noqa: E731
+
     def one_kv_block(carry, kb):
         k_blk, v_blk = _block(k, kb, grid.block_kv, 1), _block(v, kb, grid.block_kv, 1)
+        kt_blk = _block(kt, kb, grid.block_kv, 2)
+        as_4d = lambda x: x.reshape(kv_heads, grid.block_kv, groups, grid.block_q)  # noqa: E731
 
         def visit(dk, dv, qb, masked):
-            """New dK/dV accumulators, and this pair's dQ block and dlogits."""
-            q_blk = _block(q, qb, grid.block_q, 2)
-            do_blk = _block(dout, qb, grid.block_q, 2)
-            bias_blk = None if bias is None else slice_block(bias, qb, kb, grid)
-            s, t = _logits(static, q_blk, k_blk, bias_blk)
-            p = jnp.exp(s - _block(lse, qb, grid.block_q, 2)[..., None])
+            """New dK/dV accumulators, and this pair's transposed dQ block and dlogits."""
+            q_blk = _rows(_block(q, qb, grid.block_q, 2))
+            st = _mm(k_blk, _scaled(static, col_block(qt, qb)))  # (kv_heads, bk, rows)
+            st, t = _finish_logits(static, st, q.dtype)
+            if bias is not None:
+                bias_t = _transposed_block(_grouped(slice_block(bias, qb, kb, grid), kv_heads, groups))
+                st = (as_4d(st) + bias_t.astype(st.dtype)).reshape(st.shape)
+            pt = jnp.exp(st - row_block(lse, qb))
             if masked:
-                p = jnp.where(_grouped(blocks.block_mask(qb, kb), kv_heads, groups), p, 0)
-            dv = dv + jnp.einsum("kgqc,kgqd->kcd", p.astype(dout.dtype), do_blk, preferred_element_type=acc_dtype)
-            dp = jnp.einsum("kgqd,kcd->kgqc", do_blk, v_blk, preferred_element_type=acc_dtype)
-            dlogits = p * (dp - _block(delta, qb, grid.block_q, 2)[..., None])
-            ds = dlogits if t is None else dlogits * (1 - t * t)
-            ds = (ds * static.scale).astype(q.dtype)
-            dk = dk + jnp.einsum("kgqc,kgqd->kcd", ds, q_blk, preferred_element_type=acc_dtype)
-            dq_blk = jnp.einsum("kgqc,kcd->kgqd", ds, k_blk, preferred_element_type=acc_dtype)
-            return dk, dv, dq_blk, (None if bias is None else dlogits)
+                visible = _transposed_block(_grouped(blocks.block_mask(qb, kb), kv_heads, groups))
+                pt = jnp.where(visible, as_4d(pt), 0).reshape(pt.shape)
+            dv = dv + _mm(pt.astype(dout.dtype), _rows(_block(dout, qb, grid.block_q, 2)))
+            dpt = _mm(v_blk, col_block(dout_t, qb))
+            dlogits_t = pt * (dpt - row_block(delta, qb))
+            dst = (dlogits_t if t is None else dlogits_t * (1 - t * t)).astype(q.dtype)
+            # d(logits)/dq = scale * k and d(logits)/dk = scale * q: scale the small products.
+            dk = dk + _mm(dst, q_blk) * static.scale
+            dqt_blk = _mm(kt_blk, dst) * static.scale  # (kv_heads, dim, rows)
+            dlogits = None if bias is None else as_4d(dlogits_t).transpose(0, 2, 3, 1)
+            return dk, dv, dqt_blk, dlogits
 
         def skip(dk, dv, qb):
             dlogits = None if bias is None else jnp.zeros((kv_heads, groups, grid.block_q, grid.block_kv), acc_dtype)
-            return dk, dv, jnp.zeros((kv_heads, groups, grid.block_q, dim), acc_dtype), dlogits
+            return dk, dv, jnp.zeros((kv_heads, dim, rows), acc_dtype), dlogits
 
         def step(qb, c):  # branches in the order of _blocks.SKIP, FULL, PARTIAL
             # The switch only carries block-sized values: the full-size dQ (and
             # dbias) are updated in place outside it, so no branch copies them.
-            dk, dv, dq, dbias = c
+            dk, dv, dqt, dbias = c
             branches = [
                 lambda dk, dv: skip(dk, dv, qb),
                 lambda dk, dv: visit(dk, dv, qb, masked=False),
                 lambda dk, dv: visit(dk, dv, qb, masked=True),
             ]
-            dk, dv, dq_blk, dlogits = lax.switch(blocks.kind(qb, kb), branches, dk, dv)
-            dq = lax.dynamic_update_slice_in_dim(dq, _block(dq, qb, grid.block_q, 2) + dq_blk, qb * grid.block_q, 2)
+            dk, dv, dqt_blk, dlogits = lax.switch(blocks.kind(qb, kb), branches, dk, dv)
+            dqt_blk = _block(dqt, qb, grid.block_q, 3) + dqt_blk.reshape(kv_heads, dim, groups, grid.block_q)
+            dqt = lax.dynamic_update_slice_in_dim(dqt, dqt_blk, qb * grid.block_q, 3)
             if dbias is not None:
                 dbias = _add_bias_block(dbias, dlogits, qb, kb, grid)
-            return dk, dv, dq, dbias
+            return dk, dv, dqt, dbias
 
-        dq, dbias = carry
+        dqt, dbias = carry
         init = (
             jnp.zeros((kv_heads, grid.block_kv, dim), acc_dtype),
             jnp.zeros((kv_heads, grid.block_kv, v_dim), acc_dtype),
-            dq,
+            dqt,
             dbias,
         )
         lo, hi = blocks.q_block_range(kb)
-        dk, dv, dq, dbias = lax.fori_loop(lo, hi, step, init)
-        return (dq, dbias), (dk, dv)
+        dk, dv, dqt, dbias = lax.fori_loop(lo, hi, step, init)
+        return (dqt, dbias), (dk, dv)
 
-    dq0 = jnp.zeros(q.shape, acc_dtype)
+    dqt0 = jnp.zeros(qt.shape, acc_dtype)
     dbias0 = None if bias is None else jnp.zeros(bias.shape, acc_dtype)
-    (dq, dbias), (dk, dv) = lax.scan(one_kv_block, (dq0, dbias0), jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
+    (dqt, dbias), (dk, dv) = lax.scan(one_kv_block, (dqt0, dbias0), jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
     # (num_kv_blocks, kv_heads, bk, ...) -> (kv_heads, kv_padded, ...)
     dk = jnp.moveaxis(dk, 0, 1).reshape(kv_heads, grid.kv_padded, dim)
     dv = jnp.moveaxis(dv, 0, 1).reshape(kv_heads, grid.kv_padded, v_dim)
+    dq = dqt.transpose(0, 2, 3, 1)  # (kv_heads, groups, q_padded, dim)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
 
@@ -396,7 +456,7 @@ def _dense(static: _Static, q, k, v, bias, mask, per_example):
 
     def one_example(q, k, v, bias, mask, per_example):
         blocks = ExampleBlocks(static.options(), whole, per_example, mask)
-        s, _ = _logits(dense_static, q, k, bias)
+        s, _ = _logits(dense_static, q, k.transpose(0, 2, 1), bias)
         visible = _grouped(blocks.block_mask(0, 0), *q.shape[:2])
         weights, _ = _core.softmax_with_lse(s, visible)
         return jnp.einsum("kgqc,kcd->kgqd", weights.astype(v.dtype), v, preferred_element_type=s.dtype).astype(v.dtype)
