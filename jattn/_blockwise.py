@@ -16,8 +16,9 @@ never visited, fully visible ones skip mask arithmetic, partial ones are
 masked in-kernel. Grouped-query heads share each K/V block in the matmul, so
 K/V are never repeated.
 
-Inside the kernel arrays are head-major: q ``(kv_heads, groups, q_seq, dim)``,
-k ``(kv_heads, kv_seq, dim)``, v ``(kv_heads, kv_seq, v_dim)``.
+Inside the kernel q is head-major, ``(kv_heads, groups, q_seq, dim)``; k and v
+keep the caller's layout ``(kv_seq, kv_heads, dim)`` and only visited blocks are
+transposed (the backward, which visits everything, transposes them once).
 """
 
 from __future__ import annotations
@@ -81,8 +82,11 @@ def blockwise_attention(
 
     q = query.reshape(batch, q_seq, kv_heads, groups, dim).transpose(0, 2, 3, 1, 4)
     q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad_q), (0, 0)))
-    k = jnp.pad(key.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_kv), (0, 0)))
-    v = jnp.pad(value.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad_kv), (0, 0)))
+    # K/V keep the caller's (batch, kv_seq, kv_heads, dim) layout: the forward
+    # transposes only the blocks it visits, so a decode step over a long cache
+    # costs what its filled part costs (no whole-cache copy).
+    k = jnp.pad(key, ((0, 0), (0, pad_kv), (0, 0), (0, 0)))
+    v = jnp.pad(value, ((0, 0), (0, pad_kv), (0, 0), (0, 0)))
     bias = _pad_logits_operand(bias, pad_q, pad_kv, 0)
     mask = _pad_logits_operand(mask, pad_q, pad_kv, False)
     q_len, kv_len, q_ids, kv_ids = opts.per_example_arrays()
@@ -95,7 +99,8 @@ def blockwise_attention(
         # Nothing differs between examples but the data: fold the batch into
         # the kv_heads axis so every block matmul covers the whole batch.
         fold = lambda x: None if x is None else x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])  # noqa: E731
-        out, lse = _attention(static, fold(q), fold(k), fold(v), fold(bias), fold(mask), per_example)
+        fold_kv = lambda x: x.transpose(1, 0, 2, 3).reshape(1, x.shape[1], batch * kv_heads, x.shape[3])  # noqa: E731
+        out, lse = _attention(static, fold(q), fold_kv(k), fold_kv(v), fold(bias), fold(mask), per_example)
         out, lse = out.reshape(batch, kv_heads, *out.shape[2:]), lse.reshape(batch, kv_heads, *lse.shape[2:])
     else:
         out, lse = _attention(static, q, k, v, bias, mask, per_example)
@@ -224,7 +229,6 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
     v_dim = v.shape[-1]
     acc_dtype = _core.compute_dtype(q.dtype)
     blocks = ExampleBlocks(static.options(), grid, per_example, mask)
-    kt = k.transpose(0, 2, 1)  # (kv_heads, dim, kv_padded): plain matmuls for q @ k^T
 
     def one_q_block(qb):
         q_blk = _block(q, qb, grid.block_q, 2)
@@ -232,7 +236,9 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
 
         def visit(carry, kb, masked):
             acc, m, row_sum = carry
-            kt_blk, v_blk = _block(kt, kb, grid.block_kv, 2), _block(v, kb, grid.block_kv, 1)
+            # (bk, kv_heads, x) blocks -> K^T (kv_heads, dim, bk) and V (kv_heads, bk, v_dim)
+            kt_blk = _block(k, kb, grid.block_kv, 0).transpose(1, 2, 0)
+            v_blk = _block(v, kb, grid.block_kv, 0).transpose(1, 0, 2)
             bias_blk = None if bias is None else slice_block(bias, qb, kb, grid)
             s, _ = _logits(static, q_blk, kt_blk, bias_blk)
             if masked:
@@ -285,6 +291,7 @@ def _forward(static, q, k, v, bias, mask, per_example):
 
 
 def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, lse, dout):
+    k, v = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # head-major (kv_heads, kv_padded, x)
     grid = static.grid
     kv_heads, groups, _, dim = q.shape
     v_dim = v.shape[-1]
@@ -364,8 +371,9 @@ def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, ls
     dbias0 = None if bias is None else jnp.zeros(bias.shape, acc_dtype)
     (dqt, dbias), (dk, dv) = lax.scan(one_kv_block, (dqt0, dbias0), jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
     # (num_kv_blocks, kv_heads, bk, ...) -> (kv_heads, kv_padded, ...)
-    dk = jnp.moveaxis(dk, 0, 1).reshape(kv_heads, grid.kv_padded, dim)
-    dv = jnp.moveaxis(dv, 0, 1).reshape(kv_heads, grid.kv_padded, v_dim)
+    # (num_kv_blocks, kv_heads, bk, x) -> the primal layout (kv_padded, kv_heads, x)
+    dk = jnp.moveaxis(dk, 1, 2).reshape(grid.kv_padded, kv_heads, dim)
+    dv = jnp.moveaxis(dv, 1, 2).reshape(grid.kv_padded, kv_heads, v_dim)
     dq = dqt.transpose(0, 2, 3, 1)  # (kv_heads, groups, q_padded, dim)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
 
@@ -456,10 +464,10 @@ def _dense(static: _Static, q, k, v, bias, mask, per_example):
 
     def one_example(q, k, v, bias, mask, per_example):
         blocks = ExampleBlocks(static.options(), whole, per_example, mask)
-        s, _ = _logits(dense_static, q, k.transpose(0, 2, 1), bias)
+        s, _ = _logits(dense_static, q, k.transpose(1, 2, 0), bias)
         visible = _grouped(blocks.block_mask(0, 0), *q.shape[:2])
         weights, _ = _core.softmax_with_lse(s, visible)
-        return jnp.einsum("kgqc,kcd->kgqd", weights.astype(v.dtype), v, preferred_element_type=s.dtype).astype(v.dtype)
+        return jnp.einsum("kgqc,ckd->kgqd", weights.astype(v.dtype), v, preferred_element_type=s.dtype).astype(v.dtype)
 
     return _over_batch(
         lambda q, k, v, bias, mask, *pe: one_example(q, k, v, bias, mask, pe), q, k, v, bias, mask, *per_example
