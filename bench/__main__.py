@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed calls per case (>= 5 for reported figures)")
     p.add_argument("--warmup", type=int, help="untimed calls before them")
     p.add_argument("--module-seq", type=int, help="sequence length of the module suite")
+    p.add_argument("--decode-max-length", type=int, help="KV-cache positions of the decode suite")
+    p.add_argument("--decode-fill", nargs="+", type=int, help="cache fills of the decode suite")
     p.add_argument("--name", help="results file stem (default: <date>-<backend>-<preset>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-plot", action="store_true")
@@ -66,6 +68,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "module_seq": args.module_seq,
+        "decode_max_length": args.decode_max_length,
+        "decode_fills": args.decode_fill,
     }
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(cfg, **given)

@@ -27,7 +27,11 @@ class BenchConfig:
         repeats: timed calls per case.
         warmup: untimed calls before them.
         matmul_sizes: square matmul sizes N for the roofline.
-        module_seq, module_features, module_heads: the ``module`` suite's shape.
+        module_seq, module_features, module_heads: the ``module`` suite's shape
+            (features and heads also the ``decode`` suite's).
+        decode_max_length: KV-cache positions of the ``decode`` suite.
+        decode_fills: cache fills at which the ``decode`` suite times one
+            token; each in ``[1, decode_max_length)``.
         seed_sizes: ``(kind, seq, dim)`` for the ``seed`` suite; kind is
             ``"single"`` (one query against ``seq`` keys) or ``"self"``
             (self-attention of a ``(1, seq, dim)`` batch).
@@ -52,6 +56,8 @@ class BenchConfig:
     module_seq: int = 2048
     module_features: int = 512
     module_heads: int = 8
+    decode_max_length: int = 8192
+    decode_fills: tuple[int, ...] = (512, 8191)
     seed_sizes: tuple[tuple[str, int, int], ...] = (
         ("single", 2, 3),
         ("self", 3, 3),
@@ -77,6 +83,8 @@ QUICK = BenchConfig(
     warmup=1,
     matmul_sizes=(512, 1024),
     module_seq=256,
+    decode_max_length=1024,
+    decode_fills=(128, 1023),
     seed_sizes=(("single", 2, 3), ("self", 3, 3), ("single", 256, 64), ("self", 256, 64)),
 )
 FULL = BenchConfig()

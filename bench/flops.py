@@ -15,6 +15,9 @@ Conventions (stated once, tested in ``tests/test_bench.py``):
 - Backward is ``backward_factor`` (2.5, the FlashAttention convention: five
   matmuls against the forward's two) times the forward, so forward+backward is
   3.5 times the forward.
+- A decode step of one token at cache fill ``f`` projects that token (four
+  projections) and attends one query over the ``f + 1`` visible keys (the
+  cached ones and its own), whatever the cache's ``max_length``.
 """
 
 from __future__ import annotations
@@ -97,3 +100,14 @@ def module_flops(*, batch: int, seq: int, features: int, heads: int, head_dim: i
     projections = matmul_flops(batch * seq, features, inner) * 3 + matmul_flops(batch * seq, inner, features)
     attention = attention_flops(batch=batch, heads=heads, q_seq=seq, kv_seq=seq, dim=head_dim)
     return projections + attention
+
+
+def decode_flops(*, batch: int, fill: int, features: int, heads: int, head_dim: int) -> int:
+    """FLOPs of one decode step: one token per example, ``fill`` positions already cached.
+
+    The four projections of :func:`module_flops` for one token, plus attention
+    of one query over ``fill + 1`` keys; biases not counted.
+    """
+    inner = heads * head_dim
+    projections = matmul_flops(batch, features, inner) * 3 + matmul_flops(batch, inner, features)
+    return projections + attention_flops(batch=batch, heads=heads, q_seq=1, kv_seq=fill + 1, dim=head_dim)

@@ -17,7 +17,7 @@ from bench import __main__ as cli
 from bench import report, runner, table
 from bench.case import Case, JaxTarget, PythonTarget, Unavailable
 from bench.config import PRESETS, BenchConfig
-from bench.flops import attention_flops, matmul_flops, module_flops, visible_pairs
+from bench.flops import attention_flops, decode_flops, matmul_flops, module_flops, visible_pairs
 from bench.measure import measure
 from bench.suites import attention as attention_suite
 
@@ -67,6 +67,11 @@ def test_v_dim_and_matmul_and_module_flops():
     assert matmul_flops(2, 3, 5, batch=7) == 420
     # 3 input projections 2*T*F*F, output 2*T*F*F, attention 4*H*T*T*Dh; T=5, F=6, H=2, Dh=3
     assert module_flops(batch=1, seq=5, features=6, heads=2, head_dim=3) == 4 * 2 * 5 * 6 * 6 + 4 * 2 * 5 * 5 * 3
+
+
+def test_decode_flops_one_token_over_fill_plus_one_keys():
+    # projections 4 * 2 * F * F (F=6, H*Dh=6); attention 4 * H * 1 * (fill + 1) * Dh, fill=3, H=2, Dh=3
+    assert decode_flops(batch=1, fill=3, features=6, heads=2, head_dim=3) == 4 * 2 * 6 * 6 + 4 * 2 * 4 * 3
 
 
 def test_flop_errors():
@@ -164,6 +169,33 @@ def test_module_weights_are_copied_when_paths_match():
     assert module_suite.copy_weights(src, mha(4, 0)).startswith("weights not copied (parameters differ")
 
 
+def test_decode_suite_matches_flax_and_records_fields():
+    from bench.suites import decode as decode_suite
+
+    cfg = BenchConfig(decode_max_length=64, decode_fills=(8, 63), module_features=16, module_heads=2)
+    cases = list(decode_suite.cases(cfg))
+    assert [(c.impl, c.params["fill"], c.peer) for c in cases] == [
+        ("flax.nnx:MultiHeadAttention", 8, True), ("jattn.nnx:MultiHeadAttention", 8, False),
+        ("flax.nnx:MultiHeadAttention", 63, True), ("jattn.nnx:MultiHeadAttention", 63, False),
+    ]  # fmt: skip
+    results = [runner.run_case(c, repeats=2, warmup=1) for c in cases]
+    runner.add_derived(results)
+    for r in results:
+        assert r["status"] == "ok", r["error"]
+        assert r["params"] == {"batch": 1, "max_length": 64, "fill": r["params"]["fill"], "features": 16,
+                               "heads": 2, "dtype": "float32"}  # fmt: skip
+        assert r["flops"] == decode_flops(batch=1, fill=r["params"]["fill"], features=16, heads=2, head_dim=8)
+        assert len(r["times_s"]) == 2 and r["median_s"] > 0 and r["gflops"] > 0
+        assert r["notes"]["compile_s"] > 0 and "temp_bytes" in r["notes"]
+    for mine in results[1::2]:
+        assert mine["ratios"].keys() == {"flax.nnx:MultiHeadAttention"}
+        assert mine["notes"]["weights"] == "weights copied from the flax module"
+        assert mine["notes"]["implementation"] == "reference"  # one query, max_length 64: the documented rule
+        assert mine["notes"]["max_abs_diff_vs_flax"] <= 1e-5
+    with pytest.raises(ValueError, match=r"fill must lie in \[1, max_length\)"):
+        decode_suite.build("jattn.nnx:MultiHeadAttention", {**cases[0].params, "fill": 64})
+
+
 def test_seed_numpy_doctests():
     assert doctest.testmod(bench.seed_numpy).failed == 0
 
@@ -179,7 +211,8 @@ def smoke(tmp_path_factory):
             "jattn:attention", "*:MultiHeadAttention", "jattn.nnx:*", "--name", "smoke", "--out-dir", str(out),
             "--no-progress"]  # fmt: skip
     cfg = cli.config_from_args(cli.parser().parse_args(argv))
-    small = {"matmul_sizes": (8,), "module_features": 8, "module_heads": 2, "seed_sizes": (("single", 2, 3),)}
+    small = {"matmul_sizes": (8,), "module_features": 8, "module_heads": 2, "seed_sizes": (("single", 2, 3),),
+             "decode_max_length": 8, "decode_fills": (4,)}  # fmt: skip
     cfg = dataclasses.replace(cfg, **small)
     doc = runner.run(cfg, progress=False, argv=argv)
     path = out / "smoke.json"
@@ -212,7 +245,8 @@ def test_smoke_results_fields(smoke):
     assert by_impl[("seed", "jattn:attention")][0]["ratios"].keys() == {"numpy:notebook"}
     assert by_impl[("module", "flax.nnx:MultiHeadAttention")][0]["status"] == "ok"
     assert by_impl[("module", "jattn.nnx:MultiHeadAttention")][0]["status"] in ("ok", "unavailable")
-    assert by_impl[("decode", "jattn.nnx:decode")][0]["status"] == "unavailable"
+    decoded = by_impl[("decode", "jattn.nnx:MultiHeadAttention")][0]
+    assert decoded["status"] == "ok" and decoded["ratios"].keys() == {"flax.nnx:MultiHeadAttention"}
 
 
 def test_smoke_table_plot_and_report(smoke, tmp_path):
