@@ -76,8 +76,9 @@ def dot_product_attention(
         key_value_segment_ids: see ``query_segment_ids``; give both or neither.
         logits_soft_cap: optional ``c > 0``: scaled logits become
             ``c * tanh(logits / c)`` before the bias (Gemma 2).
-        implementation: ``None`` (auto: ``"reference"`` when
-            ``q_seq * kv_seq <= 4096``, else ``"blockwise"``), ``"reference"``
+        implementation: ``None`` (auto, see ``auto_implementation``:
+            ``"xla"`` for small problems jax.nn computes exactly,
+            ``"reference"`` for tiny ones, else ``"blockwise"``), ``"reference"``
             (the per-example core vmapped over batch and heads, materializing
             each head's logits), ``"blockwise"`` (O(N)-memory online softmax
             with its own backward pass, skipping masked blocks), ``"xla"`` or
@@ -164,7 +165,8 @@ def dot_product_attention(
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"{name} must be a positive int; got {block!r}")
     if implementation is None:
-        implementation = auto_implementation(q_seq, kv_seq)
+        exact = _exact_with_jax_nn(q_seq, kv_seq, dim, v_dim, mask, opts)
+        implementation = auto_implementation(q_seq, kv_seq, exact_with_jax_nn=exact, dtype=query.dtype)
 
     match implementation:
         case "reference":
@@ -182,16 +184,46 @@ def dot_product_attention(
     return (out, lse) if return_residual else out
 
 
-def auto_implementation(q_seq: int, kv_seq: int) -> Implementation:
+def auto_implementation(
+    q_seq: int, kv_seq: int, *, exact_with_jax_nn: bool = False, dtype=jnp.float32
+) -> Implementation:
     """The implementation ``implementation=None`` picks (documented rule).
 
-    The blockwise kernel honours every option and was faster than XLA's
-    attention in ``bench/`` from a few hundred positions up, on CPU, forward
-    and backward; only tiny problems, where its loop bookkeeping is
-    comparable to the maths, go to the reference. cuDNN is never picked
-    automatically: it returns mean(V), not zeros, for rows that see no key.
+    * Small problems (``q_seq * kv_seq <= 128 * 128``) go to ``"xla"`` when
+      ``jax.nn`` computes exactly what jattn would (``exact_with_jax_nn``: no
+      option it lacks, and no query row that could see no key) and the
+      backend has its dot for the dtype (no float16 on CPU). At these sizes
+      XLA's fused attention beat the blockwise loop in ``bench/`` (batch 32,
+      N=128 on CPU).
+    * Otherwise tiny problems (``q_seq * kv_seq <= 64 * 64``) go to
+      ``"reference"``, where the blockwise loop's bookkeeping is comparable to
+      the maths.
+    * Everything else goes to ``"blockwise"``: it honours every option and was
+      faster than XLA's attention from a few hundred positions up.
+
+    cuDNN is never picked automatically.
+
+    Example:
+        >>> from jattn._api import auto_implementation
+        >>> auto_implementation(4096, 4096), auto_implementation(8, 8)
+        ('blockwise', 'reference')
     """
+    if q_seq * kv_seq <= 128 * 128 and exact_with_jax_nn:
+        if not (jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu"):
+            return "xla"
     return "reference" if q_seq * kv_seq <= 64 * 64 else "blockwise"
+
+
+def _exact_with_jax_nn(q_seq, kv_seq, dim, v_dim, mask, opts: AttentionOptions) -> bool:
+    """True when ``jax.nn.dot_product_attention`` gives jattn's results: it supports
+    every option and no query row can be left without a visible key (where
+    jax.nn returns mean(V) and jattn zeros)."""
+    if mask is not None or v_dim != dim or opts.logits_soft_cap is not None:
+        return False
+    if any(a is not None for a in opts.per_example_arrays()):
+        return False
+    # Causal rows always see key 0; a window leaves row i its own key while q_seq <= kv_seq.
+    return opts.local_window_size is None or q_seq <= kv_seq
 
 
 def _batched_logits_operand(name, x, logits_shape, batched, check_dtype):

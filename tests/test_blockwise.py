@@ -162,8 +162,33 @@ def test_auto_dispatch_rule():
     from jattn._api import auto_implementation
 
     assert auto_implementation(64, 64) == "reference"
-    assert auto_implementation(1, 8192) == "blockwise"
+    assert auto_implementation(64, 64, exact_with_jax_nn=True) == "xla"
+    assert auto_implementation(128, 128, exact_with_jax_nn=True) == "xla"
     assert auto_implementation(128, 128) == "blockwise"
+    assert auto_implementation(1, 8192) == "blockwise"
+    assert auto_implementation(4096, 4096, exact_with_jax_nn=True) == "blockwise"
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, "xla"),
+        ({"is_causal": True}, "xla"),
+        ({"key_value_seq_lengths": jnp.array([3, 5], jnp.int32)}, "reference"),  # a row may see nothing
+        ({"logits_soft_cap": 2.0}, "reference"),  # jax.nn lacks it
+    ],
+)
+def test_auto_picks_jax_nn_only_where_it_computes_exactly_what_jattn_does(options, expected, monkeypatch):
+    from jattn import _api
+
+    picked = []
+    real = _api.auto_implementation
+    monkeypatch.setattr(_api, "auto_implementation", lambda *a, **k: picked.append(real(*a, **k)) or picked[-1])
+    q, k, v = _inputs(7, 5, jnp.float32)
+    out = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, **options))(q, k, v)
+    assert picked == [expected]
+    reference = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="reference", **options))
+    np.testing.assert_allclose(out, reference(q, k, v), atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["block_q", "block_kv"])
