@@ -191,8 +191,8 @@ def auto_implementation(
 
     * Small problems (``q_seq * kv_seq <= 128 * 128``) go to ``"xla"`` when
       ``jax.nn`` computes exactly what jattn would (``exact_with_jax_nn``: no
-      option it lacks, and no query row that could see no key) and the
-      backend has its dot for the dtype (no float16 on CPU). At these sizes
+      option it lacks, and no query row that could see no key) in float32 or
+      bfloat16 (jax.nn runs float64 softmax in float32). At these sizes
       XLA's fused attention beat the blockwise loop in ``bench/`` (batch 32,
       N=128 on CPU).
     * Otherwise tiny problems (``q_seq * kv_seq <= 64 * 64``) go to
@@ -208,9 +208,9 @@ def auto_implementation(
         >>> auto_implementation(4096, 4096), auto_implementation(8, 8)
         ('blockwise', 'reference')
     """
-    if q_seq * kv_seq <= 128 * 128 and exact_with_jax_nn:
-        if not (jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu"):
-            return "xla"
+    # jax.nn runs float64 softmax in float32, and has no float16 dot on CPU.
+    if q_seq * kv_seq <= 128 * 128 and exact_with_jax_nn and jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16):
+        return "xla"
     return "reference" if q_seq * kv_seq <= 64 * 64 else "blockwise"
 
 
