@@ -145,8 +145,13 @@ class ExampleBlocks:
             full &= all_visible[qb, kb]
         return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
 
-    def block_mask(self, qb, kb) -> Array:
-        """Boolean ``(heads|1, block_q, block_kv)`` mask of a partial block."""
+    def block_mask(self, qb, kb, dense_blk: Array | None) -> Array:
+        """Boolean ``(heads|1, block_q, block_kv)`` mask of a partial block.
+
+        ``dense_blk`` is ``slice_block(dense, qb, kb, grid)`` (or None); callers
+        slice it outside any ``lax.switch`` so the branches never take the
+        whole dense mask as an operand.
+        """
         bq, bk = self.grid.block_q, self.grid.block_kv
         q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
         kv_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
@@ -154,8 +159,8 @@ class ExampleBlocks:
         if self.mask_mod is not None:
             visible = visible & self.mask_mod(q_idx, kv_idx)
         visible = visible[None]
-        if self.dense is not None:
-            visible = visible & slice_block(self.dense, qb, kb, self.grid)
+        if dense_blk is not None:
+            visible = visible & dense_blk
         return visible
 
 

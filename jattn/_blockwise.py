@@ -234,15 +234,11 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
         q_blk = _block(q, qb, grid.block_q, 2)
         shape = (kv_heads, groups, grid.block_q)
 
-        def visit(carry, kb, masked):
+        def visit(carry, kt_blk, v_blk, bias_blk, dense_blk, kb, masked):
             acc, m, row_sum = carry
-            # (bk, kv_heads, x) blocks -> K^T (kv_heads, dim, bk) and V (kv_heads, bk, v_dim)
-            kt_blk = _block(k, kb, grid.block_kv, 0).transpose(1, 2, 0)
-            v_blk = _block(v, kb, grid.block_kv, 0).transpose(1, 0, 2)
-            bias_blk = None if bias is None else slice_block(bias, qb, kb, grid)
             s, _ = _logits(static, q_blk, kt_blk, bias_blk)
             if masked:
-                visible = _grouped(blocks.block_mask(qb, kb), kv_heads, groups)
+                visible = _grouped(blocks.block_mask(qb, kb, dense_blk), kv_heads, groups)
                 s = jnp.where(visible, s, NEG)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None])
@@ -253,12 +249,21 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
             return acc * alpha[..., None] + pv, m_new, row_sum * alpha + p.sum(axis=-1)
 
         def step(kb, carry):  # branches in the order of _blocks.SKIP, FULL, PARTIAL
+            # Blocks are sliced here, outside the switch: a branch that took the
+            # whole K/V (or mask) as an operand could copy it on every step.
+            # (bk, kv_heads, x) blocks -> K^T (kv_heads, dim, bk) and V (kv_heads, bk, v_dim)
+            operands = (
+                _block(k, kb, grid.block_kv, 0).transpose(1, 2, 0),
+                _block(v, kb, grid.block_kv, 0).transpose(1, 0, 2),
+                None if bias is None else slice_block(bias, qb, kb, grid),
+                None if mask is None else slice_block(mask, qb, kb, grid),
+            )
             branches = [
-                lambda c: c,
-                lambda c: visit(c, kb, masked=False),
-                lambda c: visit(c, kb, masked=True),
+                lambda c, *_: c,
+                lambda c, *o: visit(c, *o, kb, masked=False),
+                lambda c, *o: visit(c, *o, kb, masked=True),
             ]
-            return lax.switch(blocks.kind(qb, kb), branches, carry)
+            return lax.switch(blocks.kind(qb, kb), branches, carry, *operands)
 
         init = (
             jnp.zeros((*shape, v_dim), acc_dtype),
@@ -314,21 +319,20 @@ def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, ls
         kt_blk = _block(kt, kb, grid.block_kv, 2)
         as_4d = lambda x: x.reshape(kv_heads, grid.block_kv, groups, grid.block_q)  # noqa: E731
 
-        def visit(dk, dv, qb, masked):
+        def visit(dk, dv, q_blk, qt_blk, do_blk, dot_blk, lse_row, delta_row, bias_blk, dense_blk, qb, masked):
             """New dK/dV accumulators, and this pair's transposed dQ block and dlogits."""
-            q_blk = _rows(_block(q, qb, grid.block_q, 2))
-            st = _mm(k_blk, _scaled(static, col_block(qt, qb)))  # (kv_heads, bk, rows)
+            st = _mm(k_blk, _scaled(static, qt_blk))  # (kv_heads, bk, rows)
             st, t = _finish_logits(static, st, q.dtype)
-            if bias is not None:
-                bias_t = _transposed_block(_grouped(slice_block(bias, qb, kb, grid), kv_heads, groups))
+            if bias_blk is not None:
+                bias_t = _transposed_block(_grouped(bias_blk, kv_heads, groups))
                 st = (as_4d(st) + bias_t.astype(st.dtype)).reshape(st.shape)
-            pt = jnp.exp(st - row_block(lse, qb))
+            pt = jnp.exp(st - lse_row)
             if masked:
-                visible = _transposed_block(_grouped(blocks.block_mask(qb, kb), kv_heads, groups))
+                visible = _transposed_block(_grouped(blocks.block_mask(qb, kb, dense_blk), kv_heads, groups))
                 pt = jnp.where(visible, as_4d(pt), 0).reshape(pt.shape)
-            dv = dv + _mm(pt.astype(dout.dtype), _rows(_block(dout, qb, grid.block_q, 2)))
-            dpt = _mm(v_blk, col_block(dout_t, qb))
-            dlogits_t = pt * (dpt - row_block(delta, qb))
+            dv = dv + _mm(pt.astype(dout.dtype), do_blk)
+            dpt = _mm(v_blk, dot_blk)
+            dlogits_t = pt * (dpt - delta_row)
             dst = (dlogits_t if t is None else dlogits_t * (1 - t * t)).astype(q.dtype)
             # d(logits)/dq = scale * k and d(logits)/dk = scale * q: scale the small products.
             dk = dk + _mm(dst, q_blk) * static.scale
@@ -336,20 +340,32 @@ def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, ls
             dlogits = None if bias is None else as_4d(dlogits_t).transpose(0, 2, 3, 1)
             return dk, dv, dqt_blk, dlogits
 
-        def skip(dk, dv, qb):
+        def skip(dk, dv):
             dlogits = None if bias is None else jnp.zeros((kv_heads, groups, grid.block_q, grid.block_kv), acc_dtype)
             return dk, dv, jnp.zeros((kv_heads, dim, rows), acc_dtype), dlogits
 
         def step(qb, c):  # branches in the order of _blocks.SKIP, FULL, PARTIAL
             # The switch only carries block-sized values: the full-size dQ (and
             # dbias) are updated in place outside it, so no branch copies them.
+            # Blocks are sliced here, outside the switch, so no branch takes a
+            # full-size array as an operand.
             dk, dv, dqt, dbias = c
+            operands = (
+                _rows(_block(q, qb, grid.block_q, 2)),
+                col_block(qt, qb),
+                _rows(_block(dout, qb, grid.block_q, 2)),
+                col_block(dout_t, qb),
+                row_block(lse, qb),
+                row_block(delta, qb),
+                None if bias is None else slice_block(bias, qb, kb, grid),
+                None if mask is None else slice_block(mask, qb, kb, grid),
+            )
             branches = [
-                lambda dk, dv: skip(dk, dv, qb),
-                lambda dk, dv: visit(dk, dv, qb, masked=False),
-                lambda dk, dv: visit(dk, dv, qb, masked=True),
+                lambda dk, dv, *_: skip(dk, dv),
+                lambda dk, dv, *o: visit(dk, dv, *o, qb, masked=False),
+                lambda dk, dv, *o: visit(dk, dv, *o, qb, masked=True),
             ]
-            dk, dv, dqt_blk, dlogits = lax.switch(blocks.kind(qb, kb), branches, dk, dv)
+            dk, dv, dqt_blk, dlogits = lax.switch(blocks.kind(qb, kb), branches, dk, dv, *operands)
             dqt_blk = _block(dqt, qb, grid.block_q, 3) + dqt_blk.reshape(kv_heads, dim, groups, grid.block_q)
             dqt = lax.dynamic_update_slice_in_dim(dqt, dqt_blk, qb * grid.block_q, 3)
             if dbias is not None:
@@ -465,7 +481,7 @@ def _dense(static: _Static, q, k, v, bias, mask, per_example):
     def one_example(q, k, v, bias, mask, per_example):
         blocks = ExampleBlocks(static.options(), whole, per_example, mask)
         s, _ = _logits(dense_static, q, k.transpose(1, 2, 0), bias)
-        visible = _grouped(blocks.block_mask(0, 0), *q.shape[:2])
+        visible = _grouped(blocks.block_mask(0, 0, mask), *q.shape[:2])
         weights, _ = _core.softmax_with_lse(s, visible)
         return jnp.einsum("kgqc,ckd->kgqd", weights.astype(v.dtype), v, preferred_element_type=s.dtype).astype(v.dtype)
 
