@@ -174,7 +174,7 @@ def dot_product_attention(
         case "blockwise":
             out, lse = blockwise_attention(query, key, value, bias, mask, opts, block_q=block_q, block_kv=block_kv)
         case "xla" | "cudnn":
-            out, lse = _jax_nn(query, key, value, bias, mask, opts, implementation)
+            out, lse = _jax_nn(query, key, value, bias, mask, opts, implementation, return_residual)
         case _:
             raise ValueError(f"implementation must be one of {(None, *IMPLEMENTATIONS)}; got {implementation!r}")
 
@@ -283,7 +283,7 @@ def _segment_ids(name, ids, shape, batched) -> Array | None:
     return ids.astype(jnp.int32)
 
 
-def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementation):
+def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementation, return_residual):
     """Delegates to ``jax.nn.dot_product_attention`` after refusing what it lacks."""
     unsupported = []
     if opts.query_segment_ids is not None:
@@ -299,7 +299,7 @@ def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementatio
         )
     # jax.nn mixes int32 lengths with default-int positions; keep that working under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
-        out, lse = jax.nn.dot_product_attention(
+        result = jax.nn.dot_product_attention(
             query,
             key,
             value,
@@ -311,7 +311,10 @@ def _jax_nn(query, key, value, bias, mask, opts: AttentionOptions, implementatio
             key_value_seq_lengths=opts.key_value_seq_lengths,
             local_window_size=opts.local_window_size,
             implementation=implementation,
-            return_residual=True,
+            return_residual=return_residual,
         )
+    if not return_residual:  # the log-sum-exp costs an extra pass: ask only when wanted
+        return result, jnp.zeros(result.shape[:-1], _core.compute_dtype(query.dtype))
+    out, lse = result
     # jax.nn gives the log-sum-exp in the input dtype; jattn's is in the softmax dtype.
     return out, lse.astype(_core.compute_dtype(query.dtype))
