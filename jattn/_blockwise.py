@@ -278,7 +278,7 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
         lse = jnp.where(seen, m + jnp.log(safe_sum), NEG)
         return out.astype(v.dtype), lse
 
-    if grid.num_q_blocks == 1:  # e.g. a decode step: no loop, so K/V are not copied into one
+    if grid.num_q_blocks == 1:  # e.g. a decode step: no loop needed over one query block
         out, lse = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))
     else:
         out, lse = lax.map(one_q_block, jnp.arange(grid.num_q_blocks, dtype=jnp.int32))
