@@ -87,8 +87,12 @@ def dot_product_attention(
         return_residual: also return the log-sum-exp of each query's logits
             ``(batch, q_seq, heads)`` in float32 (float64 for float64 inputs);
             it carries no gradient (as in ``jax.nn``).
-        block_q: query block size of the blockwise kernel (clipped to q_seq).
-        block_kv: key/value block size of the blockwise kernel (clipped to kv_seq).
+        block_q: query block size of the blockwise kernel, clipped to q_seq.
+            When it does not divide q_seq, the largest divisor of q_seq down to
+            half of it is used instead, if any, so nothing is padded.
+        block_kv: key/value block size of the blockwise kernel, clipped and
+            fitted to kv_seq the same way (padding K/V would copy them whole,
+            e.g. a KV cache on every decode step).
 
     Returns:
         ``(batch, q_seq, heads, v_dim)`` in the input dtype (no batch axis if

@@ -50,6 +50,24 @@ class Grid:
         return self.num_kv_blocks * self.block_kv
 
 
+def fitted_block(seq: int, block: int) -> int:
+    """The block size the kernel uses along an axis of length ``seq`` when asked for ``block``.
+
+    ``block`` clipped to ``seq``; when that does not divide ``seq``, the largest
+    divisor of ``seq`` not below half of it, if there is one. A block that divides
+    the axis needs no padding, and padding K/V copies them whole: a decode step
+    over a cache of 8000 positions would copy the cache on every call.
+
+    >>> fitted_block(8192, 512), fitted_block(8000, 512), fitted_block(97, 512), fitted_block(4099, 512)
+    (512, 500, 97, 512)
+    """
+    block = min(block, seq)
+    for size in range(block, (block + 1) // 2 - 1, -1):
+        if seq % size == 0:
+            return size
+    return block
+
+
 def _ceil_div(a, b):
     return -(-a // b)
 

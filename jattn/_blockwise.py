@@ -32,7 +32,7 @@ from jax import lax
 from jaxtyping import Array
 
 from . import _core
-from ._blocks import ExampleBlocks, Grid, block_start, slice_block
+from ._blocks import ExampleBlocks, Grid, block_start, fitted_block, slice_block
 from ._options import AttentionOptions
 
 NEG = float(jnp.finfo(jnp.float32).min)
@@ -76,7 +76,7 @@ def blockwise_attention(
     batch, q_seq, heads, dim = query.shape
     kv_seq, kv_heads = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    grid = Grid(q_seq, kv_seq, min(block_q, q_seq), min(block_kv, kv_seq))
+    grid = Grid(q_seq, kv_seq, fitted_block(q_seq, block_q), fitted_block(kv_seq, block_kv))
     static = _Static(grid, opts.scale, opts.is_causal, opts.local_window_size, opts.logits_soft_cap)
     pad_q, pad_kv = grid.q_padded - q_seq, grid.kv_padded - kv_seq
 
@@ -125,13 +125,19 @@ def _pad_logits_operand(x, pad_q, pad_kv, fill):
     return jnp.pad(x, pads, constant_values=fill)
 
 
-def _over_batch(fn, *operands):
+def _over_batch(fn, *operands, whole=()):
     """Maps ``fn`` over the batch axis of its operands, one example at a time.
 
     An operand whose batch axis has extent 1 (broadcast bias or mask) is given
     whole to every example. ``lax.map`` keeps each example's block skipping
     exact; when the batch axis is explicitly sharded (``jax.make_mesh``'s
     default axes), slicing it is not allowed and ``jax.vmap`` is used instead.
+
+    The ``whole`` operands (K/V in the forward) are not sliced per example:
+    ``fn(example, *operands, *whole)`` gets them with their batch axis and the
+    example's index, and slices only the blocks it visits. Slicing out a whole
+    example first would copy all of its K/V on every call, which is what a
+    decode step over a long, mostly empty cache must not pay for.
     """
     batch = operands[0].shape[0]
     mapped = [None if x is None or x.shape[0] != batch else x for x in operands]
@@ -139,14 +145,15 @@ def _over_batch(fn, *operands):
         mapped = [None] * len(operands)  # one example: index it directly
     shared = [x[0] if x is not None and m is None else None for x, m in zip(operands, mapped, strict=True)]
 
-    def one(xs):
-        return fn(*(s if m is None else x for x, s, m in zip(xs, shared, mapped, strict=True)))
+    def one(example, xs, ws):
+        return fn(example, *(s if m is None else x for x, s, m in zip(xs, shared, mapped, strict=True)), *ws)
 
-    if batch == 1:
-        return jax.tree.map(lambda y: y[None], one([None] * len(operands)))
     if _batch_explicitly_sharded(operands[0]):
-        return jax.vmap(one)(mapped)
-    return lax.map(one, mapped)
+        # Each example sees its own K/V as a batch of one (index 0).
+        return jax.vmap(lambda xs, ws: one(0, xs, [w[None] for w in ws]))(mapped, list(whole))
+    if batch == 1:
+        return jax.tree.map(lambda y: y[None], one(jnp.int32(0), [None] * len(operands), whole))
+    return lax.map(lambda args: one(args[0], args[1], whole), (jnp.arange(batch, dtype=jnp.int32), mapped))
 
 
 def _batch_explicitly_sharded(x) -> bool:
@@ -163,6 +170,13 @@ def _grouped(x, kv_heads, groups):
 
 def _block(x, idx, size, axis):
     return lax.dynamic_slice_in_dim(x, idx * size, size, axis)
+
+
+def _kv_block(x, example, kb, size):
+    """Block ``kb`` of ``example`` from a whole ``(batch, kv_padded, kv_heads, x)`` array: ``(size, kv_heads, x)``."""
+    zero = jnp.zeros((), jnp.int32)
+    start = (lax.convert_element_type(example, jnp.int32), lax.convert_element_type(kb, jnp.int32) * size, zero, zero)
+    return lax.dynamic_slice(x, start, (1, size, *x.shape[2:]))[0]
 
 
 def _mm(a: Array, b: Array) -> Array:
@@ -223,7 +237,8 @@ def _transposed_block(x: Array) -> Array:
 # ---------------------------------------------------------------- forward
 
 
-def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
+def _forward_example(static: _Static, q, k, v, example, bias, mask, per_example):
+    """One example's forward; ``k``/``v`` are the whole ``(batch, kv_padded, kv_heads, x)`` arrays."""
     grid = static.grid
     kv_heads, groups, _, _ = q.shape
     v_dim = v.shape[-1]
@@ -253,8 +268,8 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
             # whole K/V (or mask) as an operand could copy it on every step.
             # (bk, kv_heads, x) blocks -> K^T (kv_heads, dim, bk) and V (kv_heads, bk, v_dim)
             operands = (
-                _block(k, kb, grid.block_kv, 0).transpose(1, 2, 0),
-                _block(v, kb, grid.block_kv, 0).transpose(1, 0, 2),
+                _kv_block(k, example, kb, grid.block_kv).transpose(1, 2, 0),
+                _kv_block(v, example, kb, grid.block_kv).transpose(1, 0, 2),
                 None if bias is None else slice_block(bias, qb, kb, grid),
                 None if mask is None else slice_block(mask, qb, kb, grid),
             )
@@ -289,10 +304,11 @@ def _forward_example(static: _Static, q, k, v, bias, mask, per_example):
 
 
 def _forward(static, q, k, v, bias, mask, per_example):
-    def one_example(q, k, v, bias, mask, *per_example):
-        return _forward_example(static, q, k, v, bias, mask, per_example)
+    def one_example(example, q, bias, mask, *rest):
+        *per_example, k, v = rest
+        return _forward_example(static, q, k, v, example, bias, mask, per_example)
 
-    return _over_batch(one_example, q, k, v, bias, mask, *per_example)
+    return _over_batch(one_example, q, bias, mask, *per_example, whole=(k, v))
 
 
 # ---------------------------------------------------------------- backward
@@ -410,7 +426,7 @@ def _add_bias_block(dbias, ds, qb, kb, grid: Grid):
 
 
 def _backward(static, q, k, v, bias, mask, per_example, out, lse, dout):
-    def one_example(q, k, v, out, lse, dout, bias, mask, *per_example):
+    def one_example(_, q, k, v, out, lse, dout, bias, mask, *per_example):
         return _backward_example(static, q, k, v, bias, mask, per_example, out, lse, dout)
 
     dq, dk, dv, dbias = _over_batch(one_example, q, k, v, out, lse, dout, bias, mask, *per_example)
@@ -489,5 +505,5 @@ def _dense(static: _Static, q, k, v, bias, mask, per_example):
         return jnp.einsum("kgqc,ckd->kgqd", weights.astype(v.dtype), v, preferred_element_type=s.dtype).astype(v.dtype)
 
     return _over_batch(
-        lambda q, k, v, bias, mask, *pe: one_example(q, k, v, bias, mask, pe), q, k, v, bias, mask, *per_example
+        lambda _, q, k, v, bias, mask, *pe: one_example(q, k, v, bias, mask, pe), q, k, v, bias, mask, *per_example
     )

@@ -137,6 +137,25 @@ def test_decode_weights_cover_the_filled_cache_only():
     np.testing.assert_array_equal(w[..., 4:], 0)
 
 
+@pytest.mark.parametrize(("batch", "max_length"), [(1, 8192), (3, 8000)])
+def test_a_donated_decode_step_never_copies_the_cache(batch, max_length):
+    """The step's cost follows the filled length: nothing cache-sized is copied, even for a max_length no block divides."""
+    mha = make_mha(4, implementation="blockwise")
+    mha.init_cache(batch, max_length)
+    mha(normal(1, (batch, 5, 16)), is_causal=True)
+    graphdef, params, cache = nnx.split(mha, nnx.Param, nnx.Cache)
+
+    def step(params, cache, token):
+        m = nnx.merge(graphdef, params, cache)
+        return m(token, is_causal=True), nnx.state(m, nnx.Cache)
+
+    compiled = jax.jit(step, donate_argnums=1).lower(params, cache, normal(2, (batch, 1, 16))).compile()
+    stats = compiled.memory_analysis()
+    cache_bytes = mha.cached_key[...].nbytes
+    assert stats.alias_size_in_bytes >= 2 * cache_bytes  # K and V are updated in place
+    assert stats.temp_size_in_bytes < cache_bytes / 2, (stats.temp_size_in_bytes, cache_bytes)
+
+
 def test_decoding_past_max_length_is_an_error_never_a_wrap_around():
     mha = make_mha(2)
     mha.init_cache(1, 8)
