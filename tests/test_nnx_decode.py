@@ -139,7 +139,7 @@ def test_decode_weights_cover_the_filled_cache_only():
 
 @pytest.mark.parametrize(("batch", "max_length"), [(1, 8192), (3, 8000)])
 def test_a_donated_decode_step_never_copies_the_cache(batch, max_length):
-    """The step's cost follows the filled length: nothing cache-sized is copied, even for a max_length no block divides."""
+    """A step costs what the filled length costs: nothing cache-sized is copied, whatever max_length is."""
     mha = make_mha(4, implementation="blockwise")
     mha.init_cache(batch, max_length)
     mha(normal(1, (batch, 5, 16)), is_causal=True)
