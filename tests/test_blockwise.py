@@ -166,6 +166,8 @@ def test_auto_dispatch_rule():
     assert auto_implementation(128, 128, exact_with_jax_nn=True) == "xla"
     assert auto_implementation(128, 128) == "blockwise"
     assert auto_implementation(1, 8192) == "blockwise"
+    assert auto_implementation(1, 1024) == "reference"
+    assert auto_implementation(1, 1025) == "blockwise"  # a decode step can skip blocks past the filled length
     assert auto_implementation(4096, 4096, exact_with_jax_nn=True) == "blockwise"
 
 

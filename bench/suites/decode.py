@@ -24,7 +24,7 @@ dispatched from Python with the previous call's cache and blocks on the result
 What each side attends: jattn tells its kernel the filled length (``f + 1``
 keys), so the blockwise kernel skips key blocks past it; flax attends over all
 ``max_length`` positions with a mask. Note ``implementation=None`` picks
-``"reference"`` (dense over ``max_length``) while ``max_length <= 4096`` for one
+``"reference"`` (dense over ``max_length``) while ``max_length <= 1024`` for one
 query; the notes say which was picked.
 
 FLOPs: ``bench.flops.decode_flops``: the four projections of one token plus
