@@ -88,8 +88,8 @@ def dot_product_attention(
             ``(batch, q_seq, heads)`` in float32 (float64 for float64 inputs);
             it carries no gradient (as in ``jax.nn``).
         block_q: query block size of the blockwise kernel, clipped to q_seq.
-            When it does not divide q_seq, the largest divisor of q_seq down to
-            half of it is used instead, if any, so nothing is padded.
+            When that does not divide q_seq, the largest divisor of q_seq that
+            is at least half of it is used instead, if any, so nothing is padded.
         block_kv: key/value block size of the blockwise kernel, clipped and
             fitted to kv_seq the same way (padding K/V would copy them whole,
             e.g. a KV cache on every decode step).

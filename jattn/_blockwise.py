@@ -148,11 +148,11 @@ def _over_batch(fn, *operands, whole=()):
     def one(example, xs, ws):
         return fn(example, *(s if m is None else x for x, s, m in zip(xs, shared, mapped, strict=True)), *ws)
 
+    if batch == 1:
+        return jax.tree.map(lambda y: y[None], one(jnp.int32(0), [None] * len(operands), whole))
     if _batch_explicitly_sharded(operands[0]):
         # Each example sees its own K/V as a batch of one (index 0).
         return jax.vmap(lambda xs, ws: one(0, xs, [w[None] for w in ws]))(mapped, list(whole))
-    if batch == 1:
-        return jax.tree.map(lambda y: y[None], one(jnp.int32(0), [None] * len(operands), whole))
     return lax.map(lambda args: one(args[0], args[1], whole), (jnp.arange(batch, dtype=jnp.int32), mapped))
 
 

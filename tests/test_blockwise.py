@@ -48,11 +48,22 @@ def _assert_matches_reference(q, k, v, block, atol, **options):
 
 
 @pytest.mark.parametrize("block", [64, 128])
-@pytest.mark.parametrize(("q_seq", "kv_seq"), [(1, 1), (31, 31), (123, 31), (31, 123)])
+@pytest.mark.parametrize(("q_seq", "kv_seq"), [(1, 1), (31, 31), (123, 31), (31, 123), (131, 127)])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_lengths_that_do_not_divide_the_block(block, q_seq, kv_seq, is_causal):
     q, k, v = _inputs(q_seq, kv_seq)
     _assert_matches_reference(q, k, v, block, 1e-12, is_causal=is_causal)
+
+
+@pytest.mark.parametrize(
+    ("seq", "block", "fitted"),
+    [(8192, 512, 512), (8000, 512, 500), (123, 64, 41), (131, 64, 64), (97, 512, 97), (9, 2, 1), (5, 1, 1)],
+)
+def test_block_sizes_fit_the_sequence_when_a_divisor_is_at_least_half_the_block(seq, block, fitted):
+    """123 and 8000 get a dividing block (no padding, so no copy of K/V); primes keep the block and pad."""
+    assert _blocks.fitted_block(seq, block) == fitted
+    grid = _blocks.Grid(seq, seq, fitted, fitted)
+    assert (grid.kv_padded == seq) == (seq % fitted == 0)
 
 
 def test_long_ragged_sequence_with_window_and_lengths():
