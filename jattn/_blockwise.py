@@ -73,6 +73,98 @@ def blockwise_attention(
     Returns ``(batch, q_seq, heads, v_dim)`` output and ``(batch, q_seq, heads)``
     float32 log-sum-exp.
     """
+    kernel = functools.partial(_blockwise_attention, block_q=block_q, block_kv=block_kv)
+    mesh = _explicit_mesh(query, key, value, bias, mask, *opts.per_example_arrays())
+    if mesh is None:
+        return kernel(query, key, value, bias, mask, opts)
+    return _per_shard(kernel, mesh, query, key, value, bias, mask, opts)
+
+
+# ---------------------------------------------------------------- explicit sharding
+#
+# On a mesh with explicit axes a value's sharding is part of its type, and the
+# kernel's loops and switches would need every carry and branch retyped. The
+# examples and heads are independent, so the kernel runs per shard instead, in
+# a shard_map over the batch and head axes. Anything else (a sharded sequence
+# or dim, heads that do not split into whole GQA groups) is gathered first.
+
+
+def _explicit_mesh(*arrays):
+    """The mesh of the first array sharded over an explicit mesh axis, or None."""
+    for x in arrays:
+        sharding = None if x is None else getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+        if explicit and any(a is not None for a in sharding.spec):
+            return mesh
+    return None
+
+
+def _spec(x) -> tuple:
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _axes_size(mesh, axes) -> int:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return functools.reduce(lambda n, name: n * mesh.shape[name], names, 1)
+
+
+def _per_shard(kernel, mesh, query, key, value, bias, mask, opts):
+    """``kernel`` in a shard_map over the query's batch and head axes (see above)."""
+    P = jax.sharding.PartitionSpec
+    batch, kv_heads = query.shape[0], key.shape[2]
+    batch_axes, head_axes = _spec(query)[0], _spec(query)[2]
+    if batch_axes is not None and batch % _axes_size(mesh, batch_axes):
+        batch_axes = None
+    # Query heads split like kv heads only when every shard holds whole groups.
+    if head_axes is not None and (
+        kv_heads % _axes_size(mesh, head_axes) or head_axes in (batch_axes,) or _spec(key)[2] != head_axes
+    ):
+        head_axes = None
+
+    def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1)
+        return P(batch_axes if x.shape[0] > 1 else None, head_axes if x.shape[1] > 1 else None, None, None)
+
+    per_example = opts.per_example_arrays()
+    arrays = (query, key, value, bias, mask, *per_example)
+    specs = (
+        *(P(batch_axes, None, head_axes, None),) * 3,
+        None if bias is None else logits_spec(bias),
+        None if mask is None else logits_spec(mask),
+        *(None if x is None else P(batch_axes, *(None,) * (x.ndim - 1)) for x in per_example),
+    )
+    arrays = [
+        None if x is None else jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, s))
+        for x, s in zip(arrays, specs, strict=True)
+    ]
+
+    def local(query, key, value, bias, mask, *per_example):
+        names = ("query_seq_lengths", "key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids")
+        local_opts = dataclasses.replace(opts, **dict(zip(names, per_example, strict=True)))
+        return kernel(query, key, value, bias, mask, local_opts)
+
+    out_specs = (P(batch_axes, None, head_axes, None), P(batch_axes, None, head_axes))
+    out, lse = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*arrays)
+    # Back to the query's layout, as an einsum over these inputs would give it.
+    like_query = _spec(query)
+    out = jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, P(*like_query)))
+    lse = jax.sharding.reshard(lse, jax.sharding.NamedSharding(mesh, P(*like_query[:3])))
+    return out, lse
+
+
+def _blockwise_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None,
+    mask: Array | None,
+    opts: AttentionOptions,
+    *,
+    block_q: int,
+    block_kv: int,
+) -> tuple[Array, Array]:
+    """The kernel on arrays that carry no explicit sharding (see ``blockwise_attention``)."""
     batch, q_seq, heads, dim = query.shape
     kv_seq, kv_heads = key.shape[1], key.shape[2]
     groups = heads // kv_heads
@@ -130,8 +222,8 @@ def _over_batch(fn, *operands, whole=()):
 
     An operand whose batch axis has extent 1 (broadcast bias or mask) is given
     whole to every example. ``lax.map`` keeps each example's block skipping
-    exact; when the batch axis is explicitly sharded (``jax.make_mesh``'s
-    default axes), slicing it is not allowed and ``jax.vmap`` is used instead.
+    exact. (On explicit mesh axes the kernel runs per shard, see
+    ``_per_shard``, so the batch seen here is never explicitly sharded.)
 
     The ``whole`` operands (K/V in the forward) are not sliced per example:
     ``fn(example, *operands, *whole)`` gets them with their batch axis and the
@@ -150,15 +242,7 @@ def _over_batch(fn, *operands, whole=()):
 
     if batch == 1:
         return jax.tree.map(lambda y: y[None], one(jnp.int32(0), [None] * len(operands), whole))
-    if _batch_explicitly_sharded(operands[0]):
-        # Each example sees its own K/V as a batch of one (index 0).
-        return jax.vmap(lambda xs, ws: one(0, xs, [w[None] for w in ws]))(mapped, list(whole))
     return lax.map(lambda args: one(args[0], args[1], whole), (jnp.arange(batch, dtype=jnp.int32), mapped))
-
-
-def _batch_explicitly_sharded(x) -> bool:
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", ())
-    return len(spec) > 0 and spec[0] is not None
 
 
 def _grouped(x, kv_heads, groups):

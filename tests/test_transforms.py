@@ -178,13 +178,49 @@ SHARDED_SCRIPT = textwrap.dedent(
         mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(axis_type, axis_type))
         for impl in implementations:
             try:
-                check(impl, mesh, with_grads=mode == "auto")
+                check(impl, mesh, with_grads=True)
                 results[f"{mode}-{impl}"] = "ok"
             except Exception as e:
                 results[f"{mode}-{impl}"] = "".join(traceback.format_exception_only(e))[-2000:]
+
+    # Explicit axes, blockwise: layouts the kernel cannot split as they come
+    # (heads not divisible, a sharded sequence, bias and segment ids).
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    layouts = {
+        "kv-heads-1": (1, P("data", None, "model", None), P("data", None, None, None), None, False),
+        "sequence": (2, P(None, "data", None, None), P(None, None, None, None), None, False),
+        "bias-swapped-axes": (2, P("model", None, "data", None), P("model", None, "data", None), (1, 4, 6, 10), False),
+        "bias-segments": (4, P("data", None, "model", None), P("data", None, "model", None), (4, 1, 6, 10), True),
+        "two-axis-batch": (2, *(P(("data", "model"), None, None, None),) * 2, None, False),
+    }
+    for name, (kv_heads, q_spec, kv_spec, bias_shape, with_segments) in layouts.items():
+        q = jnp.asarray(rng.standard_normal((4, 6, 4, 8)), jnp.float32)
+        k, v = (jnp.asarray(rng.standard_normal((4, 10, kv_heads, 8)), jnp.float32) for _ in range(2))
+        bias = None if bias_shape is None else jnp.asarray(rng.standard_normal(bias_shape), jnp.float32)
+        ids = [jnp.asarray(rng.integers(0, 2, (4, n)), jnp.int32) for n in (6, 10)] if with_segments else [None, None]
+        n = jnp.asarray([10, 3, 5, 1], jnp.int32)
+
+        def loss(q, k, v, bias, n):
+            out = jattn.dot_product_attention(
+                q, k, v, bias=bias, is_causal=True, key_value_seq_lengths=n, query_segment_ids=ids[0],
+                key_value_segment_ids=ids[1], implementation="blockwise", block_q=4, block_kv=4)
+            return jnp.sum(out ** 2), out
+        g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2) if bias is None else (0, 1, 2, 3), has_aux=True))
+        put = lambda x, spec: None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
+        try:
+            (_, expected), expected_grads = g(q, k, v, bias, n)
+            (_, out), grads = g(put(q, q_spec), put(k, kv_spec), put(v, kv_spec), put(bias, P()), put(n, P(q_spec[0])))
+            assert out.sharding.spec == q_spec, (out.sharding.spec, q_spec)
+            np.testing.assert_allclose(out, expected, atol=1e-6)
+            for a, b in zip(grads, expected_grads, strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-5)
+            results[f"layout-{name}"] = "ok"
+        except Exception as e:
+            results[f"layout-{name}"] = "".join(traceback.format_exception_only(e))[-2000:]
     print("RESULTS", json.dumps(results))
     """
 )
+EXPLICIT_LAYOUTS = ["kv-heads-1", "sequence", "bias-swapped-axes", "bias-segments", "two-axis-batch"]
 SHARDABLE = [p.values[0] for p in IMPLEMENTATIONS if p.values[0] != "cudnn"]
 
 
@@ -208,22 +244,13 @@ def sharded_results():
     return json.loads(line.removeprefix("RESULTS "))
 
 
-EXPLICIT_MESH_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="GAP: with Explicit mesh axes (jax.make_mesh's default) the blockwise kernel's lax.switch branches get "
-    "different output shardings ('Revise branch 0 and/or branch1 so that all output types match'); "
-    "auto-sharded meshes work",
-)
-
-
-def sharded_params():
-    for mode in ("auto", "explicit"):
-        for impl in SHARDABLE:
-            marks = [EXPLICIT_MESH_GAP] if (mode, impl) == ("explicit", "blockwise") else []
-            yield pytest.param(f"{mode}-{impl}", marks=marks, id=f"{mode}-{impl}")
-
-
-@pytest.mark.parametrize("key", list(sharded_params()))
+@pytest.mark.parametrize("key", [f"{mode}-{impl}" for mode in ("auto", "explicit") for impl in SHARDABLE])
 def test_jit_with_inputs_sharded_over_four_cpu_devices(sharded_results, key):
-    """Batch over 'data', heads over 'model': same outputs (and gradients, auto mesh) as on one device, sharded."""
+    """Batch over 'data', heads over 'model': same outputs and gradients as on one device, sharded."""
     assert sharded_results[key] == "ok", sharded_results[key]
+
+
+@pytest.mark.parametrize("layout", EXPLICIT_LAYOUTS)
+def test_blockwise_on_explicit_axes_runs_per_shard_for_any_layout(sharded_results, layout):
+    """Layouts it cannot split as given are resharded for the kernel; the output keeps the query's sharding."""
+    assert sharded_results[f"layout-{layout}"] == "ok", sharded_results[f"layout-{layout}"]
