@@ -117,10 +117,8 @@ def _per_shard(kernel, mesh, query, key, value, bias, mask, opts):
     batch_axes, head_axes = _spec(query)[0], _spec(query)[2]
     if batch_axes is not None and batch % _axes_size(mesh, batch_axes):
         batch_axes = None
-    # Query heads split like kv heads only when every shard holds whole groups.
-    if head_axes is not None and (
-        kv_heads % _axes_size(mesh, head_axes) or head_axes in (batch_axes,) or _spec(key)[2] != head_axes
-    ):
+    # Query heads split like kv heads only when every shard holds whole GQA groups.
+    if head_axes is not None and kv_heads % _axes_size(mesh, head_axes):
         head_axes = None
 
     def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1)
@@ -146,10 +144,10 @@ def _per_shard(kernel, mesh, query, key, value, bias, mask, opts):
 
     out_specs = (P(batch_axes, None, head_axes, None), P(batch_axes, None, head_axes))
     out, lse = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*arrays)
-    # Back to the query's layout, as an einsum over these inputs would give it.
-    like_query = _spec(query)
-    out = jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, P(*like_query)))
-    lse = jax.sharding.reshard(lse, jax.sharding.NamedSharding(mesh, P(*like_query[:3])))
+    # Back to the query's batch, sequence and head layout (v_dim need not split like dim).
+    like_query = _spec(query)[:3]
+    out = jax.sharding.reshard(out, jax.sharding.NamedSharding(mesh, P(*like_query, None)))
+    lse = jax.sharding.reshard(lse, jax.sharding.NamedSharding(mesh, P(*like_query)))
     return out, lse
 
 

@@ -252,5 +252,5 @@ def test_jit_with_inputs_sharded_over_four_cpu_devices(sharded_results, key):
 
 @pytest.mark.parametrize("layout", EXPLICIT_LAYOUTS)
 def test_blockwise_on_explicit_axes_runs_per_shard_for_any_layout(sharded_results, layout):
-    """Layouts it cannot split as given are resharded for the kernel; the output keeps the query's sharding."""
+    """Layouts it cannot split as given are resharded for the kernel; the output is laid out like the query."""
     assert sharded_results[f"layout-{layout}"] == "ok", sharded_results[f"layout-{layout}"]
