@@ -151,17 +151,7 @@ def _per_shard(kernel, mesh, query, key, value, bias, mask, opts):
     return out, lse
 
 
-def _blockwise_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    bias: Array | None,
-    mask: Array | None,
-    opts: AttentionOptions,
-    *,
-    block_q: int,
-    block_kv: int,
-) -> tuple[Array, Array]:
+def _blockwise_attention(query, key, value, bias, mask, opts, *, block_q, block_kv):
     """The kernel on arrays that carry no explicit sharding (see ``blockwise_attention``)."""
     batch, q_seq, heads, dim = query.shape
     kv_seq, kv_heads = key.shape[1], key.shape[2]
