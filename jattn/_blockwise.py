@@ -138,9 +138,7 @@ def _per_shard(kernel, mesh, query, key, value, bias, mask, opts):
     ]
 
     def local(query, key, value, bias, mask, *per_example):
-        names = ("query_seq_lengths", "key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids")
-        local_opts = dataclasses.replace(opts, **dict(zip(names, per_example, strict=True)))
-        return kernel(query, key, value, bias, mask, local_opts)
+        return kernel(query, key, value, bias, mask, opts.with_per_example_arrays(*per_example))
 
     out_specs = (P(batch_axes, None, head_axes, None), P(batch_axes, None, head_axes))
     out, lse = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*arrays)

@@ -43,6 +43,11 @@ class AttentionOptions:
             self.key_value_segment_ids,
         )
 
+    def with_per_example_arrays(self, *arrays: Array | None) -> AttentionOptions:
+        """The same options over other per-example arrays (e.g. one shard's), in ``per_example_arrays`` order."""
+        names = ("query_seq_lengths", "key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids")
+        return dataclasses.replace(self, **dict(zip(names, arrays, strict=True)))
+
     def mask_mod(self, q_length, kv_length, q_segment_ids, kv_segment_ids) -> masks.MaskMod | None:
         """The position predicate of one example, from its slice of ``per_example_arrays``."""
         mods = []
