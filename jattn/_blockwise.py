@@ -415,7 +415,9 @@ def _backward_example(static: _Static, q, k, v, bias, mask, per_example, out, ls
             if bias_blk is not None:
                 bias_t = _transposed_block(_grouped(bias_blk, kv_heads, groups))
                 st = (as_4d(st) + bias_t.astype(st.dtype)).reshape(st.shape)
-            pt = jnp.exp(st - lse_row)
+            # p <= 1: the recomputed logit may exceed the saved log-sum-exp by an ulp of
+            # its size (another summation order), and exp of 1e17 overflows.
+            pt = jnp.exp(jnp.minimum(st - lse_row, 0))
             if masked:
                 visible = _transposed_block(_grouped(blocks.block_mask(qb, kb, dense_blk), kv_heads, groups))
                 pt = jnp.where(visible, as_4d(pt), 0).reshape(pt.shape)
