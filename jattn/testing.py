@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,8 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jaxtyping import ArrayLike, Float
+
+from . import _gradcheck
+from ._gradcheck import Mismatch
 
 __all__ = ["GradCheckError", "GradCheckReport", "Mismatch", "check_attention_grads"]
 
@@ -39,44 +40,6 @@ REFERENCE_GRADIENT = "reference autodiff"
 REFERENCE_OUTPUT = "reference output"
 SECOND_ORDER_FD = "Hessian-vector product vs finite differences"
 SECOND_ORDER_REFERENCE = "Hessian-vector product vs reference"
-
-
-@dataclasses.dataclass(frozen=True)
-class Mismatch:
-    """The worst element of one comparison.
-
-    Attributes:
-        check: what was compared, e.g. ``"finite differences"``.
-        argument: the argument whose gradient (or the output) was compared.
-        index: the element's index in that array.
-        actual: the value of the function under test.
-        expected: the finite-difference or reference value.
-        tolerance: ``atol + rtol * |expected|`` at that element.
-    """
-
-    check: str
-    argument: str
-    index: tuple[int, ...]
-    actual: float
-    expected: float
-    tolerance: float
-
-    @property
-    def error(self) -> float:
-        """``|actual - expected|``; infinite when either value is NaN or infinite."""
-        err = abs(self.actual - self.expected)
-        return err if math.isfinite(err) else math.inf
-
-    @property
-    def passed(self) -> bool:
-        return self.error <= self.tolerance
-
-    def __str__(self) -> str:
-        verdict = "ok" if self.passed else "FAIL"
-        return (
-            f"{verdict:4} {self.check}: {self.argument}{list(self.index)} = {self.actual:.8g}, "
-            f"expected {self.expected:.8g} (|error| {self.error:.2e}, tolerance {self.tolerance:.2e})"
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +187,8 @@ def _check(fn, args, reference, order, argnums, eps, atol, rtol, max_elements, s
         if not 0 <= i < len(arrays):
             raise ValueError(f"argnums must index the {len(arrays)} positional args; got {i}")
         if not floating[i]:
-            raise TypeError(f"argument {i} in argnums must be floating point; got {_describe(arrays[i])}")
-    names = _argument_names(fn, len(arrays))
+            raise TypeError(f"argument {i} in argnums must be floating point; got {_gradcheck.describe(arrays[i])}")
+    names = _gradcheck.argument_names(fn, len(arrays))
     diff_names = [names[i] for i in argnums]
     primals = tuple(arrays[i].astype(jnp.float64) for i in argnums)
     rng = np.random.default_rng(seed)
@@ -242,7 +205,7 @@ def _check(fn, args, reference, order, argnums, eps, atol, rtol, max_elements, s
     out = jax.jit(bind(fn))(*primals)
     out_leaves, out_tree = jax.tree_util.tree_flatten(out)
     cotangents = [
-        jnp.asarray(rng.standard_normal(np.shape(leaf)), jnp.float64) if _is_floating(leaf) else None
+        jnp.asarray(rng.standard_normal(np.shape(leaf)), jnp.float64) if _gradcheck.is_floating(leaf) else None
         for leaf in out_leaves
     ]
     if all(w is None for w in cotangents):
@@ -269,11 +232,11 @@ def _check(fn, args, reference, order, argnums, eps, atol, rtol, max_elements, s
     worst: list[Mismatch] = []
 
     # First order: every (or a sample of every) gradient element by central differences.
-    samples = [_sample(g.size, max_elements, rng) for g in grads]
-    differences = _central_differences(loss, primals, samples, eps)
+    samples = [_gradcheck.sample(g.size, max_elements, rng) for g in grads]
+    differences = _gradcheck.central_differences(loss, primals, samples, eps)
     for name, g, flat_idx, fd in zip(diff_names, grads, samples, differences, strict=True):
         actual = np.asarray(g).reshape(-1)[flat_idx]
-        worst.append(_worst(FINITE_DIFFERENCES, name, actual, fd, flat_idx, g.shape, atol, rtol))
+        worst.append(_gradcheck.worst_element(FINITE_DIFFERENCES, name, actual, fd, flat_idx, g.shape, atol, rtol))
 
     ref_grads = None
     if reference is not None:
@@ -287,113 +250,25 @@ def _check(fn, args, reference, order, argnums, eps, atol, rtol, max_elements, s
                     f"reference output {n} must have shape {np.shape(leaf)} like fn's; got {np.shape(ref_leaf)}"
                 )
             label = "output" if len(out_leaves) == 1 else f"output {n}"
-            worst.append(_compare(REFERENCE_OUTPUT, label, leaf, ref_leaf, atol, rtol))
+            worst.append(_gradcheck.compare(REFERENCE_OUTPUT, label, leaf, ref_leaf, atol, rtol))
         ref_loss = scalar_loss(reference)
         ref_grads = jax.jit(jax.grad(ref_loss, argnums=all_args))(*primals)
         for name, g, rg in zip(diff_names, grads, ref_grads, strict=True):
-            worst.append(_compare(REFERENCE_GRADIENT, name, g, rg, atol, rtol))
+            worst.append(_gradcheck.compare(REFERENCE_GRADIENT, name, g, rg, atol, rtol))
 
     if order == 2:
         tangents = tuple(jnp.asarray(rng.standard_normal(p.shape), jnp.float64) for p in primals)
-        hvp = jax.jit(_hessian_vector_product(grad_fn, all_args))(primals, tangents)
+        hvp = jax.jit(_gradcheck.hessian_vector_product(grad_fn, all_args))(primals, tangents)
         plus = jax.jit(grad_fn)(*(p + eps * t for p, t in zip(primals, tangents, strict=True)))
         minus = jax.jit(grad_fn)(*(p - eps * t for p, t in zip(primals, tangents, strict=True)))
         for name, h, gp, gm in zip(diff_names, hvp, plus, minus, strict=True):
             fd = (np.asarray(gp) - np.asarray(gm)) / (2 * eps)
-            worst.append(_compare(SECOND_ORDER_FD, f"d(grad {name})", h, fd, atol, rtol))
+            worst.append(_gradcheck.compare(SECOND_ORDER_FD, f"d(grad {name})", h, fd, atol, rtol))
         if reference is not None:
             ref_grad_fn = jax.grad(scalar_loss(reference), argnums=all_args)
-            ref_hvp = jax.jit(_hessian_vector_product(ref_grad_fn, all_args))(primals, tangents)
+            ref_hvp = jax.jit(_gradcheck.hessian_vector_product(ref_grad_fn, all_args))(primals, tangents)
             for name, h, rh in zip(diff_names, hvp, ref_hvp, strict=True):
-                worst.append(_compare(SECOND_ORDER_REFERENCE, f"d(grad {name})", h, rh, atol, rtol))
+                worst.append(_gradcheck.compare(SECOND_ORDER_REFERENCE, f"d(grad {name})", h, rh, atol, rtol))
 
     worst.sort(key=lambda m: -(m.error / m.tolerance if m.tolerance > 0 else (0.0 if m.error == 0 else math.inf)))
     return GradCheckReport(order=order, worst=tuple(worst))
-
-
-def _hessian_vector_product(grad_fn, all_args):
-    """``H t`` by reverse over reverse: the gradient of ``<grad L(x), t>``."""
-
-    def hvp(primals, tangents):
-        def directional(*xs):
-            return sum(jnp.vdot(g, t) for g, t in zip(grad_fn(*xs), tangents, strict=True))
-
-        return jax.grad(directional, argnums=all_args)(*primals)
-
-    return hvp
-
-
-def _central_differences(loss, primals, samples, eps, chunk=128) -> list[np.ndarray]:
-    """``dL/dx`` at the sampled flat indices of every argument.
-
-    All arguments are raveled into one vector so a single vmapped function,
-    compiled once, evaluates every perturbation (in fixed-size chunks).
-    """
-    flat, unravel = ravel_pytree(primals)
-    offsets = np.cumsum([0, *(p.size for p in primals[:-1])])
-    positions = np.concatenate([off + idx for off, idx in zip(offsets, samples, strict=True)]).astype(np.int64)
-    n = len(positions)
-    if n == 0:
-        return [np.zeros(0) for _ in samples]
-    chunk = min(chunk, n)
-    positions = np.concatenate([positions, np.full(-n % chunk, positions[-1])])
-    at = jax.jit(jax.vmap(lambda x: loss(*unravel(x))))
-    values = []
-    for start in range(0, len(positions), chunk):
-        step = np.zeros((chunk, flat.size))
-        step[np.arange(chunk), positions[start : start + chunk]] = eps
-        both = at(jnp.concatenate([flat[None] + step, flat[None] - step]))
-        plus, minus = np.split(np.asarray(both), 2)
-        values.append((plus - minus) / (2 * eps))
-    values = np.concatenate(values)[:n]
-    return np.split(values, np.cumsum([len(idx) for idx in samples])[:-1])
-
-
-def _sample(size: int, max_elements: int | None, rng: np.random.Generator) -> np.ndarray:
-    if max_elements is None or size <= max_elements:
-        return np.arange(size)
-    return np.sort(rng.choice(size, max_elements, replace=False))
-
-
-def _compare(check, name, actual, expected, atol, rtol) -> Mismatch:
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    flat_idx = np.arange(actual.size)
-    return _worst(check, name, actual.reshape(-1), expected.reshape(-1), flat_idx, actual.shape, atol, rtol)
-
-
-def _worst(check, name, actual, expected, flat_idx, shape, atol, rtol) -> Mismatch:
-    """The element with the largest error relative to its tolerance."""
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    if actual.size == 0:
-        return Mismatch(check, name, (), 0.0, 0.0, atol)
-    tolerance = atol + rtol * np.abs(expected)
-    with np.errstate(invalid="ignore", over="ignore"):
-        error = np.abs(actual - expected)
-    error = np.where(np.isfinite(error), error, np.inf)
-    excess = np.where(tolerance > 0, error / np.maximum(tolerance, np.finfo(np.float64).tiny), error)
-    k = int(np.argmax(excess))
-    index = tuple(int(i) for i in np.unravel_index(int(flat_idx[k]), shape))
-    return Mismatch(check, name, index, float(actual[k]), float(expected[k]), float(tolerance[k]))
-
-
-def _is_floating(x) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
-
-
-def _describe(x) -> str:
-    return "None" if x is None else f"dtype {x.dtype}"
-
-
-def _argument_names(fn, n: int) -> list[str]:
-    """Names of the first ``n`` positional parameters, ``args[i]`` where unknown."""
-    names = [f"args[{i}]" for i in range(n)]
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return names
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    for i, p in enumerate(positional[:n]):
-        names[i] = p.name
-    return names
