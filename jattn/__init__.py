@@ -2,7 +2,8 @@
 
 The functional core works on one example (``scores``, ``softmax``,
 ``context``, ``attention``); ``dot_product_attention`` is the batched,
-multi-head drop-in for ``jax.nn.dot_product_attention``; ``jattn.masks`` holds
+multi-head drop-in for ``jax.nn.dot_product_attention`` (``IMPLEMENTATIONS``
+lists its kernels, ``auto_implementation`` says which one a call gets); ``jattn.masks`` holds
 mask predicates; ``jattn.testing`` checks the gradients of attention variants.
 Flax NNX modules live in ``jattn.nnx`` (importing ``jattn`` does not import
 flax).
@@ -10,16 +11,20 @@ flax).
 
 from . import masks as masks
 from . import testing as testing
+from ._api import auto_implementation as auto_implementation
 from ._api import dot_product_attention as dot_product_attention
 from ._core import attention as attention
 from ._core import context as context
 from ._core import scores as scores
 from ._core import softmax as softmax
+from ._dispatch import IMPLEMENTATIONS as IMPLEMENTATIONS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMPLEMENTATIONS",
     "attention",
+    "auto_implementation",
     "context",
     "dot_product_attention",
     "masks",

@@ -75,3 +75,9 @@ def check_equal(name: str, actual: int, expected: int, what: str) -> None:
     """Raises ValueError unless two sizes agree, e.g. q and k feature dims."""
     if actual != expected:
         raise ValueError(f"{name}: {what} must be {expected}; got {actual}")
+
+
+def check_static_bool(name: str, x) -> None:
+    """Raises TypeError unless ``x`` is a Python (or NumPy) bool: a static option, not an array."""
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a Python bool; got {type(x).__name__}")

@@ -211,10 +211,10 @@ def context(
     _checks.check_rank("weights", weights, (1, 2), "(q_seq, kv_seq) or (kv_seq,)")
     _checks.check_rank("v", v, (2,), "(kv_seq, v_dim)")
     _checks.check_equal("v", v.shape[0], weights.shape[-1], "the first axis (kv_seq) of v, as in weights")
-    return _weighted_sum(weights, v)
+    return weighted_sum(weights, v)
 
 
-def _weighted_sum(weights: Array, v: Array) -> Array:
+def weighted_sum(weights: Array, v: Array) -> Array:
     out = jnp.einsum("...k,kd->...d", weights, v, preferred_element_type=compute_dtype(v.dtype))
     return out.astype(v.dtype)
 
@@ -292,6 +292,22 @@ def attention(
     return (out, weights) if return_weights else out
 
 
+def attention_weights(
+    q: Array,
+    k: Array,
+    mask: Array | None,
+    bias: Array | None,
+    *,
+    scale: float,
+    logits_soft_cap: float | None,
+) -> tuple[Array, Array]:
+    """Unchecked single-example weights and log-sum-exp, both in the softmax compute dtype."""
+    x = logits(q, k, scale=scale, logits_soft_cap=logits_soft_cap)
+    if bias is not None:
+        x = x + bias.astype(x.dtype)
+    return softmax_with_lse(x, mask)
+
+
 def attention_core(
     q: Array,
     k: Array,
@@ -303,9 +319,6 @@ def attention_core(
     logits_soft_cap: float | None,
 ) -> tuple[Array, Array, Array]:
     """Unchecked single-example attention: ``(context, weights, log-sum-exp)``."""
-    x = logits(q, k, scale=scale, logits_soft_cap=logits_soft_cap)
-    if bias is not None:
-        x = x + bias.astype(x.dtype)
-    weights, lse = softmax_with_lse(x, mask)
+    weights, lse = attention_weights(q, k, mask, bias, scale=scale, logits_soft_cap=logits_soft_cap)
     weights = weights.astype(v.dtype)
-    return _weighted_sum(weights, v), weights, lse
+    return weighted_sum(weights, v), weights, lse

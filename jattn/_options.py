@@ -1,62 +1,80 @@
-"""Validated options of one ``dot_product_attention`` call, shared by every kernel."""
+"""Validated options of one attention call: a hashable static part and a pytree of per-example arrays.
+
+Every implementation reads the same :class:`AttentionOptions`. Its ``static``
+part (:class:`StaticOptions`) is hashable, so it can be a ``jax.jit`` static
+argument or a ``custom_vjp`` non-differentiable argument; its ``arrays`` part
+(:class:`ExampleArrays`) is a pytree whose leaves carry a leading ``batch``
+axis, so ``jax.vmap`` or ``lax.map`` over the options gives one example's
+options, whose :meth:`AttentionOptions.mask_mod` is that example's position
+predicate.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
 from jaxtyping import Array
 
 from . import masks
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class AttentionOptions:
-    """Everything besides q/k/v/bias/mask, already checked and normalized.
-
-    Per-example arrays carry a leading ``batch`` axis: lengths ``(batch,)`` and
-    segment ids ``(batch, q_seq)`` / ``(batch, kv_seq)``, all int32.
-    """
+@dataclasses.dataclass(frozen=True)
+class StaticOptions:
+    """The array-free options of a call (hashable)."""
 
     scale: float
     is_causal: bool = False
     local_window_size: tuple[int, int] | None = None
-    query_seq_lengths: Array | None = None
-    key_value_seq_lengths: Array | None = None
-    query_segment_ids: Array | None = None
-    key_value_segment_ids: Array | None = None
     logits_soft_cap: float | None = None
 
-    @property
-    def has_mask_mod(self) -> bool:
-        return (
-            self.is_causal
-            or self.local_window_size is not None
-            or any(a is not None for a in self.per_example_arrays())
-        )
 
-    def per_example_arrays(self) -> tuple[Array | None, Array | None, Array | None, Array | None]:
-        """The batched arrays the per-example predicate is built from (for vmap)."""
-        return (
-            self.query_seq_lengths,
-            self.key_value_seq_lengths,
-            self.query_segment_ids,
-            self.key_value_segment_ids,
-        )
+class ExampleArrays(NamedTuple):
+    """Per-example arrays, all int32: lengths ``(batch,)``, segment ids ``(batch, q_seq)`` / ``(batch, kv_seq)``.
 
-    def with_per_example_arrays(self, *arrays: Array | None) -> AttentionOptions:
-        """The same options over other per-example arrays (e.g. one shard's), in ``per_example_arrays`` order."""
-        names = ("query_seq_lengths", "key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids")
-        return dataclasses.replace(self, **dict(zip(names, arrays, strict=True)))
+    After mapping over the batch axis, one example's: scalar lengths and ``(q_seq,)`` / ``(kv_seq,)`` ids.
+    """
 
-    def mask_mod(self, q_length, kv_length, q_segment_ids, kv_segment_ids) -> masks.MaskMod | None:
-        """The position predicate of one example, from its slice of ``per_example_arrays``."""
+    q_length: Array | None = None
+    kv_length: Array | None = None
+    q_segment_ids: Array | None = None
+    kv_segment_ids: Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """Everything besides q/k/v/bias/mask, already checked and normalized (a pytree)."""
+
+    static: StaticOptions = dataclasses.field(metadata=dict(static=True))
+    arrays: ExampleArrays = dataclasses.field(default_factory=ExampleArrays)
+
+    def with_arrays(self, arrays: ExampleArrays) -> AttentionOptions:
+        """The same static options over other per-example arrays (e.g. one shard's)."""
+        return dataclasses.replace(self, arrays=arrays)
+
+    def mask_mod(self) -> masks.MaskMod | None:
+        """The position predicate of one example (``arrays`` already sliced to it), or None."""
+        static, arrays = self.static, self.arrays
         mods = []
-        if self.is_causal:
+        if static.is_causal:
             mods.append(masks.Causal())
-        if self.local_window_size is not None:
-            mods.append(masks.SlidingWindow(*self.local_window_size))
-        if q_length is not None or kv_length is not None:
-            mods.append(masks.Lengths(q_length, kv_length))
-        if q_segment_ids is not None:
-            mods.append(masks.Segments(q_segment_ids, kv_segment_ids))
+        if static.local_window_size is not None:
+            mods.append(masks.SlidingWindow(*static.local_window_size))
+        if arrays.q_length is not None or arrays.kv_length is not None:
+            mods.append(masks.Lengths(arrays.q_length, arrays.kv_length))
+        if arrays.q_segment_ids is not None:
+            mods.append(masks.Segments(arrays.q_segment_ids, arrays.kv_segment_ids))
         return masks.and_masks(*mods) if mods else None
+
+
+class AttentionInputs(NamedTuple):
+    """A checked call's arrays, normalized to 4-D, and its options: what every implementation takes."""
+
+    query: Array  # (batch, q_seq, heads, dim)
+    key: Array  # (batch, kv_seq, kv_heads, dim)
+    value: Array  # (batch, kv_seq, kv_heads, v_dim)
+    bias: Array | None  # rank 4, broadcastable to (batch, heads, q_seq, kv_seq)
+    mask: Array | None  # likewise, boolean
+    opts: AttentionOptions

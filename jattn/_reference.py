@@ -1,17 +1,31 @@
 """The reference implementation: the per-example core, vmapped over batch and heads.
 
-It materializes the ``(q_seq, kv_seq)`` logits of each head, so it is the
-oracle the other kernels are tested against, not the fast path. Grouped-query
-heads are vmapped over ``(kv_heads, groups)`` so K/V are never repeated.
+It materializes the ``(q_seq, kv_seq)`` weights of each head, so it is the
+oracle the other kernels are tested against and the one path that can hand the
+weights back or change them before they meet V (dropout), not the fast path.
+Grouped-query heads are vmapped over ``(kv_heads, groups)`` so K/V are never
+repeated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import jax
-from jaxtyping import Array
+from jaxtyping import Array, Float
 
 from . import _core, masks
-from ._options import AttentionOptions
+from ._options import AttentionInputs
+
+WeightsHook = Callable[[Float[Array, "batch heads q_seq kv_seq"]], Float[Array, "batch heads q_seq kv_seq"]]
+"""Applied to the weights (in the value dtype) before the weighted sum, e.g. dropout."""
+
+
+class ReferenceResult(NamedTuple):
+    out: Float[Array, "batch q_seq heads v_dim"]
+    lse: Float[Array, "batch q_seq heads"]
+    weights: Float[Array, "batch heads q_seq kv_seq"]  # before the hook, in the value dtype
 
 
 def _leading_axis(x: Array | None) -> tuple[Array | None, int | None]:
@@ -23,69 +37,70 @@ def _leading_axis(x: Array | None) -> tuple[Array | None, int | None]:
     return x, 0
 
 
-def reference_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    bias: Array | None,
-    mask: Array | None,
-    opts: AttentionOptions,
-) -> tuple[Array, Array]:
+def _grouped(x: Array | None, kv_heads: int, groups: int) -> Array | None:
+    """``(B|1, N|1, T|1, S|1)`` -> ``(B|1, K|1, G|1, T|1, S|1)``."""
+    if x is None:
+        return None
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], kv_heads, groups, *x.shape[2:])
+
+
+def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | None = None) -> ReferenceResult:
     """Materialized attention on normalized 4-D inputs.
 
     Args:
-        query: ``(batch, q_seq, heads, dim)``.
-        key: ``(batch, kv_seq, kv_heads, dim)``.
-        value: ``(batch, kv_seq, kv_heads, v_dim)``.
-        bias: ``None`` or broadcastable to ``(batch, heads, q_seq, kv_seq)``, rank 4.
-        mask: likewise, boolean.
-        opts: validated options (scale, structured masks, soft cap).
+        inputs: query ``(batch, q_seq, heads, dim)``, key ``(batch, kv_seq,
+            kv_heads, dim)``, value ``(batch, kv_seq, kv_heads, v_dim)``, bias and
+            mask (None or rank 4, broadcastable to ``(batch, heads, q_seq,
+            kv_seq)``) and the validated options.
+        weights_hook: optional function of the ``(batch, heads, q_seq, kv_seq)``
+            weights applied before the weighted sum (dropout).
 
     Returns:
-        ``(batch, q_seq, heads, v_dim)`` output and ``(batch, q_seq, heads)``
-        log-sum-exp in the softmax compute dtype.
+        The ``(batch, q_seq, heads, v_dim)`` output, the ``(batch, q_seq, heads)``
+        log-sum-exp in the softmax compute dtype, and the weights before the hook.
     """
-    batch, q_seq, heads, dim = query.shape
+    query, key, value, bias, mask, opts = inputs
+    batch, q_seq, heads, _ = query.shape
     kv_seq, kv_heads = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    query = query.reshape(batch, q_seq, kv_heads, groups, dim)
+    q = query.reshape(batch, q_seq, kv_heads, groups, query.shape[-1])
 
-    def grouped(x):  # (B|1, N|1, T|1, S|1) -> (B|1, K|1, G|1, T|1, S|1)
-        if x is None:
-            return None
-        if x.shape[1] == 1:
-            return x[:, :, None]
-        return x.reshape(x.shape[0], kv_heads, groups, *x.shape[2:])
-
-    def one_example(q, k, v, bias, mask, per_example):
+    def one_example(q, k, bias, mask, opts):
         # The predicate is closed over, not passed through vmap: it is no JAX type.
-        mask_mod = opts.mask_mod(*per_example)
+        mask_mod = opts.mask_mod()
         structured = None if mask_mod is None else masks.materialize(mask_mod, q_seq, kv_seq)
 
-        def one_head(q, k, v, bias, mask):
+        def one_head(q, k, bias, mask):
             if structured is not None:
                 mask = structured if mask is None else structured & mask
-            out, _, lse = _core.attention_core(
-                q, k, v, mask, bias, scale=opts.scale, logits_soft_cap=opts.logits_soft_cap
+            return _core.attention_weights(
+                q, k, mask, bias, scale=opts.static.scale, logits_soft_cap=opts.static.logits_soft_cap
             )
-            return out, lse
 
-        def one_kv_head(q, k, v, bias, mask):
+        def one_kv_head(q, k, bias, mask):
             bias, bias_axis = _leading_axis(bias)
             mask, mask_axis = _leading_axis(mask)
-            return jax.vmap(one_head, in_axes=(1, None, None, bias_axis, mask_axis), out_axes=1)(q, k, v, bias, mask)
+            return jax.vmap(one_head, in_axes=(1, None, bias_axis, mask_axis))(q, k, bias, mask)
 
         bias, bias_axis = _leading_axis(bias)
         mask, mask_axis = _leading_axis(mask)
-        return jax.vmap(one_kv_head, in_axes=(1, 1, 1, bias_axis, mask_axis), out_axes=1)(q, k, v, bias, mask)
+        return jax.vmap(one_kv_head, in_axes=(1, 1, bias_axis, mask_axis))(q, k, bias, mask)
 
-    bias, bias_axis = _leading_axis(grouped(bias))
-    mask, mask_axis = _leading_axis(grouped(mask))
-    per_example = opts.per_example_arrays()
-    per_example_axes = tuple(None if a is None else 0 for a in per_example)
-    f = jax.vmap(one_example, in_axes=(0, 0, 0, bias_axis, mask_axis, per_example_axes))
-    out, lse = f(query, key, value, bias, mask, per_example)
-    return (
-        out.reshape(batch, q_seq, heads, value.shape[-1]),
-        lse.reshape(batch, q_seq, heads),
+    bias, bias_axis = _leading_axis(_grouped(bias, kv_heads, groups))
+    mask, mask_axis = _leading_axis(_grouped(mask, kv_heads, groups))
+    f = jax.vmap(one_example, in_axes=(0, 0, bias_axis, mask_axis, 0))
+    weights, lse = f(q, key, bias, mask, opts)  # (batch, kv_heads, groups, q_seq, kv_seq), (... q_seq)
+    weights = weights.astype(value.dtype).reshape(batch, heads, q_seq, kv_seq)
+
+    used = weights if weights_hook is None else weights_hook(weights)
+    context = jax.vmap(_core.weighted_sum, in_axes=(0, None))  # groups share one value head
+    context = jax.vmap(context, in_axes=(0, 1))  # kv_heads: (K, G, T, S) x (S, K, Dv)
+    context = jax.vmap(context)  # batch
+    out = context(used.reshape(batch, kv_heads, groups, q_seq, kv_seq), value)  # (batch, K, G, T, Dv)
+    return ReferenceResult(
+        out=out.transpose(0, 3, 1, 2, 4).reshape(batch, q_seq, heads, value.shape[-1]),
+        lse=lse.transpose(0, 3, 1, 2).reshape(batch, q_seq, heads),
+        weights=weights,
     )

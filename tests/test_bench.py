@@ -131,7 +131,7 @@ def test_measure_fields():
 
 
 def test_new_jattn_implementations_are_picked_up(monkeypatch):
-    monkeypatch.setattr(jattn._api, "IMPLEMENTATIONS", (*jattn._api.IMPLEMENTATIONS, "blockwise"))
+    monkeypatch.setattr(jattn, "IMPLEMENTATIONS", (*jattn.IMPLEMENTATIONS, "blockwise"))
     labels = dict(attention_suite.implementation_labels("cpu", torch_importable=False))
     assert labels["jattn:blockwise"] is False and labels["jax.nn:xla"] is True
     assert "jax.nn:cudnn" not in labels and "torch:sdpa" not in labels

@@ -9,8 +9,10 @@ import pytest
 from jax import test_util
 
 import jattn
-from jattn import _blocks
-from jattn._options import AttentionOptions
+from jattn import _dispatch
+from jattn._blockwise import _geometry
+from jattn._dispatch import Problem
+from jattn._options import AttentionOptions, ExampleArrays, StaticOptions
 
 
 def _inputs(q_seq, kv_seq, dtype=jnp.float64, heads=2, kv_heads=1, dim=4, batch=2, seed=0):
@@ -61,8 +63,8 @@ def test_lengths_that_do_not_divide_the_block(block, q_seq, kv_seq, is_causal):
 )
 def test_block_sizes_fit_the_sequence_when_a_divisor_is_at_least_half_the_block(seq, block, fitted):
     """123 and 8000 get a dividing block (no padding, so no copy of K/V); primes keep the block and pad."""
-    assert _blocks.fitted_block(seq, block) == fitted
-    grid = _blocks.Grid(seq, seq, fitted, fitted)
+    assert _geometry.fitted_block(seq, block) == fitted
+    grid = _geometry.Grid(seq, seq, fitted, fitted)
     assert (grid.kv_padded == seq) == (seq % fitted == 0)
 
 
@@ -75,9 +77,9 @@ def test_long_ragged_sequence_with_window_and_lengths():
 
 
 def _kinds(q_seq, kv_seq, block, **options):
-    opts = AttentionOptions(scale=1.0, **options)
-    grid = _blocks.Grid(q_seq, kv_seq, block, block)
-    blocks = _blocks.ExampleBlocks(opts, grid, (None, None, None, None), None)
+    opts = AttentionOptions(StaticOptions(scale=1.0, **options))
+    grid = _geometry.Grid(q_seq, kv_seq, block, block)
+    blocks = _geometry.ExampleBlocks(opts, grid, None)
     kinds = np.zeros((grid.num_q_blocks, grid.num_kv_blocks), int)
     for qb in range(grid.num_q_blocks):
         lo, hi = (int(x) for x in blocks.kv_block_range(qb))
@@ -87,20 +89,20 @@ def _kinds(q_seq, kv_seq, block, **options):
 
 def test_causal_visits_about_half_the_blocks_and_masks_only_the_diagonal():
     kinds = _kinds(1024, 1024, 128, is_causal=True)
-    expected = np.tril(np.full((8, 8), _blocks.FULL), -1) + np.eye(8, dtype=int) * _blocks.PARTIAL
+    expected = np.tril(np.full((8, 8), _geometry.FULL), -1) + np.eye(8, dtype=int) * _geometry.PARTIAL
     np.testing.assert_array_equal(kinds, expected)
 
 
 def test_sliding_window_visits_a_band():
     kinds = _kinds(512, 512, 128, local_window_size=(128, 0))
-    assert (kinds[np.triu_indices(4, 1)] == _blocks.SKIP).all()
-    assert (kinds[np.tril_indices(4, -2)] == _blocks.SKIP).all()
-    assert (np.diag(kinds) == _blocks.PARTIAL).all()
+    assert (kinds[np.triu_indices(4, 1)] == _geometry.SKIP).all()
+    assert (kinds[np.tril_indices(4, -2)] == _geometry.SKIP).all()
+    assert (np.diag(kinds) == _geometry.PARTIAL).all()
 
 
 def test_key_value_blocks_visit_only_the_queries_that_see_them():
-    opts = AttentionOptions(scale=1.0, is_causal=True)
-    blocks = _blocks.ExampleBlocks(opts, _blocks.Grid(500, 500, 128, 128), (None, jnp.int32(300), None, None), None)
+    opts = AttentionOptions(StaticOptions(scale=1.0, is_causal=True), ExampleArrays(kv_length=jnp.int32(300)))
+    blocks = _geometry.ExampleBlocks(opts, _geometry.Grid(500, 500, 128, 128), None)
     assert [tuple(int(x) for x in blocks.q_block_range(kb)) for kb in range(4)] == [(0, 4), (1, 4), (2, 4), (0, 0)]
 
 
@@ -169,9 +171,11 @@ def test_16_bit_inputs_accumulate_in_float32(dtype, atol):
     np.testing.assert_allclose(out.astype(jnp.float32), reference(q, k, v), atol=atol)
 
 
-def test_auto_dispatch_rule():
-    from jattn._api import auto_implementation
+def auto_implementation(q_seq, kv_seq, *, exact_with_jax_nn=False, dtype=jnp.float32):
+    return _dispatch.choose(Problem("cpu", jnp.dtype(dtype), q_seq, kv_seq, 64, 64, exact_with_jax_nn, True))
 
+
+def test_auto_dispatch_rule():
     assert auto_implementation(64, 64) == "reference"
     assert auto_implementation(64, 64, exact_with_jax_nn=True) == "xla"
     assert auto_implementation(128, 128, exact_with_jax_nn=True) == "xla"
@@ -192,11 +196,9 @@ def test_auto_dispatch_rule():
     ],
 )
 def test_auto_picks_jax_nn_only_where_it_computes_exactly_what_jattn_does(options, expected, monkeypatch):
-    from jattn import _api
-
     picked = []
-    real = _api.auto_implementation
-    monkeypatch.setattr(_api, "auto_implementation", lambda *a, **k: picked.append(real(*a, **k)) or picked[-1])
+    real = _dispatch.choose
+    monkeypatch.setattr(_dispatch, "choose", lambda *a, **k: picked.append(real(*a, **k)) or picked[-1])
     q, k, v = _inputs(7, 5, jnp.float32)
     out = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, **options))(q, k, v)
     assert picked == [expected]

@@ -1,6 +1,6 @@
 """The conformance suite: every implementation against a float64 NumPy oracle and jax.nn.
 
-Adding a name to ``jattn._api.IMPLEMENTATIONS`` adds it to every test here.
+Adding a name to ``jattn.IMPLEMENTATIONS`` adds it to every test here.
 Outputs and ``jax.vjp`` gradients (query, key, value, bias) are compared with
 the oracle in ``tests/conformance/oracle.py`` under the per-dtype tolerances
 of ``tests/conformance/cases.py``.

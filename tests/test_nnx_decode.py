@@ -177,14 +177,18 @@ def test_decoding_past_max_length_is_an_error_never_a_wrap_around():
 
 
 def test_cache_writes_past_the_end_are_dropped():
-    from jattn.nnx import _cache
+    from jattn.nnx._cache import KVCache
 
-    cache = jnp.zeros((2, 4, 1, 1), F32)
+    empty = jnp.zeros((2, 4, 1, 1), F32)
     new = jnp.ones((2, 3, 1, 1), F32)
-    out = _cache.write(cache, new, jnp.array([0, 2], jnp.int32))
-    np.testing.assert_array_equal(out[:, :, 0, 0], [[1, 1, 1, 0], [0, 0, 1, 1]])  # no wrap, no clamp
-    assert _cache.decode_mask(jnp.array([3]), 1, 8) is None  # one token: the lengths say it all
-    np.testing.assert_array_equal(_cache.past_end(jnp.array([2, 3]), 2, 4), [[False, False], [False, True]])
+    out = KVCache(empty, empty, jnp.array([0, 2], jnp.int32)).write(new, new, jnp.array([3, 3], jnp.int32))
+    np.testing.assert_array_equal(out.key[:, :, 0, 0], [[1, 1, 1, 0], [0, 0, 1, 1]])  # no wrap, no clamp
+    np.testing.assert_array_equal(out.value[:, :, 0, 0], [[1, 1, 1, 0], [0, 0, 1, 1]])
+    one = jnp.zeros((1, 8, 1, 1), F32)
+    assert KVCache(one, one, jnp.array([3])).decode_mask(1) is None  # one token: the lengths say it all
+    four = jnp.zeros((2, 4, 1, 1), F32)
+    past_end = KVCache(four, four, jnp.array([2, 3])).past_end(2)
+    np.testing.assert_array_equal(past_end, [[False, False], [False, True]])
 
 
 def test_decode_errors_and_clear_cache():

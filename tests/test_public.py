@@ -1,7 +1,11 @@
 """The public surface: every exported name imports; `import jattn` does not pull in flax."""
 
+import pathlib
+import re
 import subprocess
 import sys
+
+import jax
 
 import jattn
 
@@ -14,7 +18,24 @@ def test_every_public_name_imports():
 def test_public_functions_have_docstrings_with_examples():
     for name in jattn.__all__:
         obj = getattr(jattn, name)
+        if isinstance(obj, tuple):  # a constant (IMPLEMENTATIONS), documented where it is defined
+            continue
         assert obj.__doc__ and ">>>" in obj.__doc__, name
+
+
+def test_implementations_are_public_and_valid_choices():
+    assert jattn.IMPLEMENTATIONS == ("reference", "blockwise", "xla", "cudnn")
+    q = jax.ShapeDtypeStruct((1, 300, 2, 8), jax.numpy.float32)
+    assert jattn.auto_implementation(q, q, q, backend="cpu") in jattn.IMPLEMENTATIONS
+
+
+def test_nothing_outside_the_package_imports_a_private_jattn_name():
+    """bench/, examples/ and the README use only public names (tests may look inside the kernels)."""
+    root = pathlib.Path(jattn.__file__).resolve().parent.parent
+    private = re.compile(r"(from\s+jattn(\.\w+)*\s+import\s+[^\n]*\b_\w+|jattn(\.\w+)*\._\w+|from\s+jattn\._)")
+    sources = [*root.glob("bench/**/*.py"), *root.glob("examples/**/*.py"), root / "README.md"]
+    offenders = [f"{p.relative_to(root)}: {m.group(0)}" for p in sources for m in private.finditer(p.read_text())]
+    assert not offenders, offenders
 
 
 def test_import_does_not_import_flax():

@@ -2,7 +2,7 @@
 
 Layout ``(batch, seq, heads, dim)``. Modes: ``fwd`` (the output) and
 ``fwd+bwd`` (gradients of ``sum(output)`` with respect to q, k and v). The
-jattn implementations are read from ``jattn._api.IMPLEMENTATIONS`` when the
+jattn implementations are read from ``jattn.IMPLEMENTATIONS`` when the
 cases are made, so a new one is benchmarked without touching this file.
 """
 
@@ -28,9 +28,9 @@ def implementation_labels(backend: str, *, torch_importable: bool) -> list[tuple
     here is recorded with its error); ``jax.nn:cudnn`` only on GPU; torch only
     when it can be imported.
     """
-    from jattn._api import IMPLEMENTATIONS
+    import jattn
 
-    labels = [(f"jattn:{name}", False) for name in IMPLEMENTATIONS]
+    labels = [(f"jattn:{name}", False) for name in jattn.IMPLEMENTATIONS]
     labels.append(("jax.nn:xla", True))
     if backend == "gpu":
         labels.append(("jax.nn:cudnn", True))

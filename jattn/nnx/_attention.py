@@ -1,7 +1,15 @@
-"""``MultiHeadAttention``: parameters and wiring around ``jattn.dot_product_attention``."""
+"""``MultiHeadAttention``: parameters and wiring around ``jattn.dot_product_attention``.
+
+The attention itself is jattn's: the fast kernels through ``_api.attend``, and
+when the weights are wanted (``return_weights=True``, or dropout on them while
+training) the materialized reference path through ``_api.attend_with_weights``,
+with dropout as its weights hook. Both are jit-compiled here, so an eager call
+compiles once per shape instead of once per op.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -9,14 +17,18 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from . import _cache, _keras, _weights
-from ._projection import Projection, check_inputs, compute_dtype, positive_int
+from jattn import _api, _checks, _dispatch
+from jattn._prepare import CallOptions
+
+from ._cache import CacheMethods, decode_step
+from ._keras import KerasMethods
+from ._projection import Projection, check_inputs, positive_int, promoted_dtype
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
 
 
-class MultiHeadAttention(nnx.Module):
+class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
     r"""Multi-head attention with Keras-layout kernels, computed by ``jattn.dot_product_attention``.
 
     ``out(attention(query(x_q), key(x_k), value(x_v)))`` with per-head
@@ -136,7 +148,7 @@ class MultiHeadAttention(nnx.Module):
         self.use_bias = bool(use_bias)
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.implementation = implementation
+        self.implementation = _dispatch.check_implementation(implementation)
 
         def projection(in_shape, out_shape):
             return Projection(
@@ -241,47 +253,38 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(
                 f"inputs_v must have the kv_seq of inputs_k ({inputs_k.shape[1]}); got inputs_v {inputs_v.shape}"
             )
-        if not isinstance(is_causal, bool):
-            raise TypeError(f"is_causal must be a Python bool; got {type(is_causal).__name__}")
+        _checks.check_static_bool("is_causal", is_causal)
 
-        dtype = compute_dtype(self.dtype, self.param_dtype, inputs_q, inputs_k, inputs_v)
+        dtype = promoted_dtype(self.dtype, self.param_dtype, inputs_q, inputs_k, inputs_v)
         query = self.query(inputs_q, dtype)
         key = self.key(inputs_k, dtype)
         value = self.value(inputs_v, dtype)
-        options = dict(
-            mask=None if mask is None else jnp.asarray(mask),
-            query_seq_lengths=None if query_seq_lengths is None else jnp.asarray(query_seq_lengths),
-            key_value_seq_lengths=None if key_value_seq_lengths is None else jnp.asarray(key_value_seq_lengths),
-            query_segment_ids=None if query_segment_ids is None else jnp.asarray(query_segment_ids),
-            key_value_segment_ids=None if key_value_segment_ids is None else jnp.asarray(key_value_segment_ids),
+        call = CallOptions(
+            mask=mask,
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
+            query_segment_ids=query_segment_ids,
+            key_value_segment_ids=key_value_segment_ids,
+            is_causal=bool(is_causal),
         )
 
         past_end = None
-        if self.cache_index is not None:
-            key, value, options, past_end = _cache.append(
-                self, query, key, value, options, is_causal=is_causal, self_attention=self_attention
+        if (cache := self.kv_cache()) is not None:
+            cache, call, past_end = decode_step(
+                cache, key, value, call, heads=self.num_heads, self_attention=self_attention
             )
-            is_causal = False  # now expressed by the cache's lengths and mask
+            self.store_cache(cache)
+            key, value = cache.key, cache.value
 
         if deterministic is None:
             deterministic = self.deterministic
         dropping = self.dropout_rate > 0 and not deterministic
         weights = None
         if return_weights or dropping:
-            context, weights = _weights.weights_attention(
-                query,
-                key,
-                value,
-                options,
-                self._dropout_key(rngs) if dropping else None,
-                is_causal=is_causal,
-                implementation=self.implementation,
-                dropout_rate=self.dropout_rate,
-            )
+            dropout_key = self._dropout_key(rngs) if dropping else None
+            context, weights = _weights_path(query, key, value, call, dropout_key, dropout_rate=self.dropout_rate)
         else:
-            context = _weights.fast_attention(
-                query, key, value, options, is_causal=is_causal, implementation=self.implementation
-            )
+            context = _fast_path(query, key, value, call, implementation=self.implementation)
         out = self.out(context, dtype)
         if past_end is not None:
             out = jnp.where(past_end[:, :, None], jnp.asarray(jnp.nan, out.dtype), out)
@@ -302,159 +305,21 @@ class MultiHeadAttention(nnx.Module):
         if deterministic is not None:
             self.deterministic = deterministic
 
-    # ------------------------------------------------------------- KV cache
 
-    def init_cache(self, batch: int, max_length: int, *, dtype: Any = None) -> None:
-        """Allocates an empty KV cache; from now on calls decode (append and attend causally).
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def _fast_path(query, key, value, call: CallOptions, *, implementation):
+    return _api.attend(query, key, value, call, implementation=implementation)
 
-        The cache holds ``cached_key (batch, max_length, kv_heads, dim)``,
-        ``cached_value (batch, max_length, kv_heads, v_dim)`` and
-        ``cache_index (batch,)``, the filled length of each example, as
-        ``nnx.Cache`` variables. Each call with ``n_new`` tokens (a prompt of
-        any length, then one or a few tokens) writes them at positions
-        ``cache_index + i``, attends with query ``i`` seeing cached keys
-        ``j <= cache_index + i`` and advances ``cache_index`` by ``n_new`` (or
-        by ``query_seq_lengths`` for right-padded prompts). Only the filled
-        length is attended: it is passed as ``key_value_seq_lengths``, so a
-        blockwise kernel skips the key blocks past it.
 
-        Under ``jax.jit`` (or ``nnx.jit``) each step compiles once per
-        ``n_new``; a loop in ``jax.lax.scan`` updates the cache in place. Decoding
-        past ``max_length`` raises ValueError eagerly; under jit the write is
-        dropped (never wrapped around), the rows past the end are NaN and a
-        ``jax.debug.callback`` raises at run time (a ``JaxRuntimeError`` with the
-        same message).
+@functools.partial(jax.jit, static_argnames=("dropout_rate",))
+def _weights_path(query, key, value, call: CallOptions, dropout_key, *, dropout_rate):
+    """Context and weights through the materialized path, with dropout on the weights if ``dropout_key``."""
+    hook = None if dropout_key is None else functools.partial(_dropout, key=dropout_key, rate=dropout_rate)
+    return _api.attend_with_weights(query, key, value, call, weights_hook=hook)
 
-        Args:
-            batch: examples decoded together.
-            max_length: positions the cache holds (prompt plus generated tokens).
-            dtype: cache dtype; default ``dtype`` of the module, else
-                ``param_dtype``. It must equal the computation dtype of the calls.
 
-        Raises:
-            ValueError: if ``batch`` or ``max_length`` is not a positive int.
-
-        Example:
-            >>> import jax, jax.numpy as jnp
-            >>> from flax import nnx
-            >>> from jattn import nnx as jnnx
-            >>> mha = jnnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
-            >>> x = jax.random.normal(jax.random.key(1), (1, 6, 8), jnp.float32)
-            >>> full = mha(x, is_causal=True)
-            >>> mha.init_cache(1, max_length=16)
-            >>> prompt = mha(x[:, :4], is_causal=True)  # prefill 4 tokens
-            >>> steps = [mha(x[:, i : i + 1], is_causal=True) for i in (4, 5)]  # then 1 per call
-            >>> bool(jnp.allclose(jnp.concatenate([prompt, *steps], axis=1), full, atol=1e-5))
-            True
-            >>> mha.cache_index[...]
-            Array([6], dtype=int32)
-        """
-        positive_int("batch", batch)
-        positive_int("max_length", max_length)
-        if dtype is None:
-            dtype = self.dtype if self.dtype is not None else self.param_dtype
-        self.cached_key = nnx.Cache(jnp.zeros((batch, max_length, self.num_kv_heads, self.head_dim), dtype))
-        self.cached_value = nnx.Cache(jnp.zeros((batch, max_length, self.num_kv_heads, self.value_head_dim), dtype))
-        self.cache_index = nnx.Cache(jnp.zeros((batch,), jnp.int32))
-
-    def clear_cache(self) -> None:
-        """Drops the KV cache: calls attend over their own inputs again."""
-        self.cached_key = nnx.data(None)
-        self.cached_value = nnx.data(None)
-        self.cache_index = nnx.data(None)
-
-    @classmethod
-    def from_keras(
-        cls,
-        source: Any,
-        *,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        implementation: str | None = None,
-        rngs: nnx.Rngs | None = None,
-    ) -> MultiHeadAttention:
-        """A module with the configuration and weights of a Keras 3 ``keras.layers.MultiHeadAttention``.
-
-        The sizes come from the weight shapes, so ``source`` may be the built
-        layer or its ``get_weights()`` list (8 arrays, or 4 without biases);
-        from a layer the dropout rate is copied too. The Keras call
-        ``layer(q, v, k, attention_mask=m, use_causal_mask=c)`` corresponds to
-        ``module(q, k, v, mask=m[:, None], is_causal=c)`` (a mask row that hides
-        every key gives zeros here, Keras's softmax gives uniform weights).
-
-        Args:
-            source: a built Keras ``MultiHeadAttention`` layer or its weights list.
-            dtype: computation dtype (see the class).
-            param_dtype: parameter dtype; the Keras arrays are cast to it.
-            implementation: passed to ``jattn.dot_product_attention``.
-            rngs: for the dropout stream; default ``nnx.Rngs(0)``.
-
-        Raises:
-            ValueError: an unbuilt layer, Keras features jattn lacks (gating,
-                sliding window, custom attention axes), a weights list of the
-                wrong length or shapes.
-
-        Example:
-            >>> import numpy as np
-            >>> from jattn import nnx as jnnx
-            >>> rng = np.random.default_rng(0)
-            >>> shapes = [(16, 2, 8), (2, 8), (16, 2, 8), (2, 8), (16, 2, 8), (2, 8), (2, 8, 16), (16,)]
-            >>> weights = [rng.normal(size=s).astype(np.float32) for s in shapes]  # layer.get_weights()
-            >>> mha = jnnx.MultiHeadAttention.from_keras(weights)
-            >>> mha.num_heads, mha.head_dim, mha.out_features
-            (2, 8, 16)
-        """
-        arrays, config = _keras.mha_arrays(source)
-        in_features, num_heads, head_dim = arrays["query/kernel"].shape
-        module = cls(
-            num_heads,
-            in_features,
-            head_dim=head_dim,
-            value_head_dim=arrays["value/kernel"].shape[2],
-            out_features=arrays["out/kernel"].shape[2],
-            in_kv_features=arrays["key/kernel"].shape[0],
-            use_bias="query/bias" in arrays,
-            dropout_rate=config.get("dropout_rate", 0.0),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            implementation=implementation,
-            rngs=nnx.Rngs(0) if rngs is None else rngs,
-        )
-        module.load_keras_weights(source)
-        return module
-
-    def load_keras_weights(self, source: Any) -> None:
-        """Copies the weights of a Keras 3 ``MultiHeadAttention`` (layer or ``get_weights()`` list) into this module.
-
-        Raises:
-            ValueError: if a weight's shape differs from this module's parameter,
-                or biases are present on one side only.
-
-        Example:
-            >>> import numpy as np
-            >>> from flax import nnx
-            >>> from jattn import nnx as jnnx
-            >>> mha = jnnx.MultiHeadAttention(2, 16, head_dim=8, use_bias=False, rngs=nnx.Rngs(0))
-            >>> shapes = [(16, 2, 8), (16, 2, 8), (16, 2, 8), (2, 8, 16)]  # use_bias=False: kernels only
-            >>> mha.load_keras_weights([np.ones(s, np.float32) for s in shapes])
-            >>> float(mha.out.kernel[...].sum())
-            256.0
-        """
-        arrays, _ = _keras.mha_arrays(source)
-        params = {
-            f"{name}/{kind}": getattr(getattr(self, name), kind)
-            for name in ("query", "key", "value", "out")
-            for kind in ("kernel", "bias")
-        }
-        has_bias = "query/bias" in arrays
-        if has_bias != self.use_bias:
-            raise ValueError(
-                f"the Keras weights {'have' if has_bias else 'lack'} biases "
-                f"but this module has use_bias={self.use_bias}"
-            )
-        for name, array in arrays.items():
-            expected = params[name].shape
-            if array.shape != expected:
-                raise ValueError(f"Keras weight {name} must have shape {expected} for this module; got {array.shape}")
-        for name, array in arrays.items():
-            params[name].set_value(jnp.asarray(array, self.param_dtype))
+def _dropout(weights: Array, *, key: Array, rate: float) -> Array:
+    """As ``nnx.Dropout``: keep each weight with probability ``1 - rate`` and scale the kept ones up."""
+    keep_prob = 1.0 - rate
+    keep = jax.random.bernoulli(key, keep_prob, weights.shape)
+    return jax.lax.select(keep, weights / jnp.asarray(keep_prob, weights.dtype), jnp.zeros_like(weights))

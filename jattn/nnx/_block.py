@@ -7,7 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Float
 
 from jattn import _checks
 
@@ -109,32 +109,21 @@ class AttentionBlock(nnx.Module):
         self,
         inputs: Float[ArrayLike, "batch seq in_features"],
         *,
-        mask: Bool[ArrayLike, "#batch #heads #seq #seq"] | None = None,
-        is_causal: bool = False,
-        query_seq_lengths: Int[ArrayLike, " batch"] | None = None,
-        key_value_seq_lengths: Int[ArrayLike, " batch"] | None = None,
-        query_segment_ids: Int[ArrayLike, "batch seq"] | None = None,
-        key_value_segment_ids: Int[ArrayLike, "batch seq"] | None = None,
-        deterministic: bool | None = None,
-        rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
         return_weights: bool = False,
+        **options: Any,
     ) -> (
         Float[Array, "batch seq in_features"]
         | tuple[Float[Array, "batch seq in_features"], Float[Array, "batch heads seq kv_seq"]]
     ):
-        """Applies the block; the keyword arguments are those of :class:`MultiHeadAttention`.
+        """Applies the block; the keyword options are those of :meth:`MultiHeadAttention.__call__`.
 
         Args:
             inputs: float ``(batch, seq, in_features)``.
-            mask: see :class:`MultiHeadAttention`, and the other options likewise.
-            is_causal: causal self-attention (required while decoding).
-            query_seq_lengths: padding of the queries (or of new tokens while decoding).
-            key_value_seq_lengths: padding of the keys.
-            query_segment_ids: packed sequences, with ``key_value_segment_ids``.
-            key_value_segment_ids: see ``query_segment_ids``.
-            deterministic: True turns dropout off.
-            rngs: overrides the dropout stream.
             return_weights: also return the attention weights ``(batch, heads, seq, kv_seq)``.
+            **options: passed to the attention: ``mask``, ``is_causal`` (required
+                while decoding), ``query_seq_lengths`` / ``key_value_seq_lengths``
+                (padding), ``query_segment_ids`` / ``key_value_segment_ids``
+                (packed sequences), ``deterministic``, ``rngs``.
 
         Returns:
             ``(batch, seq, in_features)``, and the weights if ``return_weights``.
@@ -151,18 +140,7 @@ class AttentionBlock(nnx.Module):
                 "(token ids? embed them first, e.g. with nnx.Embed)"
             )
         _checks.check_rank("inputs", x, (3,), f"(batch, seq, in_features={self.in_features})")
-        options = dict(
-            mask=mask,
-            is_causal=is_causal,
-            query_seq_lengths=query_seq_lengths,
-            key_value_seq_lengths=key_value_seq_lengths,
-            query_segment_ids=query_segment_ids,
-            key_value_segment_ids=key_value_segment_ids,
-            deterministic=deterministic,
-            rngs=rngs,
-            return_weights=return_weights,
-        )
-        attended = self.attention(self._norm(x) if self.pre_norm else x, **options)
+        attended = self.attention(self._norm(x) if self.pre_norm else x, return_weights=return_weights, **options)
         attended, weights = attended if return_weights else (attended, None)
         y = x.astype(attended.dtype) + attended
         if not self.pre_norm:
@@ -224,16 +202,16 @@ class AttentionBlock(nnx.Module):
             >>> block.attention.num_heads, block.norm.epsilon
             (2, 0.001)
         """
-        arrays, config = _keras.mha_arrays(attention)
+        configuration = _keras.mha_configuration(attention)
         _, norm_config = _keras.layer_norm_arrays(layer_norm)
-        in_features, num_heads, head_dim = arrays["query/kernel"].shape
+        for name in ("out_features", "in_kv_features"):  # a block maps in_features to in_features
+            if (size := configuration.pop(name)) != configuration["in_features"]:
+                raise ValueError(
+                    f"an AttentionBlock needs a Keras MultiHeadAttention with {name} equal to its in_features "
+                    f"({configuration['in_features']}); got {name}={size}"
+                )
         block = cls(
-            num_heads,
-            in_features,
-            head_dim=head_dim,
-            value_head_dim=arrays["value/kernel"].shape[2],
-            use_bias="query/bias" in arrays,
-            dropout_rate=config.get("dropout_rate", 0.0),
+            **configuration,
             pre_norm=pre_norm,
             epsilon=norm_config.get("epsilon", KERAS_LAYER_NORM_EPSILON),
             dtype=dtype,

@@ -1,4 +1,4 @@
-"""KV-cache bookkeeping for autoregressive decoding: writes, decode masks, overflow.
+"""The KV cache of autoregressive decoding: a small pytree with write, decode-mask and overflow logic.
 
 The cache holds ``max_length`` key/value positions per example and a filled
 count ``index`` of shape ``(batch,)``. A call with ``n_new`` tokens writes them
@@ -16,35 +16,78 @@ the filled count is concrete, from a ``jax.debug.callback`` when it is traced).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jattn import _checks
+from jattn._prepare import CallOptions
+
+from ._projection import positive_int
 
 
-def write(
-    cache: Float[Array, "batch max_length kv_heads dim"],
-    new: Float[Array, "batch n_new kv_heads dim"],
-    index: Int[Array, " batch"],
-) -> Float[Array, "batch max_length kv_heads dim"]:
-    """Writes ``new[b, i]`` at position ``index[b] + i``; positions past the end are dropped, never wrapped."""
-    batch, n_new = new.shape[:2]
-    positions = index[:, None] + jnp.arange(n_new, dtype=index.dtype)[None, :]
-    rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Cached keys and values ``(batch, max_length, kv_heads, x)`` and the filled length ``(batch,)``."""
 
+    key: Float[Array, "batch max_length kv_heads dim"]
+    value: Float[Array, "batch max_length kv_heads v_dim"]
+    index: Int[Array, " batch"]
 
-def decode_mask(
-    index: Int[Array, " batch"], n_new: int, max_length: int
-) -> Bool[Array, "batch 1 n_new max_length"] | None:
-    """Causality inside a chunk of ``n_new`` queries at positions ``index + i``; None when ``n_new == 1``."""
-    if n_new == 1:
-        return None
-    positions = index[:, None] + jnp.arange(n_new, dtype=index.dtype)[None, :]  # (batch, n_new)
-    keys = jnp.arange(max_length, dtype=index.dtype)
-    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+    @property
+    def max_length(self) -> int:
+        return self.key.shape[1]
+
+    def positions(self, n_new: int) -> Int[Array, "batch n_new"]:
+        """Absolute positions ``index + i`` of ``n_new`` new tokens."""
+        return self.index[:, None] + jnp.arange(n_new, dtype=self.index.dtype)[None, :]
+
+    def write(self, key: Array, value: Array, n_valid: Int[Array, " batch"]) -> KVCache:
+        """Writes the new keys/values at ``index + i`` (past the end: dropped, never wrapped).
+
+        Returns the cache with ``index`` advanced by ``n_valid``.
+        """
+        batch, n_new = key.shape[:2]
+        rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
+        positions = self.positions(n_new)
+
+        def put(cache, new):
+            return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+        return KVCache(put(self.key, key), put(self.value, value), self.index + n_valid)
+
+    def decode_mask(self, n_new: int) -> Bool[Array, "batch 1 n_new max_length"] | None:
+        """Causality inside a chunk of ``n_new`` queries at positions ``index + i``; None when ``n_new == 1``."""
+        if n_new == 1:
+            return None
+        keys = jnp.arange(self.max_length, dtype=self.index.dtype)
+        return (keys[None, None, :] <= self.positions(n_new)[:, :, None])[:, None]
+
+    def past_end(self, n_new: int) -> Bool[Array, "batch n_new"]:
+        """True for the new queries whose absolute position is at or past ``max_length``."""
+        return self.positions(n_new) >= self.max_length
+
+    def check_overflow(self, n_valid: Int[Array, " batch"]) -> None:
+        """Raises if ``index + n_valid > max_length``: now when concrete, at run time when traced.
+
+        Under ``jax.jit`` the error comes from a ``jax.debug.callback`` and reaches
+        the caller as a ``JaxRuntimeError`` carrying this message when the result is
+        used; the caller also poisons the rows past the end with NaN (see
+        :meth:`past_end`) in case a backend drops callbacks.
+        """
+        end = self.index + n_valid
+        if not isinstance(end, jax.core.Tracer):
+            if bool(jnp.any(end > self.max_length)):
+                _raise_overflow(end, self.max_length)
+            return
+        over = jnp.any(end > self.max_length)
+        jax.lax.cond(over, lambda: jax.debug.callback(_raise_overflow, end, self.max_length), lambda: None)
 
 
 def _raise_overflow(end, max_length) -> None:
@@ -55,79 +98,134 @@ def _raise_overflow(end, max_length) -> None:
     )
 
 
-def check_overflow(index: Int[Array, " batch"], n_valid: Int[Array, " batch"], max_length: int) -> None:
-    """Raises if ``index + n_valid > max_length``: now when concrete, at run time when traced.
+def decode_step(cache: KVCache, key: Array, value: Array, call: CallOptions, *, heads: int, self_attention: bool):
+    """Checks a decode call, writes the new keys/values and says what to attend over.
 
-    Under ``jax.jit`` the error comes from a ``jax.debug.callback`` and reaches
-    the caller as a ``JaxRuntimeError`` carrying this message when the result is
-    used; the caller also poisons the rows past the end with NaN (see
-    :func:`past_end`) in case a backend drops callbacks.
-    """
-    end = index + n_valid
-    if not isinstance(end, jax.core.Tracer):
-        if bool(jnp.any(end > max_length)):
-            _raise_overflow(end, max_length)
-        return
-    over = jnp.any(end > max_length)
-    jax.lax.cond(over, lambda: jax.debug.callback(_raise_overflow, end, max_length), lambda: None)
-
-
-def past_end(index: Int[Array, " batch"], n_new: int, max_length: int) -> Bool[Array, "batch n_new"]:
-    """True for the new queries whose absolute position is at or past ``max_length``."""
-    return index[:, None] + jnp.arange(n_new, dtype=index.dtype)[None, :] >= max_length
-
-
-def append(module, query, key, value, options, *, is_causal, self_attention):
-    """Appends the new keys/values to ``module``'s cache; returns what to attend over and the rows past the end.
-
-    Returns ``(key, value, options, past_end)``: the whole updated cache,
-    the ``dot_product_attention`` options with the decode lengths and mask,
-    and ``(batch, n_new)`` flags of queries at or past ``max_length``.
+    Returns ``(cache, call, past_end)``: the updated cache (attend over its
+    whole ``key``/``value``), the call's options with the decode lengths and
+    mask in place of ``is_causal``, and ``(batch, n_new)`` flags of queries at or
+    past ``max_length``.
     """
     if not self_attention:
         raise ValueError(
             "decoding with a KV cache is self-attention only; got inputs_k/inputs_v (call clear_cache() first)"
         )
-    if not is_causal:
+    if not call.is_causal:
         raise ValueError("decoding with a KV cache is causal; pass is_causal=True (or call clear_cache() first)")
     for name in ("key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids"):
-        if options[name] is not None:
+        if getattr(call, name) is not None:
             raise ValueError(f"{name} cannot be given while decoding with a KV cache (call clear_cache() first)")
-    cached_key, cached_value = module.cached_key[...], module.cached_value[...]
-    batch, max_length = cached_key.shape[:2]
-    n_new = query.shape[1]
-    if query.shape[0] != batch:
-        raise ValueError(f"inputs_q must have the cache's batch size {batch} (init_cache); got {query.shape[0]}")
-    if key.dtype != cached_key.dtype:
+    batch, n_new = key.shape[:2]
+    if batch != cache.key.shape[0]:
+        raise ValueError(f"inputs_q must have the cache's batch size {cache.key.shape[0]} (init_cache); got {batch}")
+    if key.dtype != cache.key.dtype:
         raise ValueError(
-            f"the KV cache has dtype {cached_key.dtype} but this call computes in {key.dtype}; "
+            f"the KV cache has dtype {cache.key.dtype} but this call computes in {key.dtype}; "
             "pass dtype= to init_cache or cast the inputs"
         )
-    if n_new > max_length:
-        raise ValueError(f"inputs_q has {n_new} tokens but the KV cache holds max_length={max_length}")
-    index = module.cache_index[...]
-    n_valid = options["query_seq_lengths"]
-    if n_valid is None:
-        n_valid = jnp.full((batch,), n_new, jnp.int32)
-    else:
-        _checks.check_integer("query_seq_lengths", n_valid)
-        _checks.check_shape("query_seq_lengths", n_valid, (batch,), "(batch,)")
-        n_valid = n_valid.astype(jnp.int32)
-        if not isinstance(n_valid, jax.core.Tracer) and not bool(jnp.all((n_valid >= 0) & (n_valid <= n_new))):
-            raise ValueError(f"query_seq_lengths must lie in [0, {n_new}] (the new tokens); got {n_valid}")
-    check_overflow(index, n_valid, max_length)
-    mask = options["mask"]
+    if n_new > cache.max_length:
+        raise ValueError(f"inputs_q has {n_new} tokens but the KV cache holds max_length={cache.max_length}")
+    n_valid = _new_token_counts(call.query_seq_lengths, batch, n_new)
+    cache.check_overflow(n_valid)
+    mask = call.mask
     if mask is not None:
+        mask = jnp.asarray(mask)
         _checks.check_bool("mask", mask)
-        logits_shape = (batch, module.num_heads, n_new, max_length)
+        logits_shape = (batch, heads, n_new, cache.max_length)
         _checks.check_broadcastable("mask", mask, logits_shape, "(batch, heads, q_seq, max_length)")
-    causal = decode_mask(index, n_new, max_length)
+    causal = cache.decode_mask(n_new)
     if causal is not None:
         mask = causal if mask is None else mask & causal
-    key = write(cached_key, key, index)
-    value = write(cached_value, value, index)
-    module.cached_key[...] = key
-    module.cached_value[...] = value
-    module.cache_index[...] = index + n_valid
-    options = dict(options, mask=mask, key_value_seq_lengths=index + n_valid)
-    return key, value, options, past_end(index, n_new, max_length)
+    past_end = cache.past_end(n_new)
+    cache = cache.write(key, value, n_valid)
+    call = call.replace(mask=mask, key_value_seq_lengths=cache.index, is_causal=False)
+    return cache, call, past_end
+
+
+def _new_token_counts(query_seq_lengths, batch: int, n_new: int) -> Int[Array, " batch"]:
+    """How many of the new tokens of each example are real (``query_seq_lengths``, default all)."""
+    if query_seq_lengths is None:
+        return jnp.full((batch,), n_new, jnp.int32)
+    n_valid = jnp.asarray(query_seq_lengths)
+    _checks.check_integer("query_seq_lengths", n_valid)
+    _checks.check_shape("query_seq_lengths", n_valid, (batch,), "(batch,)")
+    n_valid = n_valid.astype(jnp.int32)
+    if not isinstance(n_valid, jax.core.Tracer) and not bool(jnp.all((n_valid >= 0) & (n_valid <= n_new))):
+        raise ValueError(f"query_seq_lengths must lie in [0, {n_new}] (the new tokens); got {n_valid}")
+    return n_valid
+
+
+class CacheMethods:
+    """``init_cache`` / ``clear_cache`` of a module with ``num_kv_heads``, ``head_dim``, ``value_head_dim``,
+    ``dtype``, ``param_dtype`` and the ``nnx.Cache`` attributes ``cached_key``, ``cached_value``, ``cache_index``."""
+
+    def init_cache(self, batch: int, max_length: int, *, dtype: Any = None) -> None:
+        """Allocates an empty KV cache; from now on calls decode (append and attend causally).
+
+        The cache holds ``cached_key (batch, max_length, kv_heads, dim)``,
+        ``cached_value (batch, max_length, kv_heads, v_dim)`` and
+        ``cache_index (batch,)``, the filled length of each example, as
+        ``nnx.Cache`` variables. Each call with ``n_new`` tokens (a prompt of
+        any length, then one or a few tokens) writes them at positions
+        ``cache_index + i``, attends with query ``i`` seeing cached keys
+        ``j <= cache_index + i`` and advances ``cache_index`` by ``n_new`` (or
+        by ``query_seq_lengths`` for right-padded prompts). Only the filled
+        length is attended: it is passed as ``key_value_seq_lengths``, so a
+        blockwise kernel skips the key blocks past it.
+
+        Under ``jax.jit`` (or ``nnx.jit``) each step compiles once per
+        ``n_new``; a loop in ``jax.lax.scan`` updates the cache in place. Decoding
+        past ``max_length`` raises ValueError eagerly; under jit the write is
+        dropped (never wrapped around), the rows past the end are NaN and a
+        ``jax.debug.callback`` raises at run time (a ``JaxRuntimeError`` with the
+        same message).
+
+        Args:
+            batch: examples decoded together.
+            max_length: positions the cache holds (prompt plus generated tokens).
+            dtype: cache dtype; default ``dtype`` of the module, else
+                ``param_dtype``. It must equal the computation dtype of the calls.
+
+        Raises:
+            ValueError: if ``batch`` or ``max_length`` is not a positive int.
+
+        Example:
+            >>> import jax, jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from jattn import nnx as jnnx
+            >>> mha = jnnx.MultiHeadAttention(2, 8, rngs=nnx.Rngs(0))
+            >>> x = jax.random.normal(jax.random.key(1), (1, 6, 8), jnp.float32)
+            >>> full = mha(x, is_causal=True)
+            >>> mha.init_cache(1, max_length=16)
+            >>> prompt = mha(x[:, :4], is_causal=True)  # prefill 4 tokens
+            >>> steps = [mha(x[:, i : i + 1], is_causal=True) for i in (4, 5)]  # then 1 per call
+            >>> bool(jnp.allclose(jnp.concatenate([prompt, *steps], axis=1), full, atol=1e-5))
+            True
+            >>> mha.cache_index[...]
+            Array([6], dtype=int32)
+        """
+        positive_int("batch", batch)
+        positive_int("max_length", max_length)
+        if dtype is None:
+            dtype = self.dtype if self.dtype is not None else self.param_dtype
+        self.cached_key = nnx.Cache(jnp.zeros((batch, max_length, self.num_kv_heads, self.head_dim), dtype))
+        self.cached_value = nnx.Cache(jnp.zeros((batch, max_length, self.num_kv_heads, self.value_head_dim), dtype))
+        self.cache_index = nnx.Cache(jnp.zeros((batch,), jnp.int32))
+
+    def clear_cache(self) -> None:
+        """Drops the KV cache: calls attend over their own inputs again."""
+        self.cached_key = nnx.data(None)
+        self.cached_value = nnx.data(None)
+        self.cache_index = nnx.data(None)
+
+    def kv_cache(self) -> KVCache | None:
+        """The cache as a :class:`KVCache` value (None when not decoding)."""
+        if self.cache_index is None:
+            return None
+        return KVCache(self.cached_key[...], self.cached_value[...], self.cache_index[...])
+
+    def store_cache(self, cache: KVCache) -> None:
+        """Writes a :class:`KVCache` value back into the module's cache variables."""
+        self.cached_key[...] = cache.key
+        self.cached_value[...] = cache.value
+        self.cache_index[...] = cache.index

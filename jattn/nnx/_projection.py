@@ -21,7 +21,7 @@ def positive_int(name: str, value: Any) -> int:
     return value
 
 
-def compute_dtype(dtype, param_dtype, *arrays: Array) -> jnp.dtype:
+def promoted_dtype(dtype, param_dtype, *arrays: Array) -> jnp.dtype:
     """``dtype`` if given, else the JAX promotion of the inputs' and the parameters' dtypes (as in Flax)."""
     if dtype is not None:
         return jnp.dtype(dtype)
@@ -37,7 +37,7 @@ def check_inputs(name: str, x: Array, features: int, seq: str, features_name: st
         raise ValueError(f"{name} must have shape (batch, {seq}, {features_name}={features}); got {x.shape}")
 
 
-# The pure parts of a call (here and in _weights.py) are jit-compiled functions: an eager call then costs
+# The pure parts of a call (here and in _attention.py) are jit-compiled functions: an eager call then costs
 # one compilation per shape instead of one per primitive, and under an outer
 # jit they are inlined.
 

@@ -1,6 +1,6 @@
 """Shared test vocabulary: implementations, cases, inputs, tolerances, comparisons.
 
-Every implementation listed in ``jattn._api.IMPLEMENTATIONS`` joins every
+Every implementation listed in ``jattn.IMPLEMENTATIONS`` joins every
 parametrized test automatically. ``"xla"`` and ``"cudnn"`` delegate to
 ``jax.nn.dot_product_attention``: they refuse segment ids, ``logits_soft_cap``
 and ``v_dim != dim`` (ValueError), and return mean(V) instead of zeros for a
@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import _api
 
 from . import oracle
 
@@ -31,7 +30,7 @@ DELEGATING = frozenset({"xla", "cudnn"})
 def implementation_params() -> list:
     """Every implementation as a pytest param; cuDNN only on a GPU backend."""
     params = []
-    for name in _api.IMPLEMENTATIONS:
+    for name in jattn.IMPLEMENTATIONS:
         marks = []
         if name == "cudnn":
             marks.append(pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs a GPU backend"))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from ._options import AttentionOptions
+from .._options import AttentionOptions
 
 SKIP, FULL, PARTIAL = 0, 1, 2
 
@@ -81,23 +81,21 @@ class ExampleBlocks:
     """Block classification for one example (built inside the traced kernel).
 
     Args:
-        opts: the call's options (causal, window, per-example arrays' meaning).
+        opts: one example's options (causal, window, and its slice of the
+            per-example arrays, segment ids already padded to the grid).
         grid: the static tiling.
-        per_example: this example's ``(q_length, kv_length, q_segment_ids,
-            kv_segment_ids)``; ids already padded to the grid.
         dense: this example's dense mask ``(heads|1, q_padded|1, kv_padded|1)``
             padded with False, or None.
     """
 
-    def __init__(self, opts: AttentionOptions, grid: Grid, per_example, dense: Array | None):
+    def __init__(self, opts: AttentionOptions, grid: Grid, dense: Array | None):
         self.grid = grid
-        self.causal = opts.is_causal
-        self.window = opts.local_window_size
-        q_length, kv_length, q_ids, kv_ids = per_example
+        self.causal = opts.static.is_causal
+        self.window = opts.static.local_window_size
+        q_length, kv_length, q_ids, kv_ids = opts.arrays
         self.q_end = grid.q_seq if q_length is None else jnp.minimum(q_length, grid.q_seq)
         self.kv_end = grid.kv_seq if kv_length is None else jnp.minimum(kv_length, grid.kv_seq)
-        self.mask_mod = opts.mask_mod(q_length, kv_length, q_ids, kv_ids)
-        self.dense = dense
+        self.mask_mod = opts.mask_mod()
         self.segment_ranges = None
         if q_ids is not None:
             self.segment_ranges = (

@@ -1,0 +1,46 @@
+"""Blockwise attention: O(N)-memory online softmax with its own backward pass.
+
+FlashAttention-2 structure in pure JAX, so it runs unchanged on CPU, GPU and
+TPU. Nothing of size ``(q_seq, kv_seq)`` is built or saved (only a dense mask
+or bias the caller passed, sliced per block; and dbias, which has bias's
+shape). The package, in the order a call goes through it:
+
+* ``_geometry``: the block grid and which (query block, key block) pairs to
+  visit: invisible pairs are never visited, fully visible ones skip mask
+  arithmetic, partial ones are masked in-kernel;
+* ``_layout``: the kernel's operands (head-major queries, padding, batch
+  folding) and the loop over examples;
+* ``_blockmath``: block logits and matmuls shared by every pass;
+* ``_forward`` and ``_backward``: the two passes;
+* ``_autodiff``: how they are wired into JAX's autodiff.
+"""
+
+from __future__ import annotations
+
+from jax import lax
+from jaxtyping import Array
+
+from .._options import AttentionInputs
+from ._autodiff import attention
+from ._blockmath import KernelSpec
+from ._geometry import Grid, fitted_block
+from ._layout import can_fold_batch, fold_batch, from_kernel_layout, to_kernel_layout, unfold_batch
+
+
+def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int) -> tuple[Array, Array]:
+    """Blockwise attention on normalized 4-D inputs (see ``reference_attention``).
+
+    Returns ``(batch, q_seq, heads, v_dim)`` output and ``(batch, q_seq, heads)``
+    log-sum-exp in the softmax compute dtype.
+    """
+    q_seq, kv_seq, batch = inputs.query.shape[1], inputs.key.shape[1], inputs.query.shape[0]
+    grid = Grid(q_seq, kv_seq, fitted_block(q_seq, block_q), fitted_block(kv_seq, block_kv))
+    spec = KernelSpec(inputs.opts.static, grid)
+    ops = to_kernel_layout(inputs, grid)
+    if can_fold_batch(ops):
+        out, lse = attention(spec, fold_batch(ops))
+        out, lse = unfold_batch(out, batch), unfold_batch(lse, batch)
+    else:
+        out, lse = attention(spec, ops)
+    out, lse = from_kernel_layout(out, lse, grid)
+    return out, lax.stop_gradient(lse)

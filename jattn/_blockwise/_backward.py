@@ -1,0 +1,198 @@
+"""The blockwise backward: one pass over key blocks, dQ accumulated in place.
+
+For each key block, loop over the query blocks that see it, recompute the
+probabilities from the saved log-sum-exp, accumulate dK/dV for the key block
+and add into a full-size dQ carry. Five block matmuls per visited pair (QK^T,
+dV, dP, dK, dQ) and no second pass for dQ. The backward works on transposed
+logits ``(kv_heads, bk, groups * bq)`` so that all five products are plain
+matmuls (see ``_blockmath.mm``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from .. import _core
+from . import _blockmath as bm
+from ._geometry import ExampleBlocks, Grid, block_start, slice_block
+from ._layout import Operands, over_batch
+
+
+class KeyBlock(NamedTuple):
+    """One key block, head-major: ``(kv_heads, bk, x)``, and the keys transposed ``(kv_heads, dim, bk)``."""
+
+    k: Array
+    v: Array
+    kt: Array
+
+
+class QueryBlock(NamedTuple):
+    """What the backward reads of one query block; ``rows = groups * block_q``."""
+
+    q: Array  # (kv_heads, rows, dim)
+    qt: Array  # (kv_heads, dim, rows)
+    dout: Array  # (kv_heads, rows, v_dim)
+    dout_t: Array  # (kv_heads, v_dim, rows)
+    lse: Array  # (kv_heads, 1, rows)
+    delta: Array  # (kv_heads, 1, rows): sum_d dO O, the softmax-Jacobian term of every row
+    bias: Array | None  # slice_block of the bias
+    mask: Array | None  # slice_block of the dense mask
+
+
+class PairGrads(NamedTuple):
+    """What one visited (query block, key block) pair contributes."""
+
+    dk: Array  # (kv_heads, bk, dim), accumulated over the query blocks
+    dv: Array  # (kv_heads, bk, v_dim), likewise
+    dqt: Array  # transposed dQ block (kv_heads, dim, rows)
+    dlogits: Array | None  # (kv_heads, groups, bq, bk), only when there is a bias
+
+
+def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible: Array | None, dk: Array, dv: Array) -> PairGrads:
+    """Adds one block pair's dK/dV to ``dk``/``dv``; also its dQ block and dlogits.
+
+    ``visible`` ``(kv_heads|1, bk, groups|1, bq)`` masks a partial block (None: fully visible).
+    """
+    options = spec.options
+    kv_heads, bk = key.k.shape[:2]
+    groups = query.q.shape[1] // spec.grid.block_q
+
+    def as_4d(x):  # (kv_heads, bk, rows) -> (kv_heads, bk, groups, bq)
+        return x.reshape(kv_heads, bk, groups, spec.grid.block_q)
+
+    st = bm.mm(key.k, bm.scaled_query(options, query.qt))  # (kv_heads, bk, rows)
+    st, t = bm.finish_logits(options, st, query.q.dtype)
+    if query.bias is not None:
+        bias_t = bm.transposed_block(bm.grouped(query.bias, kv_heads, groups))
+        st = (as_4d(st) + bias_t.astype(st.dtype)).reshape(st.shape)
+    # p <= 1: the recomputed logit may exceed the saved log-sum-exp by an ulp of
+    # its size (another summation order), and exp of 1e17 overflows.
+    pt = jnp.exp(jnp.minimum(st - query.lse, 0))
+    if visible is not None:
+        pt = jnp.where(visible, as_4d(pt), 0).reshape(pt.shape)
+    dv = dv + bm.mm(pt.astype(query.dout.dtype), query.dout)
+    dpt = bm.mm(key.v, query.dout_t)
+    dlogits_t = pt * (dpt - query.delta)
+    dst = (dlogits_t if t is None else dlogits_t * (1 - t * t)).astype(query.q.dtype)
+    # d(logits)/dq = scale * k and d(logits)/dk = scale * q: scale the small products.
+    dk = dk + bm.mm(dst, query.q) * options.scale
+    dqt = bm.mm(key.kt, dst) * options.scale  # (kv_heads, dim, rows)
+    dlogits = None if query.bias is None else as_4d(dlogits_t).transpose(0, 2, 3, 1)
+    return PairGrads(dk, dv, dqt, dlogits)
+
+
+def backward_example(spec, ops: Operands, out: Array, lse: Array, dout: Array):
+    """dQ, dK, dV (and dbias) of one example; ``ops`` holds that example's arrays."""
+    grid = spec.grid
+    q = ops.q
+    kv_heads, groups, _, dim = q.shape
+    k, v = ops.k.transpose(1, 0, 2), ops.v.transpose(1, 0, 2)  # head-major (kv_heads, kv_padded, x)
+    v_dim = v.shape[-1]
+    acc_dtype = _core.compute_dtype(q.dtype)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
+    delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype)
+    rows = groups * grid.block_q
+    qt = q.transpose(0, 3, 1, 2)  # (kv_heads, dim, groups, q_padded)
+    dout_t = dout.transpose(0, 3, 1, 2)  # (kv_heads, v_dim, groups, q_padded)
+    kt = k.transpose(0, 2, 1)  # (kv_heads, dim, kv_padded)
+
+    def query_block(qb, kb) -> QueryBlock:
+        def row_block(x):  # (kv_heads, groups, q_padded) -> (kv_heads, 1, rows)
+            return bm.dynamic_block(x, qb, grid.block_q, 2).reshape(kv_heads, 1, rows)
+
+        def col_block(x):  # (kv_heads, x, groups, q_padded) -> (kv_heads, x, rows)
+            return bm.dynamic_block(x, qb, grid.block_q, 3).reshape(kv_heads, x.shape[1], rows)
+
+        return QueryBlock(
+            q=bm.rows(bm.dynamic_block(q, qb, grid.block_q, 2)),
+            qt=col_block(qt),
+            dout=bm.rows(bm.dynamic_block(dout, qb, grid.block_q, 2)),
+            dout_t=col_block(dout_t),
+            lse=row_block(lse),
+            delta=row_block(delta),
+            bias=None if ops.bias is None else slice_block(ops.bias, qb, kb, grid),
+            mask=None if ops.mask is None else slice_block(ops.mask, qb, kb, grid),
+        )
+
+    def one_kv_block(carry, kb):
+        key = KeyBlock(*(bm.dynamic_block(x, kb, grid.block_kv, axis) for x, axis in ((k, 1), (v, 1), (kt, 2))))
+
+        def visit(dk, dv, query, qb, masked):
+            visible = None
+            if masked:
+                mask = bm.grouped(blocks.block_mask(qb, kb, query.mask), kv_heads, groups)
+                visible = bm.transposed_block(mask)
+            return pair_grads(spec, key, query, visible, dk, dv)
+
+        def skip(dk, dv):
+            shape = (kv_heads, groups, grid.block_q, grid.block_kv)
+            dlogits = None if ops.bias is None else jnp.zeros(shape, acc_dtype)
+            return PairGrads(dk, dv, jnp.zeros((kv_heads, dim, rows), acc_dtype), dlogits)
+
+        def step(qb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
+            # The switch only carries block-sized values: the full-size dQ (and
+            # dbias) are updated in place outside it, so no branch copies them.
+            # Blocks are sliced here, outside the switch, so no branch takes a
+            # full-size array as an operand.
+            dk, dv, dqt, dbias = carry
+            branches = [
+                lambda dk, dv, query: skip(dk, dv),
+                lambda dk, dv, query: visit(dk, dv, query, qb, masked=False),
+                lambda dk, dv, query: visit(dk, dv, query, qb, masked=True),
+            ]
+            pair = lax.switch(blocks.kind(qb, kb), branches, dk, dv, query_block(qb, kb))
+            dqt_blk = bm.dynamic_block(dqt, qb, grid.block_q, 3) + pair.dqt.reshape(kv_heads, dim, groups, grid.block_q)
+            dqt = lax.dynamic_update_slice_in_dim(dqt, dqt_blk, qb * grid.block_q, 3)
+            if dbias is not None:
+                dbias = _add_bias_block(dbias, pair.dlogits, qb, kb, grid)
+            return pair.dk, pair.dv, dqt, dbias
+
+        dqt, dbias = carry
+        init = (
+            jnp.zeros((kv_heads, grid.block_kv, dim), acc_dtype),
+            jnp.zeros((kv_heads, grid.block_kv, v_dim), acc_dtype),
+            dqt,
+            dbias,
+        )
+        lo, hi = blocks.q_block_range(kb)
+        dk, dv, dqt, dbias = lax.fori_loop(lo, hi, step, init)
+        return (dqt, dbias), (dk, dv)
+
+    dqt0 = jnp.zeros(qt.shape, acc_dtype)
+    dbias0 = None if ops.bias is None else jnp.zeros(ops.bias.shape, acc_dtype)
+    (dqt, dbias), (dk, dv) = lax.scan(one_kv_block, (dqt0, dbias0), jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
+    # (num_kv_blocks, kv_heads, bk, x) -> the primal layout (kv_padded, kv_heads, x)
+    dk = jnp.moveaxis(dk, 1, 2).reshape(grid.kv_padded, kv_heads, dim)
+    dv = jnp.moveaxis(dv, 1, 2).reshape(grid.kv_padded, kv_heads, v_dim)
+    dq = dqt.transpose(0, 2, 3, 1)  # (kv_heads, groups, q_padded, dim)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+
+
+def _add_bias_block(dbias, ds, qb, kb, grid: Grid):
+    """Adds a block's dlogits into dbias ``(heads|1, q|1, kv|1)``, summing broadcast axes."""
+    heads_b, tq, tk = dbias.shape
+    ds = ds.reshape(-1, *ds.shape[2:])  # (heads, bq, bk)
+    ds = ds.sum(axis=0, keepdims=True) if heads_b == 1 else ds
+    ds = ds.sum(axis=1, keepdims=True) if tq == 1 else ds
+    ds = ds.sum(axis=2, keepdims=True) if tk == 1 else ds
+    start = block_start(dbias.shape, qb, kb, grid)
+    current = lax.dynamic_slice(dbias, start, ds.shape)
+    return lax.dynamic_update_slice(dbias, current + ds, start)
+
+
+def backward(spec, ops: Operands, out: Array, lse: Array, dout: Array):
+    """dQ (kernel layout), dK, dV (caller's layout) and dbias (the bias's shape, summed over broadcast axes)."""
+
+    def one_example(_, args, __):
+        ops, out, lse, dout = args
+        return backward_example(spec, ops, out, lse, dout)
+
+    dq, dk, dv, dbias = over_batch(one_example, ops.q.shape[0], (ops, out, lse, dout))
+    if ops.bias is not None:
+        dbias = dbias.sum(axis=0, keepdims=True) if ops.bias.shape[0] == 1 else dbias
+        dbias = dbias.astype(ops.bias.dtype)
+    return dq, dk, dv, dbias

@@ -1,0 +1,104 @@
+"""Block-level maths shared by the forward, the backward and the dense second-order rule.
+
+Inside the kernel q is head-major, ``(kv_heads, groups, q_padded, dim)``; k and v
+keep the caller's layout ``(kv_padded, kv_heads, dim)`` and only visited
+blocks are transposed. Every block product is arranged as a plain batched
+matmul over the ``kv_heads`` axis (see :func:`mm`), so grouped-query heads
+share each K/V block and K/V are never repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from .. import _core
+from .._options import StaticOptions
+from ._geometry import Grid
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """Everything static about one kernel call (hashable): the options and the tiling."""
+
+    options: StaticOptions
+    grid: Grid
+
+
+def mm(a: Array, b: Array) -> Array:
+    """Batched ``a @ b`` over the leading (kv_heads) axis, accumulated in the compute dtype.
+
+    Every block product of the kernel is arranged as this plain (non-transposed)
+    matmul by keeping transposed copies of K, Q and dO: on CPU, XLA runs
+    transposed-operand products up to 4x slower than plain ones.
+    """
+    acc = _core.compute_dtype(a.dtype)
+    if a.dtype != acc and jax.default_backend() == "cpu":
+        # XLA:CPU has no 16-bit x 16-bit -> float32 dot for every shape; widening is exact.
+        a, b = a.astype(acc), b.astype(acc)
+    return jnp.einsum("kij,kjl->kil", a, b, preferred_element_type=acc)
+
+
+def rows(x: Array) -> Array:
+    """``(kv_heads, groups, rows, x)`` -> ``(kv_heads, groups * rows, x)`` (free: a reshape)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def grouped(x: Array, kv_heads: int, groups: int) -> Array:
+    """``(heads|1, ...)`` -> ``(kv_heads|1, groups|1, ...)`` to broadcast against logits."""
+    if x.shape[0] == 1:
+        return x[:, None]
+    return x.reshape(kv_heads, groups, *x.shape[1:])
+
+
+def transposed_block(x: Array) -> Array:
+    """A ``(kv_heads|1, groups|1, bq|1, bk|1)`` mask or bias block as ``(kv_heads|1, bk|1, groups|1, bq|1)``."""
+    return x.transpose(0, 3, 1, 2)
+
+
+def dynamic_block(x: Array, index, size: int, axis: int) -> Array:
+    """Block ``index`` of ``size`` elements along ``axis``."""
+    return lax.dynamic_slice_in_dim(x, index * size, size, axis)
+
+
+def kv_block(x: Array, example, kb, size: int) -> Array:
+    """Block ``kb`` of ``example`` from a whole ``(batch, kv_padded, kv_heads, x)`` array: ``(size, kv_heads, x)``."""
+    zero = jnp.zeros((), jnp.int32)
+    start = (lax.convert_element_type(example, jnp.int32), lax.convert_element_type(kb, jnp.int32) * size, zero, zero)
+    return lax.dynamic_slice(x, start, (1, size, *x.shape[2:]))[0]
+
+
+def scaled_query(options: StaticOptions, x: Array) -> Array:
+    """Multiplies the (small) query block by the scale, for 32/64-bit inputs.
+
+    16-bit inputs keep the scale for the float32 logits, so no precision is lost.
+    """
+    return x * jnp.asarray(options.scale, x.dtype) if jnp.finfo(x.dtype).bits >= 32 else x
+
+
+def finish_logits(options: StaticOptions, s: Array, dtype) -> tuple[Array, Array | None]:
+    """The scale (16-bit inputs) and soft cap on raw block products; also tanh, for the soft-cap gradient."""
+    if jnp.finfo(dtype).bits < 32:
+        s = s * options.scale
+    t = None
+    if options.logits_soft_cap is not None:
+        t = jnp.tanh(s / options.logits_soft_cap)
+        s = options.logits_soft_cap * t
+    return s, t
+
+
+def block_logits(options: StaticOptions, q_blk: Array, kt_blk: Array, bias_blk: Array | None):
+    """Logits ``(kv_heads, groups, bq, bk)`` of a block in the compute dtype, and tanh for the soft-cap gradient.
+
+    ``q_blk`` is ``(kv_heads, groups, bq, dim)``, ``kt_blk`` the transposed keys ``(kv_heads, dim, bk)``.
+    """
+    kv_heads, groups, bq, _ = q_blk.shape
+    s = mm(rows(scaled_query(options, q_blk)), kt_blk).reshape(kv_heads, groups, bq, -1)
+    s, t = finish_logits(options, s, q_blk.dtype)
+    if bias_blk is not None:
+        s = s + grouped(bias_blk, kv_heads, groups).astype(s.dtype)
+    return s, t

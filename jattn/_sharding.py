@@ -1,0 +1,84 @@
+"""Running a kernel on sharded inputs.
+
+With ``Auto`` mesh axes XLA partitions the kernel like any other computation.
+On a mesh with ``Explicit`` axes a value's sharding is part of its type, and
+the blockwise kernel's loops and switches would need every carry and branch
+retyped. The examples and heads are independent, so the kernel runs per shard
+instead, in a ``shard_map`` over the query's batch and head axes. Anything else
+(a sharded sequence or dim, heads that do not split into whole GQA groups) is
+gathered first.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array
+
+from ._options import AttentionInputs
+
+Kernel = Callable[[AttentionInputs], tuple[Array, Array]]
+"""``kernel(inputs) -> (out, lse)`` on normalized 4-D inputs."""
+
+
+def explicit_mesh(*arrays) -> jax.sharding.Mesh | None:
+    """The mesh of the first array sharded over an explicit mesh axis, or None."""
+    for x in arrays:
+        sharding = None if x is None else getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+        if explicit and any(a is not None for a in sharding.spec):
+            return mesh
+    return None
+
+
+def run_sharded(kernel: Kernel, inputs: AttentionInputs) -> tuple[Array, Array]:
+    """``kernel`` on the inputs: directly, or per shard when an input is sharded over explicit axes."""
+    mesh = explicit_mesh(*jax.tree.leaves(inputs))
+    if mesh is None:
+        return kernel(inputs)
+    return per_shard(kernel, mesh, inputs)
+
+
+def _spec(x) -> tuple:
+    spec = tuple(jax.typeof(x).sharding.spec)
+    return spec + (None,) * (x.ndim - len(spec))
+
+
+def _axes_size(mesh, axes) -> int:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    return functools.reduce(lambda n, name: n * mesh.shape[name], names, 1)
+
+
+def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Array]:
+    """``kernel`` in a shard_map over the query's batch and head axes (see the module docstring)."""
+    query, key, _, bias, mask, opts = inputs
+    batch, kv_heads = query.shape[0], key.shape[2]
+    batch_axes, head_axes = _spec(query)[0], _spec(query)[2]
+    if batch_axes is not None and batch % _axes_size(mesh, batch_axes):
+        batch_axes = None
+    # Query heads split like kv heads only when every shard holds whole GQA groups.
+    if head_axes is not None and kv_heads % _axes_size(mesh, head_axes):
+        head_axes = None
+
+    def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1)
+        return P(batch_axes if x.shape[0] > 1 else None, head_axes if x.shape[1] > 1 else None, None, None)
+
+    specs = AttentionInputs(
+        *(P(batch_axes, None, head_axes, None),) * 3,
+        None if bias is None else logits_spec(bias),
+        None if mask is None else logits_spec(mask),
+        jax.tree.map(lambda x: P(batch_axes, *(None,) * (x.ndim - 1)), opts),
+    )
+    inputs = jax.tree.map(lambda x, s: jax.sharding.reshard(x, NamedSharding(mesh, s)), inputs, specs)
+    out_specs = (P(batch_axes, None, head_axes, None), P(batch_axes, None, head_axes))
+    out, lse = jax.shard_map(kernel, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(inputs)
+    # Back to the query's batch, sequence and head layout (v_dim need not split like dim).
+    like_query = _spec(query)[:3]
+    out = jax.sharding.reshard(out, NamedSharding(mesh, P(*like_query, None)))
+    lse = jax.sharding.reshard(lse, NamedSharding(mesh, P(*like_query)))
+    return out, lse
