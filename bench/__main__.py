@@ -29,12 +29,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", nargs="+", choices=SUITE_NAMES, help="suites to run (matmul always runs)")
     p.add_argument("--seq", nargs="+", type=int, help="attention sequence lengths")
     p.add_argument("--kv-seq", type=int, help="key/value length (cross-attention); default: same as seq")
+    p.add_argument("--kv-fill", type=int, help="real keys per example (key_value_seq_lengths); default: all")
     p.add_argument("--batch", type=int)
     p.add_argument("--heads", type=int)
     p.add_argument("--kv-heads", type=int, help="key/value heads (grouped-query attention)")
     p.add_argument("--dim", type=int)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"))
-    p.add_argument("--mode", nargs="+", choices=("fwd", "fwd+bwd"))
+    p.add_argument("--mode", nargs="+", choices=("fwd", "fwd+bwd", "jvp", "hvp"))
     p.add_argument("--causal", choices=("both", "yes", "no"), help="causal, non-causal or both (default)")
     p.add_argument("--impl", nargs="+", help="implementation patterns, e.g. reference 'jax.nn:*' (see --list)")
     p.add_argument("--repeats", type=int, help="timed calls per case (>= 5 for reported figures)")
@@ -57,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "suites": args.suite,
         "seq_lengths": args.seq,
         "kv_seq": args.kv_seq,
+        "kv_fill": args.kv_fill,
         "batch": args.batch,
         "heads": args.heads,
         "kv_heads": args.kv_heads,

@@ -17,10 +17,13 @@ class BenchConfig:
         suites: suites to run; ``matmul`` is always added (it is the roofline).
         seq_lengths: attention sequence-length sweep.
         kv_seq: key/value length for cross-attention; None = self-attention.
+        kv_fill: only the first ``kv_fill`` keys are real (``key_value_seq_lengths``,
+            e.g. a decode step over a partly filled cache); None = all.
         batch, heads, dim: attention shape, layout ``(batch, seq, heads, dim)``.
         kv_heads: key/value heads (grouped-query attention); None = ``heads``.
         dtype: input dtype name.
-        modes: ``"fwd"`` and/or ``"fwd+bwd"``.
+        modes: any of ``"fwd"``, ``"fwd+bwd"``, ``"jvp"`` (forward mode) and
+            ``"hvp"`` (a Hessian-vector product, forward over reverse).
         causal: which of non-causal (False) and causal (True) to run.
         impls: fnmatch patterns on implementation labels (``"jattn:*"``,
             ``"jax.nn:xla"``); a bare name ``x`` means ``jattn:x``. None = all.
@@ -42,6 +45,7 @@ class BenchConfig:
     suites: tuple[str, ...] = SUITE_NAMES
     seq_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     kv_seq: int | None = None
+    kv_fill: int | None = None
     batch: int = 1
     heads: int = 8
     kv_heads: int | None = None

@@ -15,6 +15,11 @@ Conventions (stated once, tested in ``tests/test_bench.py``):
 - Backward is ``backward_factor`` (2.5, the FlashAttention convention: five
   matmuls against the forward's two) times the forward, so forward+backward is
   3.5 times the forward.
+- A JVP (``jax.jvp``, tangents for q, k and v) is the forward plus a tangent
+  pass counted like the backward (five matmuls: the recomputed ``Q K^T``,
+  ``dQ K^T``, ``Q dK^T``, ``dP V`` and ``P dV``): also 3.5 times the forward.
+- A Hessian-vector product forward over reverse (``jax.jvp`` of ``jax.grad``)
+  is counted as twice forward+backward: 7 times the forward.
 - A decode step of one token at cache fill ``f`` projects that token (four
   projections) and attends one query over the ``f + 1`` visible keys (the
   cached ones and its own), whatever the cache's ``max_length``.
@@ -22,7 +27,7 @@ Conventions (stated once, tested in ``tests/test_bench.py``):
 
 from __future__ import annotations
 
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "fwd+bwd", "jvp", "hvp")
 
 
 def visible_pairs(q_seq: int, kv_seq: int, *, causal: bool) -> int:
@@ -67,7 +72,7 @@ def attention_flops(
         kv_heads: key/value heads; checked to divide ``heads``, otherwise unused
             (grouped-query attention costs the same per query head).
         causal: count only the pairs a causal mask leaves visible.
-        mode: ``"fwd"`` or ``"fwd+bwd"``.
+        mode: ``"fwd"``, ``"fwd+bwd"``, ``"jvp"`` or ``"hvp"``.
         backward_factor: backward cost as a multiple of the forward.
 
     Returns:
@@ -82,7 +87,8 @@ def attention_flops(
         raise ValueError(f"heads must be a multiple of kv_heads; got heads={heads}, kv_heads={kv_heads}")
     v_dim = dim if v_dim is None else v_dim
     forward = 2 * batch * heads * visible_pairs(q_seq, kv_seq, causal=causal) * (dim + v_dim)
-    return forward if mode == "fwd" else round(forward * (1 + backward_factor))
+    factor = {"fwd": 1, "fwd+bwd": 1 + backward_factor, "jvp": 1 + backward_factor, "hvp": 2 * (1 + backward_factor)}
+    return round(forward * factor[mode])
 
 
 def matmul_flops(m: int, k: int, n: int, *, batch: int = 1) -> int:

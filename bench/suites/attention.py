@@ -1,7 +1,9 @@
 """``attention``: every jattn implementation against ``jax.nn`` (and torch) over a sequence sweep.
 
-Layout ``(batch, seq, heads, dim)``. Modes: ``fwd`` (the output) and
-``fwd+bwd`` (gradients of ``sum(output)`` with respect to q, k and v). The
+Layout ``(batch, seq, heads, dim)``. Modes: ``fwd`` (the output),
+``fwd+bwd`` (gradients of ``sum(output)`` with respect to q, k and v), ``jvp``
+(``jax.jvp`` with tangents for q, k and v) and ``hvp`` (``jax.jvp`` of those
+gradients: a Hessian-vector product, forward over reverse). The
 jattn implementations are read from ``jattn.IMPLEMENTATIONS`` when the
 cases are made, so a new one is benchmarked without touching this file.
 """
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..case import Case, JaxTarget, PythonTarget, Target
+from ..case import Case, JaxTarget, PythonTarget, Target, Unavailable
 from ..config import BenchConfig
 from ..flops import attention_flops
 from ..inputs import normal
@@ -39,21 +41,55 @@ def implementation_labels(backend: str, *, torch_importable: bool) -> list[tuple
     return labels
 
 
-def attention_fn(impl: str, *, causal: bool) -> Callable:
-    """``f(q, k, v) -> out`` for a JAX implementation label (``jattn:*`` or ``jax.nn:*``)."""
+def attention_fn(impl: str, *, causal: bool, kv_fill: int | None = None) -> Callable:
+    """``f(q, k, v) -> out`` for a JAX implementation label (``jattn:*`` or ``jax.nn:*``).
+
+    With ``kv_fill``, only the first ``kv_fill`` keys of every example are real
+    (``key_value_seq_lengths``).
+    """
     library, name = impl.split(":", 1)
+
+    def lengths(q):
+        return None if kv_fill is None else jnp.full(q.shape[:1], kv_fill, jnp.int32)
+
     if library == "jattn":
         import jattn
 
-        return lambda q, k, v: jattn.dot_product_attention(q, k, v, is_causal=causal, implementation=name)
+        def f(q, k, v):
+            return jattn.dot_product_attention(
+                q, k, v, is_causal=causal, key_value_seq_lengths=lengths(q), implementation=name
+            )
+
+        return f
     if library == "jax.nn":
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=name)
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, key_value_seq_lengths=lengths(q), implementation=name
+        )
     raise ValueError(f"not a JAX attention implementation: {impl!r}")
 
 
 def forward_backward(f: Callable) -> Callable:
     """Gradients of ``sum(f(q, k, v))`` (summed in float32) with respect to q, k and v."""
     return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+
+
+def forward_mode(f: Callable) -> Callable:
+    """``jax.jvp`` of ``f(q, k, v)`` with the inputs as tangents."""
+    return lambda q, k, v: jax.jvp(f, (q, k, v), (q, k, v))
+
+
+def target_fn(f: Callable, mode: str) -> Callable:
+    """What one timed call of ``mode`` runs."""
+    match mode:
+        case "fwd":
+            return f
+        case "fwd+bwd":
+            return forward_backward(f)
+        case "jvp":
+            return forward_mode(f)
+        case "hvp":
+            return forward_mode(forward_backward(f))
+    raise ValueError(f"unknown mode {mode!r}")
 
 
 def make_inputs(params: dict, *, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -98,14 +134,17 @@ def build(impl: str, params: dict) -> Target:
     """The target of one attention case."""
     q, k, v = make_inputs(params)
     if impl.startswith("torch:"):
+        if params["mode"] not in ("fwd", "fwd+bwd"):
+            raise Unavailable(f"torch has no {params['mode']} case here (forward-mode autodiff)")
         return torch_target(q, k, v, causal=params["causal"], mode=params["mode"])
-    f = attention_fn(impl, causal=params["causal"])
-    return JaxTarget(f if params["mode"] == "fwd" else forward_backward(f), (q, k, v))
+    f = attention_fn(impl, causal=params["causal"], kv_fill=params.get("kv_fill"))
+    return JaxTarget(target_fn(f, params["mode"]), (q, k, v))
 
 
 def case_label(params: dict) -> str:
-    """E.g. ``"fwd+bwd causal T=512"`` (``T=512 S=1024`` for cross-attention)."""
+    """E.g. ``"fwd+bwd causal T=512"`` (``T=512 S=1024`` for cross-attention, ``fill=64`` for padded keys)."""
     lengths = f"T={params['seq']}" + (f" S={params['kv_seq']}" if params["kv_seq"] != params["seq"] else "")
+    lengths += f" fill={params['kv_fill']}" if params.get("kv_fill") is not None else ""
     return f"{params['mode']} {'causal' if params['causal'] else 'full'} {lengths}"
 
 
@@ -122,6 +161,7 @@ def cases(cfg: BenchConfig) -> Iterator[Case]:
                     "batch": cfg.batch,
                     "seq": seq,
                     "kv_seq": cfg.kv_seq or seq,
+                    "kv_fill": cfg.kv_fill,
                     "heads": cfg.heads,
                     "kv_heads": cfg.kv_heads or cfg.heads,
                     "dim": cfg.dim,
@@ -132,7 +172,7 @@ def cases(cfg: BenchConfig) -> Iterator[Case]:
                     heads=cfg.heads,
                     kv_heads=params["kv_heads"],
                     q_seq=seq,
-                    kv_seq=params["kv_seq"],
+                    kv_seq=params["kv_seq"] if cfg.kv_fill is None else min(cfg.kv_fill, params["kv_seq"]),
                     dim=cfg.dim,
                     causal=causal,
                     mode=mode,
