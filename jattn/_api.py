@@ -99,9 +99,9 @@ def dot_product_attention(
             an unknown implementation or an option it cannot honour, a
             non-positive block size.
 
-    ``jax.jvp`` (forward mode) is not available for ``"blockwise"`` (it has a
-    custom VJP); use ``implementation="reference"`` for forward-mode autodiff.
-    Reverse mode, including grad of grad, works for every implementation.
+    Every JAX transform works on every implementation: reverse mode, forward
+    mode (``jax.jvp``, ``jax.jacfwd``: blockwise and O(N) memory on
+    ``"blockwise"``) and their compositions (Hessians, HVPs, grad of grad).
 
     Example:
         >>> import jax, jax.numpy as jnp, jattn

@@ -1,11 +1,12 @@
 """Gradient checks for attention-like functions, for people who write their own variants.
 
-``check_attention_grads`` differentiates a function in float64 and compares
-every gradient element with central finite differences and, if given, with the
-autodiff gradients of a reference (e.g. ``jattn.dot_product_attention``). It
-returns a :class:`GradCheckReport` naming the worst element of every check —
-which argument, which index, the two values — and raises
-:class:`GradCheckError` with that report when a tolerance is exceeded.
+``check_attention_grads`` differentiates a function in float64, in reverse mode
+and (``modes=("fwd", "rev")``) forward mode, and compares every gradient
+element with central finite differences and, if given, with the autodiff
+derivatives of a reference (e.g. ``jattn.dot_product_attention``). It returns
+a :class:`GradCheckReport` naming the worst element of every check — which
+argument, which index, the two values — and raises :class:`GradCheckError`
+with that report when a tolerance is exceeded.
 
 This module imports only JAX and NumPy (``import jattn.testing``).
 
@@ -26,20 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jaxtyping import ArrayLike, Float
 
-from . import _gradcheck
 from ._gradcheck import Mismatch
+from ._gradcheck_modes import MODES, Problem, forward_checks, reverse_checks
 
 __all__ = ["GradCheckError", "GradCheckReport", "Mismatch", "check_attention_grads"]
-
-FINITE_DIFFERENCES = "finite differences"
-REFERENCE_GRADIENT = "reference autodiff"
-REFERENCE_OUTPUT = "reference output"
-SECOND_ORDER_FD = "Hessian-vector product vs finite differences"
-SECOND_ORDER_REFERENCE = "Hessian-vector product vs reference"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +41,14 @@ class GradCheckReport:
 
     Attributes:
         order: highest derivative order checked (1 or 2).
+        modes: the autodiff modes checked (``"fwd"``, ``"rev"``).
         worst: the worst element of every (check, argument) pair, worst first
             (ranked by error relative to tolerance).
     """
 
     order: int
     worst: tuple[Mismatch, ...]
+    modes: tuple[str, ...] = ("rev",)
 
     @property
     def passed(self) -> bool:
@@ -64,7 +59,8 @@ class GradCheckReport:
         return tuple(m for m in self.worst if not m.passed)
 
     def __str__(self) -> str:
-        head = f"gradient check (order {self.order}) {'passed' if self.passed else 'FAILED'}; worst elements:"
+        verdict = "passed" if self.passed else "FAILED"
+        head = f"gradient check (order {self.order}, modes {'+'.join(self.modes)}) {verdict}; worst elements:"
         return "\n".join([head, *(f"  {m}" for m in self.worst)])
 
 
@@ -81,6 +77,7 @@ def check_attention_grads(
     *args: Float[ArrayLike, "*dims"] | ArrayLike | None,
     reference: Callable[..., Any] | None = None,
     order: int = 1,
+    modes: Sequence[str] = ("rev",),
     argnums: Sequence[int] | None = None,
     eps: float = 1e-5,
     atol: float = 1e-6,
@@ -89,19 +86,28 @@ def check_attention_grads(
     seed: int = 0,
     raise_on_failure: bool = True,
 ) -> GradCheckReport:
-    r"""Checks the gradients of an attention-like function in float64.
+    r"""Checks the derivatives of an attention-like function in float64, in reverse and forward mode.
 
-    The function is reduced to the scalar ``L = sum(fn(*args) * w)`` with a
-    fixed random cotangent ``w`` (one per floating output leaf). Then, with
+    The function is reduced to the scalar ``L = sum(fn(*args) * c)`` with a
+    fixed random cotangent ``c`` (one per floating output leaf), and a fixed
+    random tangent ``t`` is drawn for the differentiated arguments. Then, with
     every differentiated argument cast to float64:
 
-    * order 1: each element of ``jax.grad(L)`` against the central difference
-      ``(L(x + eps e_i) - L(x - eps e_i)) / (2 eps)``, and against the gradient
-      of ``reference`` (whose outputs are compared too);
-    * order 2 (additionally): the Hessian-vector product ``H t`` for a random
-      tangent ``t`` (reverse over reverse, so ``jax.custom_vjp`` kernels work)
-      against ``(grad L(x + eps t) - grad L(x - eps t)) / (2 eps)`` and
-      against the reference's ``H t``.
+    * ``"rev"``, order 1: each element of ``jax.grad(L)`` against the central
+      difference ``(L(x + eps e_i) - L(x - eps e_i)) / (2 eps)``, and against
+      the gradient of ``reference`` (whose outputs are compared too);
+    * ``"fwd"``, order 1: every element of the JVP ``J t`` (``jax.jvp`` of
+      ``fn``) against ``(fn(x + eps t) - fn(x - eps t)) / (2 eps)`` and against
+      the reference's ``J t``; with both modes, also the dot-product identity
+      ``<J t, c> = <t, J^T c>`` between forward and reverse mode;
+    * order 2, ``"rev"``: the Hessian-vector product ``H t`` reverse over
+      reverse (so ``jax.custom_vjp`` kernels work) against
+      ``(grad L(x + eps t) - grad L(x - eps t)) / (2 eps)`` and against the
+      reference's ``H t``;
+    * order 2, ``"fwd"``: with both modes, ``H t`` forward over reverse
+      (``jax.jvp`` of ``jax.grad``) against finite differences and against
+      reverse over reverse; forward mode alone, the second directional
+      derivative ``t^T H t`` (``jvp`` of ``jvp``) against finite differences.
 
     An element passes when ``|actual - expected| <= atol + rtol * |expected|``;
     NaN or Inf always fails. The checks run under ``jax.enable_x64(True)``.
@@ -116,6 +122,8 @@ def check_attention_grads(
         reference: optional function with the same signature and outputs, e.g.
             ``jattn.dot_product_attention``.
         order: 1 or 2.
+        modes: ``("rev",)`` (default: reverse mode only, which ``custom_vjp``
+            kernels support), ``("fwd",)`` or ``("fwd", "rev")``.
         argnums: positions of the arguments to differentiate; default every
             floating-point argument.
         eps: finite-difference step (absolute; inputs of order 1 are assumed).
@@ -133,8 +141,8 @@ def check_attention_grads(
 
     Raises:
         GradCheckError: if a tolerance is exceeded and ``raise_on_failure``.
-        ValueError: on a bad ``order``, ``argnums`` or ``eps``, or when the
-            reference's outputs have another structure or shape.
+        ValueError: on a bad ``order``, ``modes``, ``argnums`` or ``eps``, or
+            when the reference's outputs have another structure or shape.
         TypeError: if ``fn`` is not callable or an ``argnums`` argument is not
             floating point.
 
@@ -152,6 +160,11 @@ def check_attention_grads(
         >>> report.passed
         True
 
+        Forward and reverse mode, to second order:
+
+        >>> check_attention_grads(my_attention, q, kv, kv, order=2, modes=("fwd", "rev")).passed
+        True
+
         A variant that forgets a gradient path fails, and the report says where:
 
         >>> def broken(q, k, v):
@@ -166,109 +179,20 @@ def check_attention_grads(
         raise TypeError(f"reference must be callable or None; got {type(reference).__name__}")
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2; got {order!r}")
+    if isinstance(modes, str) or not modes or not set(modes) <= set(MODES):
+        raise ValueError(f"modes must be a non-empty sequence of {MODES}; got {modes!r}")
     if not eps > 0:
         raise ValueError(f"eps must be a positive float; got {eps!r}")
+    modes = tuple(m for m in MODES if m in modes)
     with jax.enable_x64(True):
-        report = _check(fn, args, reference, order, argnums, float(eps), float(atol), float(rtol), max_elements, seed)
+        problem = Problem.make(fn, args, reference, argnums, float(eps), float(atol), float(rtol), seed)
+        worst = []
+        if "rev" in modes:
+            worst += reverse_checks(problem, order, max_elements)
+        if "fwd" in modes:
+            worst += forward_checks(problem, order, with_reverse="rev" in modes)
+    worst.sort(key=lambda m: -(m.error / m.tolerance if m.tolerance > 0 else (0.0 if m.error == 0 else math.inf)))
+    report = GradCheckReport(order=order, worst=tuple(worst), modes=modes)
     if raise_on_failure and not report.passed:
         raise GradCheckError(report)
     return report
-
-
-def _check(fn, args, reference, order, argnums, eps, atol, rtol, max_elements, seed) -> GradCheckReport:
-    arrays = [None if a is None else jnp.asarray(a) for a in args]
-    floating = [a is not None and jnp.issubdtype(a.dtype, jnp.floating) for a in arrays]
-    if argnums is None:
-        argnums = tuple(i for i, f in enumerate(floating) if f)
-        if not argnums:
-            raise ValueError("check_attention_grads needs at least one floating-point argument; got none")
-    argnums = tuple(argnums)
-    for i in argnums:
-        if not 0 <= i < len(arrays):
-            raise ValueError(f"argnums must index the {len(arrays)} positional args; got {i}")
-        if not floating[i]:
-            raise TypeError(f"argument {i} in argnums must be floating point; got {_gradcheck.describe(arrays[i])}")
-    names = _gradcheck.argument_names(fn, len(arrays))
-    diff_names = [names[i] for i in argnums]
-    primals = tuple(arrays[i].astype(jnp.float64) for i in argnums)
-    rng = np.random.default_rng(seed)
-
-    def bind(f):
-        def call(*diff):
-            full = list(arrays)
-            for i, x in zip(argnums, diff, strict=True):
-                full[i] = x
-            return f(*full)
-
-        return call
-
-    out = jax.jit(bind(fn))(*primals)
-    out_leaves, out_tree = jax.tree_util.tree_flatten(out)
-    cotangents = [
-        jnp.asarray(rng.standard_normal(np.shape(leaf)), jnp.float64) if _gradcheck.is_floating(leaf) else None
-        for leaf in out_leaves
-    ]
-    if all(w is None for w in cotangents):
-        raise ValueError(f"fn must return at least one floating-point array; got {out_tree}")
-
-    def scalar_loss(f):
-        call = bind(f)
-
-        def loss(*diff):
-            leaves = jax.tree_util.tree_leaves(call(*diff))
-            terms = [
-                jnp.vdot(leaf.astype(jnp.float64), w)
-                for leaf, w in zip(leaves, cotangents, strict=True)
-                if w is not None
-            ]
-            return sum(terms[1:], terms[0])
-
-        return loss
-
-    all_args = tuple(range(len(primals)))
-    loss = scalar_loss(fn)
-    grad_fn = jax.grad(loss, argnums=all_args)
-    grads = jax.jit(grad_fn)(*primals)
-    worst: list[Mismatch] = []
-
-    # First order: every (or a sample of every) gradient element by central differences.
-    samples = [_gradcheck.sample(g.size, max_elements, rng) for g in grads]
-    differences = _gradcheck.central_differences(loss, primals, samples, eps)
-    for name, g, flat_idx, fd in zip(diff_names, grads, samples, differences, strict=True):
-        actual = np.asarray(g).reshape(-1)[flat_idx]
-        worst.append(_gradcheck.worst_element(FINITE_DIFFERENCES, name, actual, fd, flat_idx, g.shape, atol, rtol))
-
-    ref_grads = None
-    if reference is not None:
-        ref_out = jax.jit(bind(reference))(*primals)
-        ref_leaves, ref_tree = jax.tree_util.tree_flatten(ref_out)
-        if ref_tree != out_tree:
-            raise ValueError(f"reference must return the same structure as fn: {out_tree}; got {ref_tree}")
-        for n, (leaf, ref_leaf) in enumerate(zip(out_leaves, ref_leaves, strict=True)):
-            if np.shape(leaf) != np.shape(ref_leaf):
-                raise ValueError(
-                    f"reference output {n} must have shape {np.shape(leaf)} like fn's; got {np.shape(ref_leaf)}"
-                )
-            label = "output" if len(out_leaves) == 1 else f"output {n}"
-            worst.append(_gradcheck.compare(REFERENCE_OUTPUT, label, leaf, ref_leaf, atol, rtol))
-        ref_loss = scalar_loss(reference)
-        ref_grads = jax.jit(jax.grad(ref_loss, argnums=all_args))(*primals)
-        for name, g, rg in zip(diff_names, grads, ref_grads, strict=True):
-            worst.append(_gradcheck.compare(REFERENCE_GRADIENT, name, g, rg, atol, rtol))
-
-    if order == 2:
-        tangents = tuple(jnp.asarray(rng.standard_normal(p.shape), jnp.float64) for p in primals)
-        hvp = jax.jit(_gradcheck.hessian_vector_product(grad_fn, all_args))(primals, tangents)
-        plus = jax.jit(grad_fn)(*(p + eps * t for p, t in zip(primals, tangents, strict=True)))
-        minus = jax.jit(grad_fn)(*(p - eps * t for p, t in zip(primals, tangents, strict=True)))
-        for name, h, gp, gm in zip(diff_names, hvp, plus, minus, strict=True):
-            fd = (np.asarray(gp) - np.asarray(gm)) / (2 * eps)
-            worst.append(_gradcheck.compare(SECOND_ORDER_FD, f"d(grad {name})", h, fd, atol, rtol))
-        if reference is not None:
-            ref_grad_fn = jax.grad(scalar_loss(reference), argnums=all_args)
-            ref_hvp = jax.jit(_gradcheck.hessian_vector_product(ref_grad_fn, all_args))(primals, tangents)
-            for name, h, rh in zip(diff_names, hvp, ref_hvp, strict=True):
-                worst.append(_gradcheck.compare(SECOND_ORDER_REFERENCE, f"d(grad {name})", h, rh, atol, rtol))
-
-    worst.sort(key=lambda m: -(m.error / m.tolerance if m.tolerance > 0 else (0.0 if m.error == 0 else math.inf)))
-    return GradCheckReport(order=order, worst=tuple(worst))

@@ -154,13 +154,6 @@ def test_check_grads_order_two():
     test_util.check_grads(f, (q, k, v), order=2, modes=["rev"])
 
 
-def test_forward_mode_is_refused():
-    q, k, v = _inputs(5, 5)
-    f = functools.partial(jattn.dot_product_attention, implementation="blockwise")
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(f, (q, k, v), (q, k, v))
-
-
 @pytest.mark.parametrize(("dtype", "atol"), [(jnp.bfloat16, 3e-2), (jnp.float16, 4e-3)])
 def test_16_bit_inputs_accumulate_in_float32(dtype, atol):
     q, k, v = _inputs(37, 29, jnp.float32, heads=4, kv_heads=2, dim=8)

@@ -88,6 +88,43 @@ def test_order_2_catches_a_backward_pass_that_is_not_differentiable():
     assert all("Hessian-vector product" in m.check for m in report.failures)
 
 
+@jax.custom_jvp
+def wrong_tangent(query, key, value):
+    return plain_attention(query, key, value)
+
+
+@wrong_tangent.defjvp
+def _wrong_tangent_jvp(primals, tangents):
+    out, tangent_out = jax.jvp(plain_attention, primals, tangents)
+    return out, tangent_out.at[0, 1, 0, 2].add(0.25)  # one wrong tangent element
+
+
+def test_forward_mode_checks_name_the_wrong_tangent_element():
+    report = testing.check_attention_grads(wrong_tangent, Q, K, V, modes=("fwd",), raise_on_failure=False)
+    assert {m.check for m in report.failures} == {"JVP vs finite differences"}
+    assert report.failures[0].argument == "output" and report.failures[0].index == (0, 1, 0, 2)
+    assert report.modes == ("fwd",) and "modes fwd" in str(report)
+
+
+def test_forward_and_reverse_mode_must_agree():
+    """A correct reverse mode cannot hide a wrong forward mode: <J t, c> = <t, J^T c> fails."""
+    report = testing.check_attention_grads(wrong_tangent, Q, K, V, modes=("rev", "fwd"), raise_on_failure=False)
+    failed = {m.check for m in report.failures}
+    assert "<J t, c> vs <t, J^T c>" in failed and "finite differences" not in failed
+
+
+def test_both_modes_to_second_order_on_a_correct_variant():
+    report = testing.check_attention_grads(plain_attention, Q, K, V, order=2, modes=("fwd", "rev"))
+    checked = {m.check for m in report.worst}
+    assert {
+        "Hessian-vector product (forward over reverse) vs finite differences",
+        "Hessian-vector product forward over reverse vs reverse over reverse",
+        "<J t, c> vs <t, J^T c>",
+    } <= checked
+    forward_only = testing.check_attention_grads(plain_attention, Q, K, V, order=2, modes=("fwd",))
+    assert "second directional derivative vs finite differences" in {m.check for m in forward_only.worst}
+
+
 def test_reference_disagreement_is_reported():
     scaled = functools.partial(jattn.dot_product_attention, scale=0.3)
     report = testing.check_attention_grads(
@@ -115,6 +152,8 @@ def test_argnums_and_sampling():
         ({"argnums": (3,)}, TypeError, r"argument 3 in argnums must be floating point; got dtype bool"),
         ({"argnums": (7,)}, ValueError, r"argnums must index the 4 positional args; got 7"),
         ({"reference": "reference"}, TypeError, r"reference must be callable or None; got str"),
+        ({"modes": "fwd"}, ValueError, r"modes must be a non-empty sequence of \('fwd', 'rev'\); got 'fwd'"),
+        ({"modes": ("rev", "jvp")}, ValueError, r"modes must be a non-empty sequence of .*; got \('rev', 'jvp'\)"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

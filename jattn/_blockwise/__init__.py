@@ -11,13 +11,15 @@ shape). The package, in the order a call goes through it:
 * ``_layout``: the kernel's operands (head-major queries, padding, batch
   folding) and the loop over examples;
 * ``_blockmath``: block logits and matmuls shared by every pass;
-* ``_forward`` and ``_backward``: the two passes;
-* ``_autodiff``: how they are wired into JAX's autodiff.
+* ``_forward``, ``_tangent`` (forward mode) and ``_backward``: the three passes;
+* ``_dense``: the same passes on one block spanning everything (for second
+  derivatives in reverse mode);
+* ``_autodiff``: how they are wired into JAX's autodiff (one primitive: JVP,
+  transpose and batching rules).
 """
 
 from __future__ import annotations
 
-from jax import lax
 from jaxtyping import Array
 
 from .._options import AttentionInputs
@@ -31,7 +33,7 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
     """Blockwise attention on normalized 4-D inputs (see ``reference_attention``).
 
     Returns ``(batch, q_seq, heads, v_dim)`` output and ``(batch, q_seq, heads)``
-    log-sum-exp in the softmax compute dtype.
+    log-sum-exp in the softmax compute dtype, both differentiable in every mode.
     """
     q_seq, kv_seq, batch = inputs.query.shape[1], inputs.key.shape[1], inputs.query.shape[0]
     grid = Grid(q_seq, kv_seq, fitted_block(q_seq, block_q), fitted_block(kv_seq, block_kv))
@@ -42,5 +44,4 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
         out, lse = unfold_batch(out, batch), unfold_batch(lse, batch)
     else:
         out, lse = attention(spec, ops)
-    out, lse = from_kernel_layout(out, lse, grid)
-    return out, lax.stop_gradient(lse)
+    return from_kernel_layout(out, lse, grid)

@@ -38,7 +38,7 @@ class QueryBlock(NamedTuple):
     dout: Array  # (kv_heads, rows, v_dim)
     dout_t: Array  # (kv_heads, v_dim, rows)
     lse: Array  # (kv_heads, 1, rows)
-    delta: Array  # (kv_heads, 1, rows): sum_d dO O, the softmax-Jacobian term of every row
+    delta: Array  # (kv_heads, 1, rows): sum_d dO O - dlse, the softmax-Jacobian term of every row
     bias: Array | None  # slice_block of the bias
     mask: Array | None  # slice_block of the dense mask
 
@@ -69,9 +69,7 @@ def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible: Array | None, dk
     if query.bias is not None:
         bias_t = bm.transposed_block(bm.grouped(query.bias, kv_heads, groups))
         st = (as_4d(st) + bias_t.astype(st.dtype)).reshape(st.shape)
-    # p <= 1: the recomputed logit may exceed the saved log-sum-exp by an ulp of
-    # its size (another summation order), and exp of 1e17 overflows.
-    pt = jnp.exp(jnp.minimum(st - query.lse, 0))
+    pt = bm.exp_below_zero(st - query.lse)
     if visible is not None:
         pt = jnp.where(visible, as_4d(pt), 0).reshape(pt.shape)
     dv = dv + bm.mm(pt.astype(query.dout.dtype), query.dout)
@@ -85,52 +83,76 @@ def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible: Array | None, dk
     return PairGrads(dk, dv, dqt, dlogits)
 
 
-def backward_example(spec, ops: Operands, out: Array, lse: Array, dout: Array):
-    """dQ, dK, dV (and dbias) of one example; ``ops`` holds that example's arrays."""
-    grid = spec.grid
-    q = ops.q
-    kv_heads, groups, _, dim = q.shape
-    k, v = ops.k.transpose(1, 0, 2), ops.v.transpose(1, 0, 2)  # head-major (kv_heads, kv_padded, x)
-    v_dim = v.shape[-1]
-    acc_dtype = _core.compute_dtype(q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
-    delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype)
+class BackwardArrays(NamedTuple):
+    """One example's backward operands, transposed once so every block product is a plain matmul."""
+
+    k: Array  # head-major keys (kv_heads, kv_padded, dim)
+    v: Array  # (kv_heads, kv_padded, v_dim)
+    kt: Array  # (kv_heads, dim, kv_padded)
+    qt: Array  # (kv_heads, dim, groups, q_padded)
+    dout_t: Array  # (kv_heads, v_dim, groups, q_padded)
+    delta: Array  # (kv_heads, groups, q_padded)
+
+
+def backward_arrays(ops: Operands, out: Array, dout: Array, dlse: Array) -> BackwardArrays:
+    acc_dtype = _core.compute_dtype(ops.q.dtype)
+    k, v = ops.k.transpose(1, 0, 2), ops.v.transpose(1, 0, 2)
+    # The log-sum-exp's cotangent adds dlse * p to dlogits: it enters as -dlse in the row term.
+    delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype) - dlse.astype(acc_dtype)
+    return BackwardArrays(k, v, k.transpose(0, 2, 1), ops.q.transpose(0, 3, 1, 2), dout.transpose(0, 3, 1, 2), delta)
+
+
+def key_block(grid, arrays: BackwardArrays, kb) -> KeyBlock:
+    return KeyBlock(
+        *(bm.dynamic_block(x, kb, grid.block_kv, axis) for x, axis in ((arrays.k, 1), (arrays.v, 1), (arrays.kt, 2)))
+    )
+
+
+def query_block(grid, ops: Operands, arrays: BackwardArrays, lse: Array, dout: Array, qb, kb) -> QueryBlock:
+    kv_heads, groups = ops.q.shape[:2]
     rows = groups * grid.block_q
-    qt = q.transpose(0, 3, 1, 2)  # (kv_heads, dim, groups, q_padded)
-    dout_t = dout.transpose(0, 3, 1, 2)  # (kv_heads, v_dim, groups, q_padded)
-    kt = k.transpose(0, 2, 1)  # (kv_heads, dim, kv_padded)
 
-    def query_block(qb, kb) -> QueryBlock:
-        def row_block(x):  # (kv_heads, groups, q_padded) -> (kv_heads, 1, rows)
-            return bm.dynamic_block(x, qb, grid.block_q, 2).reshape(kv_heads, 1, rows)
+    def row_block(x):  # (kv_heads, groups, q_padded) -> (kv_heads, 1, rows)
+        return bm.dynamic_block(x, qb, grid.block_q, 2).reshape(kv_heads, 1, rows)
 
-        def col_block(x):  # (kv_heads, x, groups, q_padded) -> (kv_heads, x, rows)
-            return bm.dynamic_block(x, qb, grid.block_q, 3).reshape(kv_heads, x.shape[1], rows)
+    def col_block(x):  # (kv_heads, x, groups, q_padded) -> (kv_heads, x, rows)
+        return bm.dynamic_block(x, qb, grid.block_q, 3).reshape(kv_heads, x.shape[1], rows)
 
-        return QueryBlock(
-            q=bm.rows(bm.dynamic_block(q, qb, grid.block_q, 2)),
-            qt=col_block(qt),
-            dout=bm.rows(bm.dynamic_block(dout, qb, grid.block_q, 2)),
-            dout_t=col_block(dout_t),
-            lse=row_block(lse),
-            delta=row_block(delta),
-            bias=None if ops.bias is None else slice_block(ops.bias, qb, kb, grid),
-            mask=None if ops.mask is None else slice_block(ops.mask, qb, kb, grid),
-        )
+    return QueryBlock(
+        q=bm.rows(bm.dynamic_block(ops.q, qb, grid.block_q, 2)),
+        qt=col_block(arrays.qt),
+        dout=bm.rows(bm.dynamic_block(dout, qb, grid.block_q, 2)),
+        dout_t=col_block(arrays.dout_t),
+        lse=row_block(lse),
+        delta=row_block(arrays.delta),
+        bias=None if ops.bias is None else slice_block(ops.bias, qb, kb, grid),
+        mask=None if ops.mask is None else slice_block(ops.mask, qb, kb, grid),
+    )
+
+
+def backward_example(spec, ops: Operands, out: Array, lse: Array, dout: Array, dlse: Array, bias_grad: bool):
+    """dQ, dK, dV (and dbias if ``bias_grad``) of one example; ``ops`` holds that example's arrays."""
+    grid = spec.grid
+    kv_heads, groups, _, dim = ops.q.shape
+    v_dim = ops.v.shape[-1]
+    rows = groups * grid.block_q
+    acc_dtype = _core.compute_dtype(ops.q.dtype)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
+    arrays = backward_arrays(ops, out, dout, dlse)
+
+    def pair(dk, dv, query, qb, kb, key, masked):
+        visible = None
+        if masked:
+            visible = bm.transposed_block(bm.grouped(blocks.block_mask(qb, kb, query.mask), kv_heads, groups))
+        grads = pair_grads(spec, key, query, visible, dk, dv)
+        return grads if bias_grad else grads._replace(dlogits=None)
 
     def one_kv_block(carry, kb):
-        key = KeyBlock(*(bm.dynamic_block(x, kb, grid.block_kv, axis) for x, axis in ((k, 1), (v, 1), (kt, 2))))
-
-        def visit(dk, dv, query, qb, masked):
-            visible = None
-            if masked:
-                mask = bm.grouped(blocks.block_mask(qb, kb, query.mask), kv_heads, groups)
-                visible = bm.transposed_block(mask)
-            return pair_grads(spec, key, query, visible, dk, dv)
+        key = key_block(grid, arrays, kb)
 
         def skip(dk, dv):
             shape = (kv_heads, groups, grid.block_q, grid.block_kv)
-            dlogits = None if ops.bias is None else jnp.zeros(shape, acc_dtype)
+            dlogits = jnp.zeros(shape, acc_dtype) if bias_grad else None
             return PairGrads(dk, dv, jnp.zeros((kv_heads, dim, rows), acc_dtype), dlogits)
 
         def step(qb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
@@ -141,15 +163,18 @@ def backward_example(spec, ops: Operands, out: Array, lse: Array, dout: Array):
             dk, dv, dqt, dbias = carry
             branches = [
                 lambda dk, dv, query: skip(dk, dv),
-                lambda dk, dv, query: visit(dk, dv, query, qb, masked=False),
-                lambda dk, dv, query: visit(dk, dv, query, qb, masked=True),
+                lambda dk, dv, query: pair(dk, dv, query, qb, kb, key, masked=False),
+                lambda dk, dv, query: pair(dk, dv, query, qb, kb, key, masked=True),
             ]
-            pair = lax.switch(blocks.kind(qb, kb), branches, dk, dv, query_block(qb, kb))
-            dqt_blk = bm.dynamic_block(dqt, qb, grid.block_q, 3) + pair.dqt.reshape(kv_heads, dim, groups, grid.block_q)
+            query = query_block(grid, ops, arrays, lse, dout, qb, kb)
+            grads = lax.switch(blocks.kind(qb, kb), branches, dk, dv, query)
+            dqt_blk = bm.dynamic_block(dqt, qb, grid.block_q, 3) + grads.dqt.reshape(
+                kv_heads, dim, groups, grid.block_q
+            )
             dqt = lax.dynamic_update_slice_in_dim(dqt, dqt_blk, qb * grid.block_q, 3)
             if dbias is not None:
-                dbias = _add_bias_block(dbias, pair.dlogits, qb, kb, grid)
-            return pair.dk, pair.dv, dqt, dbias
+                dbias = add_bias_block(dbias, grads.dlogits, qb, kb, grid)
+            return grads.dk, grads.dv, dqt, dbias
 
         dqt, dbias = carry
         init = (
@@ -162,17 +187,17 @@ def backward_example(spec, ops: Operands, out: Array, lse: Array, dout: Array):
         dk, dv, dqt, dbias = lax.fori_loop(lo, hi, step, init)
         return (dqt, dbias), (dk, dv)
 
-    dqt0 = jnp.zeros(qt.shape, acc_dtype)
-    dbias0 = None if ops.bias is None else jnp.zeros(ops.bias.shape, acc_dtype)
+    dqt0 = jnp.zeros(arrays.qt.shape, acc_dtype)
+    dbias0 = jnp.zeros(ops.bias.shape, acc_dtype) if bias_grad else None
     (dqt, dbias), (dk, dv) = lax.scan(one_kv_block, (dqt0, dbias0), jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
     # (num_kv_blocks, kv_heads, bk, x) -> the primal layout (kv_padded, kv_heads, x)
     dk = jnp.moveaxis(dk, 1, 2).reshape(grid.kv_padded, kv_heads, dim)
     dv = jnp.moveaxis(dv, 1, 2).reshape(grid.kv_padded, kv_heads, v_dim)
     dq = dqt.transpose(0, 2, 3, 1)  # (kv_heads, groups, q_padded, dim)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias
+    return dq.astype(ops.q.dtype), dk.astype(ops.k.dtype), dv.astype(ops.v.dtype), dbias
 
 
-def _add_bias_block(dbias, ds, qb, kb, grid: Grid):
+def add_bias_block(dbias, ds, qb, kb, grid: Grid):
     """Adds a block's dlogits into dbias ``(heads|1, q|1, kv|1)``, summing broadcast axes."""
     heads_b, tq, tk = dbias.shape
     ds = ds.reshape(-1, *ds.shape[2:])  # (heads, bq, bk)
@@ -184,15 +209,11 @@ def _add_bias_block(dbias, ds, qb, kb, grid: Grid):
     return lax.dynamic_update_slice(dbias, current + ds, start)
 
 
-def backward(spec, ops: Operands, out: Array, lse: Array, dout: Array):
-    """dQ (kernel layout), dK, dV (caller's layout) and dbias (the bias's shape, summed over broadcast axes)."""
+def backward(spec, ops: Operands, out: Array, lse: Array, dout: Array, dlse: Array, *, bias_grad: bool):
+    """dQ (kernel layout), dK, dV (caller's layout), and with ``bias_grad`` dbias of every example
+    ``(batch, heads|1, q|1, kv|1)`` in the softmax dtype (summed over the bias's other broadcast axes)."""
 
     def one_example(_, args, __):
-        ops, out, lse, dout = args
-        return backward_example(spec, ops, out, lse, dout)
+        return backward_example(spec, *args, bias_grad)
 
-    dq, dk, dv, dbias = over_batch(one_example, ops.q.shape[0], (ops, out, lse, dout))
-    if ops.bias is not None:
-        dbias = dbias.sum(axis=0, keepdims=True) if ops.bias.shape[0] == 1 else dbias
-        dbias = dbias.astype(ops.bias.dtype)
-    return dq, dk, dv, dbias
+    return over_batch(one_example, ops.q.shape[0], (ops, out, lse, dout, dlse))

@@ -91,6 +91,17 @@ def finish_logits(options: StaticOptions, s: Array, dtype) -> tuple[Array, Array
     return s, t
 
 
+def exp_below_zero(x: Array) -> Array:
+    """``exp(x)`` for ``x = logit - lse <= 0`` (exact arithmetic), with ``x`` clipped at 0.
+
+    A logit recomputed in another summation order may exceed the saved
+    log-sum-exp by an ulp of its size, and exp of 1e17 overflows. The clip keeps
+    derivative 1 at 0, as the unclipped exponent has, so higher derivatives
+    stay exact.
+    """
+    return jnp.exp(jnp.where(x > 0, 0, x))
+
+
 def block_logits(options: StaticOptions, q_blk: Array, kt_blk: Array, bias_blk: Array | None):
     """Logits ``(kv_heads, groups, bq, bk)`` of a block in the compute dtype, and tanh for the soft-cap gradient.
 

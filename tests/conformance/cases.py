@@ -256,15 +256,24 @@ class Inputs:
     def batched(self) -> bool:
         return self.case.batch is not None
 
-    def oracle(self, cotangent=None) -> oracle.OracleResult:
-        cot = None if cotangent is None else self.batch_axis(np.asarray(jnp.asarray(cotangent).astype(jnp.float64)))
+    def oracle(self, cotangent=None, tangents=None) -> oracle.OracleResult:
+        """The float64 oracle; ``tangents`` is a dict like ``grads`` (query, key, value, bias)."""
+        cot = None if cotangent is None else self.batch_axis(self.as64(cotangent))
+        if tangents is not None:
+            tangents = {name: self.batch_axis(self.as64(t)) for name, t in tangents.items()}
         return oracle.attention(
             *(self.batch_axis(self.as64(x)) for x in (self.query, self.key, self.value)),
             None if self.bias is None else self.batch_axis(self.as64(self.bias)),
             None if self.mask is None else self.batch_axis(np.asarray(self.mask)),
             cotangent=cot,
+            tangents=tangents,
             **self.oracle_kwargs,
         )
+
+    def differentiable(self) -> dict[str, jax.Array]:
+        """query, key, value and (if any) bias: the arguments with derivatives."""
+        named = {"query": self.query, "key": self.key, "value": self.value}
+        return named if self.bias is None else {**named, "bias": self.bias}
 
     def batch_axis(self, x):
         return x if self.batched else x[None]
@@ -337,6 +346,24 @@ def attention_fn(implementation: str, case: Case, **extra) -> Callable:
         )
 
     return f
+
+
+def forward_and_jvp(implementation: str, case: Case, **options) -> Callable:
+    """A jitted ``(inputs..., tangents) -> (out, tangent_out)``; ``tangents`` as ``Inputs.differentiable``."""
+    f = attention_fn(implementation, case, **options)
+
+    @jax.jit
+    def run(query, key, value, bias, mask, arrays, tangents):
+        primals = {"query": query, "key": key, "value": value}
+        if bias is not None:
+            primals["bias"] = bias
+
+        def g(named):
+            return f(named["query"], named["key"], named["value"], named.get("bias"), mask, arrays)
+
+        return jax.jvp(g, (primals,), (tangents,))
+
+    return run
 
 
 def forward_and_vjp(implementation: str, case: Case) -> Callable:

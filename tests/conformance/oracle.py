@@ -3,7 +3,8 @@
 Plain loops over batch and heads: build the visibility mask from every mask
 option, softmax over the visible keys only (a row with none gives zeros and a
 log-sum-exp of -inf), weighted sum of values. Gradients are the textbook
-backward pass of the same steps, so they share no code with JAX autodiff.
+backward pass of the same steps and tangents the textbook forward-mode
+derivative, so they share no code with JAX autodiff.
 
 Layout as ``jax.nn.dot_product_attention``, always batched here::
 
@@ -23,6 +24,8 @@ class OracleResult:
     lse: np.ndarray  # (B, T, N); -inf where no key is visible
     visible_rows: np.ndarray  # (B, T, N) bool: the row sees at least one key
     grads: dict[str, np.ndarray] | None  # "query", "key", "value", "bias" for the given cotangent
+    tangent: np.ndarray | None = None  # (B, T, N, Dv): the output's tangent for the given tangents
+    lse_tangent: np.ndarray | None = None  # (B, T, N)
 
 
 def visibility(
@@ -73,9 +76,11 @@ def attention(
     scale=None,
     logits_soft_cap=None,
     cotangent=None,
+    tangents=None,
     **mask_options,
 ) -> OracleResult:
-    """Attention and (with ``cotangent``, shaped like the output) its vector-Jacobian product."""
+    """Attention, and its vector-Jacobian product for ``cotangent`` (shaped like the output) and its
+    Jacobian-vector product for ``tangents`` (a dict like ``grads``: query, key, value, optional bias)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     batch, q_seq, heads, dim = q.shape
     _, kv_seq, kv_heads, v_dim = v.shape
@@ -92,6 +97,11 @@ def attention(
         cot = np.asarray(cotangent, np.float64)
         dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
         dbias = np.zeros(full)
+    if tangents is not None:
+        tq, tk, tv = (np.asarray(tangents[name], np.float64) for name in ("query", "key", "value"))
+        tbias = tangents.get("bias")
+        tbias = np.zeros(full) if tbias is None else np.broadcast_to(np.asarray(tbias, np.float64), full)
+        tangent_out, lse_tangent = np.zeros_like(out), np.zeros_like(lse)
     for b in range(batch):
         for n in range(heads):
             kn = n // groups  # query head n reads kv head n // groups (heads grouped contiguously)
@@ -107,6 +117,13 @@ def attention(
             p = e / np.where(rows, total, 1.0)[:, None]
             out[b, :, n] = p @ v[b, :, kn]
             lse[b, rows, n] = peak[rows] + np.log(total[rows])
+            if tangents is not None:  # d(logits), then d(softmax) = p (dlogits - <p, dlogits>)
+                draw = scale * (tq[b, :, n] @ k[b, :, kn].T + q[b, :, n] @ tk[b, :, kn].T)
+                dcap = draw if logits_soft_cap is None else draw * (1 - np.tanh(raw / logits_soft_cap) ** 2)
+                dlogits = dcap + tbias[b, n]
+                mean = (p * dlogits).sum(axis=1, keepdims=True)
+                tangent_out[b, :, n] = (p * (dlogits - mean)) @ v[b, :, kn] + p @ tv[b, :, kn]
+                lse_tangent[b, :, n] = mean[:, 0]
             if want_grads:
                 do = cot[b, :, n]
                 dv[b, :, kn] += p.T @ do
@@ -121,7 +138,10 @@ def attention(
         grads = {"query": dq, "key": dk, "value": dv}
         if bias is not None:
             grads["bias"] = _sum_to_shape(dbias, np.shape(bias))
-    return OracleResult(out, lse, vis.any(axis=3).transpose(0, 2, 1), grads)
+    result = OracleResult(out, lse, vis.any(axis=3).transpose(0, 2, 1), grads)
+    if tangents is not None:
+        result.tangent, result.lse_tangent = tangent_out, lse_tangent
+    return result
 
 
 def _sum_to_shape(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,108 @@
+"""Dense twins of the kernel's passes: the same block maths with one block spanning everything.
+
+No loop with a dynamic trip count, so JAX can differentiate them in every mode;
+they cost O(q_seq * kv_seq) memory and serve only where the blockwise passes
+cannot: transposing a second derivative (reverse over reverse). Each twin
+calls the very step function its blockwise pass calls, on the whole grid, so
+the two compute the same function of the same arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jaxtyping import Array
+
+from .. import _core
+from . import _blockmath as bm
+from ._backward import add_bias_block, backward_arrays, key_block, pair_grads, query_block
+from ._forward import KeyBlock, OnlineSoftmax, finish, online_softmax_step
+from ._geometry import ExampleBlocks, Grid
+from ._layout import Operands, over_batch
+from ._tangent import TangentCarry, TangentKeyBlock, Tangents, finish_tangent, tangent_step
+
+
+def whole(spec: bm.KernelSpec) -> bm.KernelSpec:
+    """The spec with one block spanning each padded sequence."""
+    grid = spec.grid
+    return dataclasses.replace(spec, grid=Grid(grid.q_seq, grid.kv_seq, grid.q_padded, grid.kv_padded))
+
+
+def _visible(ops: Operands, grid: Grid) -> Array:
+    """The one block's ``(kv_heads|1, groups|1, q_padded, kv_padded)`` visibility."""
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
+    return bm.grouped(blocks.block_mask(0, 0, ops.mask), *ops.q.shape[:2])
+
+
+def dense_forward(spec: bm.KernelSpec, ops: Operands) -> tuple[Array, Array]:
+    """Twin of ``_forward.forward``."""
+    spec = whole(spec)
+
+    def one_example(example, ops, kv):
+        k, v = (x[example] for x in kv)  # (kv_padded, kv_heads, x)
+        acc_dtype = _core.compute_dtype(ops.q.dtype)
+        shape = ops.q.shape[:3]
+        init = OnlineSoftmax(
+            jnp.zeros((*shape, v.shape[-1]), acc_dtype),
+            jnp.full(shape, _core.masked_value(acc_dtype)),
+            jnp.zeros(shape, acc_dtype),
+        )
+        key = KeyBlock(kt=k.transpose(1, 2, 0), v=v.transpose(1, 0, 2), bias=ops.bias, mask=ops.mask)
+        carry = online_softmax_step(spec, init, ops.q, key, _visible(ops, spec.grid))
+        return finish(carry, v.dtype)
+
+    return over_batch(one_example, ops.q.shape[0], ops._replace(k=None, v=None), whole=(ops.k, ops.v))
+
+
+def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangents) -> tuple[Array, Array]:
+    """Twin of ``_tangent.tangent``."""
+    spec = whole(spec)
+
+    def one_example(example, mapped, whole_kv):
+        ops, out, lse, tangents = mapped
+        k, v, dk, dv = (None if x is None else x[example] for x in whole_kv)  # (kv_padded, kv_heads, x)
+        key = TangentKeyBlock(
+            kt=k.transpose(1, 2, 0),
+            v=v.transpose(1, 0, 2),
+            bias=ops.bias,
+            mask=ops.mask,
+            dkt=None if dk is None else dk.transpose(1, 2, 0),
+            dv=None if dv is None else dv.transpose(1, 0, 2),
+            dbias=tangents.bias,
+        )
+        acc_dtype = _core.compute_dtype(ops.q.dtype)
+        init = TangentCarry(jnp.zeros(out.shape, acc_dtype), jnp.zeros(lse.shape, acc_dtype))
+        carry = tangent_step(spec, init, ops.q, tangents.q, lse, key, _visible(ops, spec.grid))
+        return finish_tangent(carry, out)
+
+    mapped = (ops._replace(k=None, v=None), out, lse, tangents._replace(k=None, v=None))
+    return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))
+
+
+def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, dlse, *, bias_grad: bool):
+    """Twin of ``_backward.backward``."""
+    spec = whole(spec)
+    grid = spec.grid
+
+    def one_example(_, args, __):
+        ops, out, lse, dout, dlse = args
+        kv_heads, groups, _, dim = ops.q.shape
+        acc_dtype = _core.compute_dtype(ops.q.dtype)
+        arrays = backward_arrays(ops, out, dout, dlse)
+        visible = bm.transposed_block(_visible(ops, grid))
+        zeros = (jnp.zeros(arrays.k.shape, acc_dtype), jnp.zeros(arrays.v.shape, acc_dtype))
+        query = query_block(grid, ops, arrays, lse, dout, 0, 0)
+        grads = pair_grads(spec, key_block(grid, arrays, 0), query, visible, *zeros)
+        dq = grads.dqt.reshape(kv_heads, dim, groups, grid.q_padded).transpose(0, 2, 3, 1)
+        dbias = None
+        if bias_grad:
+            dbias = add_bias_block(jnp.zeros(ops.bias.shape, acc_dtype), grads.dlogits, 0, 0, grid)
+        return (
+            dq.astype(ops.q.dtype),
+            grads.dk.transpose(1, 0, 2).astype(ops.k.dtype),
+            grads.dv.transpose(1, 0, 2).astype(ops.v.dtype),
+            dbias,
+        )
+
+    return over_batch(one_example, ops.q.shape[0], (ops, out, lse, dout, dlse))

@@ -1,0 +1,173 @@
+"""The blockwise tangent pass: forward-mode attention, linear in (dQ, dK, dV, dbias), with O(N) memory.
+
+With the primal's log-sum-exp saved, the probabilities of a block are exact
+(``p = exp(s - lse)``, no running max), and the tangent of every output row is
+a sum over the key blocks it sees (the blockwise JVP of sCM, arXiv 2410.11081,
+appendix F):
+
+    ds   = d(logits) = scale * (dQ K^T + Q dK^T) [* (1 - tanh^2) with a soft cap] + dbias
+    dout = sum_j p_ij (ds_ij v_j + dv_j) - (sum_j p_ij ds_ij) out_i
+    dlse = sum_j p_ij ds_ij
+
+The loop is the forward's: for each query block, the key blocks it can see,
+skipping invisible blocks and masking only partial ones. Nothing of size
+``(q_seq, kv_seq)`` is built. Tangents that are symbolically zero are not
+passed, and their products are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from .. import _core
+from . import _blockmath as bm
+from ._geometry import ExampleBlocks, slice_block
+from ._layout import Operands, over_batch
+
+
+class Tangents(NamedTuple):
+    """Tangents of the differentiable operands in the kernel layout (None: zero)."""
+
+    q: Array | None  # (batch, kv_heads, groups, q_padded, dim)
+    k: Array | None  # (batch, kv_padded, kv_heads, dim)
+    v: Array | None  # (batch, kv_padded, kv_heads, v_dim)
+    bias: Array | None  # the bias's shape
+
+
+class TangentCarry(NamedTuple):
+    """Accumulators of one query block, ``(kv_heads, groups, block_q, ...)``."""
+
+    acc: Array  # sum_j p_ij (ds_ij v_j + dv_j), (..., v_dim)
+    rowsum: Array  # sum_j p_ij ds_ij
+
+
+class TangentKeyBlock(NamedTuple):
+    kt: Array  # transposed keys (kv_heads, dim, bk)
+    v: Array  # (kv_heads, bk, v_dim)
+    bias: Array | None  # slice_block of the bias
+    mask: Array | None  # slice_block of the dense mask
+    dkt: Array | None  # transposed key tangents (kv_heads, dim, bk)
+    dv: Array | None  # (kv_heads, bk, v_dim)
+    dbias: Array | None  # slice_block of the bias tangent
+
+
+def probabilities(s: Array, lse: Array, visible: Array | None) -> Array:
+    """``exp(s - lse)`` of a block ``(kv_heads, groups, bq, bk)``, 0 where hidden."""
+    p = bm.exp_below_zero(s - lse[..., None])
+    return p if visible is None else jnp.where(visible, p, 0)
+
+
+def logits_tangent(spec, q_blk: Array, dq_blk: Array | None, key: TangentKeyBlock, tanh: Array | None) -> Array:
+    """``d(logits)`` of a block ``(kv_heads, groups, bq, bk)``, zero terms skipped."""
+    options = spec.options
+    kv_heads, groups, bq, _ = q_blk.shape
+    ds = None
+    if dq_blk is not None:
+        ds = bm.mm(bm.rows(bm.scaled_query(options, dq_blk)), key.kt)
+    if key.dkt is not None:
+        term = bm.mm(bm.rows(bm.scaled_query(options, q_blk)), key.dkt)
+        ds = term if ds is None else ds + term
+    if ds is not None:
+        ds = ds.reshape(kv_heads, groups, bq, -1)
+        if jnp.finfo(q_blk.dtype).bits < 32:
+            ds = ds * options.scale
+        if tanh is not None:  # d(c tanh(x / c)) = (1 - tanh^2) dx
+            ds = ds * (1 - tanh * tanh)
+    if key.dbias is not None:
+        dbias = bm.grouped(key.dbias, kv_heads, groups).astype(_core.compute_dtype(q_blk.dtype))
+        ds = dbias if ds is None else ds + dbias
+    return ds
+
+
+def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key: TangentKeyBlock, visible) -> TangentCarry:
+    """Folds one key block into the tangent accumulators; ``visible`` masks a partial block."""
+    s, tanh = bm.block_logits(spec.options, q_blk, key.kt, key.bias)
+    p = probabilities(s, lse_blk, visible)
+    acc, rowsum = carry
+    ds = logits_tangent(spec, q_blk, dq_blk, key, tanh)
+    if ds is not None:
+        pds = p * ds if visible is None else jnp.where(visible, p * ds, 0)  # hidden: 0, whatever ds holds
+        acc = acc + bm.mm(bm.rows(pds.astype(key.v.dtype)), key.v).reshape(acc.shape)
+        rowsum = rowsum + pds.sum(axis=-1)
+    if key.dv is not None:
+        acc = acc + bm.mm(bm.rows(p.astype(key.dv.dtype)), key.dv).reshape(acc.shape)
+    return TangentCarry(acc, rowsum)
+
+
+def finish_tangent(carry: TangentCarry, out: Array) -> tuple[Array, Array]:
+    """``dout`` (in out's dtype) and ``dlse`` from the accumulators and the primal output."""
+    dout = carry.acc - carry.rowsum[..., None] * out.astype(carry.acc.dtype)
+    return dout.astype(out.dtype), carry.rowsum
+
+
+def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, whole, example):
+    """One example's ``(dout, dlse)``; ``whole`` holds K, V, dK, dV with their batch axis."""
+    grid = spec.grid
+    kv_heads, groups, _, _ = ops.q.shape
+    k, v, dk, dv = whole
+    acc_dtype = _core.compute_dtype(ops.q.dtype)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
+
+    def one_q_block(qb):
+        q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
+        dq_blk = None if tangents.q is None else bm.dynamic_block(tangents.q, qb, grid.block_q, 2)
+        lse_blk = bm.dynamic_block(lse, qb, grid.block_q, 2)
+
+        def visit(carry, key, kb, masked):
+            visible = None
+            if masked:
+                visible = bm.grouped(blocks.block_mask(qb, kb, key.mask), kv_heads, groups)
+            return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, key, visible)
+
+        def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
+            def block_of(x):  # (size, kv_heads, x) block of a whole K/V-like array
+                return None if x is None else bm.kv_block(x, example, kb, grid.block_kv)
+
+            def logits_block(x):
+                return None if x is None else slice_block(x, qb, kb, grid)
+
+            dk_blk = block_of(dk)
+            key = TangentKeyBlock(
+                kt=block_of(k).transpose(1, 2, 0),
+                v=block_of(v).transpose(1, 0, 2),
+                bias=logits_block(ops.bias),
+                mask=logits_block(ops.mask),
+                dkt=None if dk_blk is None else dk_blk.transpose(1, 2, 0),
+                dv=None if dv is None else block_of(dv).transpose(1, 0, 2),
+                dbias=logits_block(tangents.bias),
+            )
+            branches = [
+                lambda carry, key: carry,
+                lambda carry, key: visit(carry, key, kb, masked=False),
+                lambda carry, key: visit(carry, key, kb, masked=True),
+            ]
+            return lax.switch(blocks.kind(qb, kb), branches, carry, key)
+
+        shape = (kv_heads, groups, grid.block_q)
+        init = TangentCarry(jnp.zeros((*shape, v.shape[-1]), acc_dtype), jnp.zeros(shape, acc_dtype))
+        lo, hi = blocks.kv_block_range(qb)
+        return finish_tangent(lax.fori_loop(lo, hi, step, init), bm.dynamic_block(out, qb, grid.block_q, 2))
+
+    if grid.num_q_blocks == 1:
+        dout, dlse = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))
+    else:
+        dout, dlse = lax.map(one_q_block, jnp.arange(grid.num_q_blocks, dtype=jnp.int32))
+    dout = jnp.moveaxis(dout, 0, 2).reshape(out.shape)
+    dlse = jnp.moveaxis(dlse, 0, 2).reshape(lse.shape)
+    return dout, dlse
+
+
+def tangent(spec, ops: Operands, out: Array, lse: Array, tangents: Tangents) -> tuple[Array, Array]:
+    """``(dout, dlse)`` in the kernel layout of ``(out, lse)``."""
+
+    def one_example(example, mapped, whole):
+        ops, out, lse, tangents = mapped
+        return tangent_example(spec, ops, out, lse, tangents, whole, example)
+
+    mapped = (ops._replace(k=None, v=None), out, lse, tangents._replace(k=None, v=None))
+    return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))
