@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from . import _dispatch
+from . import _core, _dispatch
 from ._dispatch import Implementation
 from ._prepare import CallOptions, prepare
 from ._reference import WeightsHook, reference_attention
@@ -38,7 +38,7 @@ def dot_product_attention(
 
     For each head, ``softmax(scale * Q K^T + bias, masked) V``. Axis legend::
 
-        batch   examples (optional: drop it from every argument)
+        batch   examples: any number of leading axes (none, one, several), the same on every argument
         q_seq   query positions         kv_seq    key/value positions
         heads   query heads             kv_heads  key/value heads (divides heads)
         dim     query/key features      v_dim     value features
@@ -49,22 +49,24 @@ def dot_product_attention(
     instead. Everywhere else the results agree.
 
     Args:
-        query: ``(batch, q_seq, heads, dim)`` or ``(q_seq, heads, dim)``.
+        query: ``(*batch, q_seq, heads, dim)``, e.g. ``(batch, q_seq, heads, dim)``
+            or ``(q_seq, heads, dim)``.
         key: ``(batch, kv_seq, kv_heads, dim)``; ``heads % kv_heads == 0``
             (grouped-query attention, K/V are never repeated).
         value: ``(batch, kv_seq, kv_heads, v_dim)``.
-        bias: optional float added to the logits, rank 4 and broadcastable to
-            ``(batch, heads, q_seq, kv_seq)`` (rank 3 without batch).
+        bias: optional float added to the logits, broadcastable to
+            ``(*batch, heads, q_seq, kv_seq)``; as in ``jax.nn``, missing leading
+            axes count as 1 (``(kv_seq,)``, ``(q_seq, kv_seq)``, ...).
         mask: optional boolean, same shape rules as ``bias``.
         scale: logit multiplier; ``None`` means ``1/sqrt(dim)``.
         is_causal: query ``i`` sees keys ``j <= i``.
-        query_seq_lengths: int ``(batch,)``: queries at or past it see nothing
+        query_seq_lengths: int ``(*batch,)``: queries at or past it see nothing
             and return zeros.
-        key_value_seq_lengths: int ``(batch,)``: keys at or past it are hidden.
+        key_value_seq_lengths: int ``(*batch,)``: keys at or past it are hidden.
         local_window_size: ``(left, right)`` or one int for both: query ``i``
             sees keys ``i - left <= j <= i + right``.
-        query_segment_ids: int ``(batch, q_seq)``; with
-            ``key_value_segment_ids`` (``(batch, kv_seq)``), query ``i`` sees key
+        query_segment_ids: int ``(*batch, q_seq)``; with
+            ``key_value_segment_ids`` (``(*batch, kv_seq)``), query ``i`` sees key
             ``j`` only where their ids are equal (packed sequences).
         key_value_segment_ids: see ``query_segment_ids``; give both or neither.
         logits_soft_cap: optional ``c > 0``: scaled logits become
@@ -77,8 +79,10 @@ def dot_product_attention(
             ``"cudnn"`` (delegate to ``jax.nn.dot_product_attention``, which
             lacks segment ids, soft-capping and ``v_dim != dim``).
         return_residual: also return the log-sum-exp of each query's logits
-            ``(batch, q_seq, heads)`` in float32 (float64 for float64 inputs);
-            it carries no gradient (as in ``jax.nn``).
+            ``(*batch, q_seq, heads)``, computed in float32 (float64 for float64
+            inputs) and returned in the input dtype, as ``jax.nn`` does; it
+            carries no derivative (as in ``jax.nn``). A row that sees no key
+            gets the dtype's lowest finite value.
         block_q: query block size of the blockwise kernel, clipped to q_seq.
             When that does not divide q_seq, the largest divisor of q_seq that
             is at least half of it is used instead, if any, so nothing is padded.
@@ -87,8 +91,8 @@ def dot_product_attention(
             e.g. a KV cache on every decode step).
 
     Returns:
-        ``(batch, q_seq, heads, v_dim)`` in the input dtype (no batch axis if
-        the query had none), plus the log-sum-exp if ``return_residual``.
+        ``(*batch, q_seq, heads, v_dim)`` in the input dtype (the query's batch
+        axes, or none), plus the log-sum-exp if ``return_residual``.
 
     Raises:
         TypeError: non-floating or mixed q/k/v dtypes, non-boolean mask,
@@ -159,9 +163,10 @@ def attend(
     out, lse = _dispatch.run(
         prepared, implementation, return_residual=return_residual, block_q=block_q, block_kv=block_kv
     )
-    if not prepared.batched:
-        out, lse = out[0], lse[0]
-    return (out, lse) if return_residual else out
+    out = prepared.restore(out)
+    if not return_residual:
+        return out
+    return out, prepared.restore(_core.residual(lse, out.dtype))
 
 
 def attend_with_weights(
@@ -171,9 +176,9 @@ def attend_with_weights(
 
     ``weights_hook`` (e.g. dropout) changes the weights before they meet V.
     """
-    inputs, batched = prepare(query, key, value, call)
-    out, _, weights = reference_attention(inputs, weights_hook=weights_hook)
-    return (out, weights) if batched else (out[0], weights[0])
+    prepared = prepare(query, key, value, call)
+    out, _, weights = reference_attention(prepared.inputs, weights_hook=weights_hook)
+    return prepared.restore(out), prepared.restore(weights)
 
 
 def auto_implementation(

@@ -59,16 +59,19 @@ def check_shape(name: str, x, expected: tuple[int, ...], axes: str) -> None:
         raise ValueError(f"{name} must have shape {axes}={tuple(expected)}; got {np.shape(x)}")
 
 
-def check_broadcastable(name: str, x, target: tuple[int, ...], axes: str) -> None:
+def check_broadcastable(name: str, x, target: tuple[int, ...], axes: str, *, shown=None) -> None:
     """Raises ValueError unless ``x`` broadcasts to ``target`` without adding axes.
 
     Each axis of ``x`` must be 1 or equal to the matching axis of ``target``;
-    ``x`` must have exactly ``len(target)`` axes.
+    ``x`` must have exactly ``len(target)`` axes. ``shown`` is the shape the
+    message reports (default ``x``'s), e.g. the caller's before axes were added.
     """
     shape = tuple(np.shape(x))
     ok = len(shape) == len(target) and all(s in (1, t) for s, t in zip(shape, target, strict=True))
     if not ok:
-        raise ValueError(f"{name} must have shape {axes} broadcastable to {target}; got {shape}")
+        raise ValueError(
+            f"{name} must have shape {axes} broadcastable to {target}; got {shape if shown is None else shown}"
+        )
 
 
 def check_equal(name: str, actual: int, expected: int, what: str) -> None:

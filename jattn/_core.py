@@ -30,6 +30,16 @@ def masked_value(dtype) -> Array:
     return jnp.asarray(jnp.finfo(dtype).min, dtype)
 
 
+def residual(lse: Array, dtype) -> Array:
+    """The log-sum-exp handed back by ``return_residual``: in the input dtype, as ``jax.nn`` does.
+
+    It is computed in the softmax dtype; a row that sees no key holds the
+    masking sentinel there, which is clipped to ``dtype``'s lowest finite value
+    so that the cast cannot overflow to -inf.
+    """
+    return jnp.maximum(lse, jnp.asarray(jnp.finfo(dtype).min, lse.dtype)).astype(dtype)
+
+
 def default_scale(dim: int) -> float:
     return 1.0 / math.sqrt(dim)
 

@@ -11,6 +11,7 @@ errors.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -43,39 +44,46 @@ class CallOptions:
 
 
 class Prepared(NamedTuple):
-    """A checked call: 4-D inputs with validated options, and whether the caller's had a batch axis."""
+    """A checked call: 4-D inputs (one flat batch axis) and validated options, and the caller's batch shape."""
 
     inputs: AttentionInputs
-    batched: bool
+    batch_shape: tuple[int, ...]  # () for unbatched inputs; restored on the outputs
+
+    def restore(self, x: Array) -> Array:
+        """``(batch, ...)`` -> ``(*batch_shape, ...)``."""
+        return x.reshape(*self.batch_shape, *x.shape[1:])
 
 
 def prepare(query, key, value, call: CallOptions) -> Prepared:
-    """Checks q/k/v and the options, adds a batch axis where there was none."""
+    """Checks q/k/v and the options; flattens any number of leading batch axes into one."""
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     for name, x in (("query", query), ("key", key), ("value", value)):
         _checks.check_floating(name, x)
     _checks.check_same_dtype(query=query, key=key, value=value)
-    _checks.check_rank("query", query, (3, 4), "(batch, q_seq, heads, dim) or (q_seq, heads, dim)")
-    batched = query.ndim == 4
-    lead, lead_axes = (query.shape[:1], "(batch, ") if batched else ((), "(")
-    kv_axes, v_axes = lead_axes + "kv_seq, kv_heads, dim)", lead_axes + "kv_seq, kv_heads, v_dim)"
+    if query.ndim < 3:
+        raise ValueError(
+            "query must have rank 3 or more (*batch, q_seq, heads, dim); "
+            f"got rank {query.ndim} with shape {query.shape}"
+        )
+    batch_shape = query.shape[:-3]
+    lead = _batch_legend(len(batch_shape))
+    kv_axes, v_axes = f"({lead}kv_seq, kv_heads, dim)", f"({lead}kv_seq, kv_heads, v_dim)"
     _checks.check_rank("key", key, (query.ndim,), kv_axes + " like query")
     _checks.check_rank("value", value, (query.ndim,), v_axes + " like query")
-    *_, q_seq, heads, dim = query.shape
+    q_seq, heads, dim = query.shape[-3:]
     kv_seq, kv_heads, v_dim = key.shape[-3], key.shape[-2], value.shape[-1]
-    _checks.check_shape("key", key, (*lead, kv_seq, kv_heads, dim), kv_axes)
-    _checks.check_shape("value", value, (*lead, kv_seq, kv_heads, v_dim), v_axes)
+    _checks.check_shape("key", key, (*batch_shape, kv_seq, kv_heads, dim), kv_axes)
+    _checks.check_shape("value", value, (*batch_shape, kv_seq, kv_heads, v_dim), v_axes)
     if heads % kv_heads:
         raise ValueError(
             f"query heads must be a multiple of key/value heads (kv_heads); got heads={heads}, kv_heads={kv_heads}"
         )
-    if not batched:
-        query, key, value = query[None], key[None], value[None]
-    batch = query.shape[0]
+    batch = math.prod(batch_shape)
+    query, key, value = (x.reshape(batch, *x.shape[-3:]) for x in (query, key, value))
 
-    logits_shape = (batch, heads, q_seq, kv_seq)
-    bias = _batched_logits_operand("bias", call.bias, logits_shape, batched, _checks.check_floating)
-    mask = _batched_logits_operand("mask", call.mask, logits_shape, batched, _checks.check_bool)
+    logits_shape = (*batch_shape, heads, q_seq, kv_seq)
+    bias = _logits_operand("bias", call.bias, logits_shape, _checks.check_floating)
+    mask = _logits_operand("mask", call.mask, logits_shape, _checks.check_bool)
     _core.check_scale(call.scale)
     _core.check_soft_cap(call.logits_soft_cap)
     _checks.check_static_bool("is_causal", call.is_causal)
@@ -86,30 +94,47 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
         logits_soft_cap=None if call.logits_soft_cap is None else float(call.logits_soft_cap),
     )
     arrays = ExampleArrays(
-        q_length=_lengths("query_seq_lengths", call.query_seq_lengths, batch, batched),
-        kv_length=_lengths("key_value_seq_lengths", call.key_value_seq_lengths, batch, batched),
-        q_segment_ids=_segment_ids("query_segment_ids", call.query_segment_ids, (batch, q_seq), batched),
-        kv_segment_ids=_segment_ids("key_value_segment_ids", call.key_value_segment_ids, (batch, kv_seq), batched),
+        q_length=_lengths("query_seq_lengths", call.query_seq_lengths, batch_shape),
+        kv_length=_lengths("key_value_seq_lengths", call.key_value_seq_lengths, batch_shape),
+        q_segment_ids=_segment_ids("query_segment_ids", call.query_segment_ids, batch_shape, q_seq),
+        kv_segment_ids=_segment_ids("key_value_segment_ids", call.key_value_segment_ids, batch_shape, kv_seq),
     )
     if (arrays.q_segment_ids is None) != (arrays.kv_segment_ids is None):
         raise ValueError("query_segment_ids and key_value_segment_ids must be given together; got only one")
-    return Prepared(AttentionInputs(query, key, value, bias, mask, AttentionOptions(static, arrays)), batched)
+    return Prepared(AttentionInputs(query, key, value, bias, mask, AttentionOptions(static, arrays)), batch_shape)
 
 
-def _batched_logits_operand(name, x, logits_shape, batched, check_dtype):
-    """Checks a bias or mask and gives it a leading batch axis."""
+def _batch_legend(batch_rank: int) -> str:
+    """The leading part of an axis legend: ``""``, ``"batch, "`` or ``"*batch, "``."""
+    return ("", "batch, ")[batch_rank] if batch_rank < 2 else "*batch, "
+
+
+def _logits_operand(name, x, logits_shape, check_dtype):
+    """A bias or mask as ``(batch|1, heads|1, q_seq|1, kv_seq|1)``.
+
+    As in ``jax.nn``, missing leading axes count as 1: ``(kv_seq,)``, ``(q_seq,
+    kv_seq)`` and ``(heads, q_seq, kv_seq)`` all broadcast. Leading batch axes
+    are flattened like the query's (broadcast first where only some are 1).
+    """
     if x is None:
         return None
     x = jnp.asarray(x)
     check_dtype(name, x)
-    if batched:
-        _checks.check_broadcastable(name, x, logits_shape, "(batch, heads, q_seq, kv_seq)")
-        return x
-    if x.ndim == 4:  # jax.nn accepts a leading batch axis of 1 on unbatched calls
-        _checks.check_broadcastable(name, x, logits_shape, "(1, heads, q_seq, kv_seq)")
-        return x
-    _checks.check_broadcastable(name, x, logits_shape[1:], "(heads, q_seq, kv_seq)")
-    return x[None]
+    legend = f"({_batch_legend(len(logits_shape) - 3)}heads, q_seq, kv_seq)"
+    extra = x.ndim - len(logits_shape)
+    if extra > 0 and any(n != 1 for n in x.shape[:extra]):
+        raise ValueError(f"{name} must have shape {legend} broadcastable to {logits_shape}; got {x.shape}")
+    # Extra leading axes of size 1 are dropped (jax.nn takes (1, heads, q_seq, kv_seq) with an unbatched query).
+    full = x.reshape((1,) * max(-extra, 0) + x.shape[max(extra, 0) :])
+    if extra < 0:
+        legend += " (missing leading axes count as 1)"
+    _checks.check_broadcastable(name, full, logits_shape, legend, shown=x.shape)
+    batch_shape, lead = logits_shape[:-3], full.shape[:-3]
+    if all(n == 1 for n in lead):
+        return full.reshape(1, *full.shape[-3:])
+    if lead != batch_shape:
+        full = jnp.broadcast_to(full, (*batch_shape, *full.shape[-3:]))
+    return full.reshape(math.prod(batch_shape), *full.shape[-3:])
 
 
 def _window(local_window_size) -> tuple[int, int] | None:
@@ -128,26 +153,25 @@ def _window(local_window_size) -> tuple[int, int] | None:
     return int(window[0]), int(window[1])
 
 
-def _lengths(name, lengths, batch, batched) -> Array | None:
+def _lengths(name, lengths, batch_shape) -> Array | None:
+    """Per-example lengths ``batch_shape`` as int32 ``(batch,)`` (a scalar for unbatched inputs)."""
     if lengths is None:
         return None
     lengths = jnp.asarray(lengths)
     _checks.check_integer(name, lengths)
-    if not batched and lengths.ndim == 0:
-        lengths = lengths[None]
-    _checks.check_shape(name, lengths, (batch,), "(batch,)")
-    return lengths.astype(jnp.int32)
+    if not batch_shape and lengths.shape == (1,):  # jax.nn's form of an unbatched length
+        lengths = lengths[0]
+    legend = {0: "()", 1: "(batch,)"}.get(len(batch_shape), "(*batch,)")
+    _checks.check_shape(name, lengths, batch_shape, legend)
+    return lengths.reshape(-1).astype(jnp.int32)
 
 
-def _segment_ids(name, ids, shape, batched) -> Array | None:
+def _segment_ids(name, ids, batch_shape, seq: int) -> Array | None:
     if ids is None:
         return None
     ids = jnp.asarray(ids)
     _checks.check_integer(name, ids)
-    seq = "q_seq" if name.startswith("query") else "kv_seq"
-    if batched:
-        _checks.check_shape(name, ids, shape, f"(batch, {seq})")
-    else:
-        _checks.check_shape(name, ids, shape[1:], f"({seq},)")
-        ids = ids[None]
-    return ids.astype(jnp.int32)
+    axis = "q_seq" if name.startswith("query") else "kv_seq"
+    legend = f"({_batch_legend(len(batch_shape))}{axis})" if batch_shape else f"({axis},)"
+    _checks.check_shape(name, ids, (*batch_shape, seq), legend)
+    return ids.reshape(-1, seq).astype(jnp.int32)

@@ -218,7 +218,7 @@ KV = jnp.ones((2, 7, 3, 3))
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"query": jnp.ones((5, 3))}, ValueError, r"query must have rank 3 or 4 .*got rank 2 with shape \(5, 3\)"),
+        ({"query": jnp.ones((5, 3))}, ValueError, r"query must have rank 3 or more .*got rank 2 with shape \(5, 3\)"),
         (
             {"key": jnp.ones((7, 3, 3))},
             ValueError,
@@ -256,9 +256,10 @@ KV = jnp.ones((2, 7, 3, 3))
             r"mask must have shape \(batch, heads, q_seq, kv_seq\) broadcastable to \(2, 6, 5, 7\); got \(2, 6, 5, 6\)",
         ),
         (
-            {"mask": jnp.ones((5, 7), bool)},
+            {"mask": jnp.ones((4, 7), bool)},
             ValueError,
-            r"mask must have shape \(batch, heads, q_seq, kv_seq\) broadcastable to \(2, 6, 5, 7\); got \(5, 7\)",
+            r"mask must have shape \(batch, heads, q_seq, kv_seq\) \(missing leading axes count as 1\) "
+            r"broadcastable to \(2, 6, 5, 7\); got \(4, 7\)",
         ),
         ({"mask": jnp.ones((2, 6, 5, 7))}, TypeError, r"mask must be boolean \(True = attend\); got dtype float64"),
         (

@@ -40,7 +40,7 @@ def entry(name, fn, args, error, match, jit=True, **kwargs):
 CATALOGUE = [
     # --- dot_product_attention: q/k/v ranks, shapes, dtypes -------------------------------------
     entry("query_rank_2", dpa, (z(5, 8), K, V), ValueError,
-          r"query must have rank 3 or 4 \(batch, q_seq, heads, dim\).*; got rank 2 with shape \(5, 8\)"),
+          r"query must have rank 3 or more \(\*batch, q_seq, heads, dim\); got rank 2 with shape \(5, 8\)"),
     entry("key_rank_3_with_batched_query", dpa, (Q, z(7, 2, 8), V), ValueError,
           r"key must have rank 4 \(batch, kv_seq, kv_heads, dim\) like query; got rank 3 with shape \(7, 2, 8\)"),
     entry("key_dim", dpa, (Q, z(2, 7, 2, 6), V), ValueError,
@@ -62,16 +62,23 @@ CATALOGUE = [
           r"mask must be boolean \(True = attend\); got dtype float32"),
     entry("mask_kv_seq", lambda q, k, v, m: dpa(q, k, v, mask=m), (Q, K, V, ones_bool(2, 4, 5, 6)), ValueError,
           r"mask must have shape \(batch, heads, q_seq, kv_seq\) broadcastable to \(2, 4, 5, 7\); got \(2, 4, 5, 6\)"),
-    entry("mask_rank_2_not_broadcast", lambda q, k, v, m: dpa(q, k, v, mask=m), (Q, K, V, ones_bool(5, 7)),
-          ValueError, r"mask must have shape \(batch, heads, q_seq, kv_seq\) broadcastable to .*; got \(5, 7\)"),
+    entry("mask_rank_2_not_broadcast", lambda q, k, v, m: dpa(q, k, v, mask=m), (Q, K, V, ones_bool(6, 7)),
+          ValueError, r"mask must have shape \(batch, heads, q_seq, kv_seq\) \(missing leading axes count as 1\) "
+          r"broadcastable to \(2, 4, 5, 7\); got \(6, 7\)"),
+    entry("mask_rank_5_with_one_batch_axis", lambda q, k, v, m: dpa(q, k, v, mask=m),
+          (Q, K, V, ones_bool(2, 2, 4, 5, 7)), ValueError,
+          r"mask must have shape \(batch, heads, q_seq, kv_seq\) broadcastable to \(2, 4, 5, 7\); "
+          r"got \(2, 2, 4, 5, 7\)"),
     entry("mask_with_kv_heads_axis", lambda q, k, v, m: dpa(q, k, v, mask=m), (Q, K, V, ones_bool(2, 2, 5, 7)),
           ValueError, r"mask must have shape .* broadcastable to \(2, 4, 5, 7\); got \(2, 2, 5, 7\)"),
     entry("integer_bias", dpa, (Q, K, V, z(2, 4, 5, 7, dtype=I32)), TypeError,
           r"bias must have a floating-point dtype; got int32"),
     entry("bias_transposed", dpa, (Q, K, V, z(2, 4, 7, 5)), ValueError,
           r"bias must have shape \(batch, heads, q_seq, kv_seq\) broadcastable to \(2, 4, 5, 7\); got \(2, 4, 7, 5\)"),
-    entry("bias_rank_3_not_broadcast", dpa, (Q, K, V, z(4, 5, 7)), ValueError,
-          r"bias must have shape \(batch, heads, q_seq, kv_seq\) broadcastable to \(2, 4, 5, 7\); got \(4, 5, 7\)"),
+    entry("bias_rank_3_not_broadcast", dpa, (Q, K, V, z(2, 5, 7)), ValueError,
+          r"bias must have shape .* broadcastable to \(2, 4, 5, 7\); got \(2, 5, 7\)"),
+    entry("key_batch_axes", dpa, (z(3, 2, 5, 4, 8), z(2, 3, 7, 2, 8), z(2, 3, 7, 2, 8)), ValueError,
+          r"key must have shape \(\*batch, kv_seq, kv_heads, dim\)=\(3, 2, 7, 2, 8\); got \(2, 3, 7, 2, 8\)"),
     # --- lengths and segment ids ------------------------------------------------------------------
     entry("query_seq_lengths_shape", lambda q, k, v, n: dpa(q, k, v, query_seq_lengths=n),
           (Q, K, V, z(3, dtype=I32)), ValueError, r"query_seq_lengths must have shape \(batch,\)=\(2,\); got \(3,\)"),
@@ -119,8 +126,9 @@ CATALOGUE = [
     entry("xla_v_dim", dpa, (Q, K, z(2, 7, 2, 3)), ValueError,
           r"implementation='xla' .*does not support v_dim != dim \(3 != 8\)", implementation="xla"),
     # --- unbatched calls ---------------------------------------------------------------------------
-    pytest.param(dpa, (Q[0], K[0], V[0], None, ones_bool(5, 7)), {}, ValueError,
-                 r"mask must have shape \(heads, q_seq, kv_seq\) broadcastable to \(4, 5, 7\); got \(5, 7\)", True,
+    pytest.param(dpa, (Q[0], K[0], V[0], None, ones_bool(5, 6)), {}, ValueError,
+                 r"mask must have shape \(heads, q_seq, kv_seq\) \(missing leading axes count as 1\) "
+                 r"broadcastable to \(4, 5, 7\); got \(5, 6\)", True,
                  id="unbatched_mask_rank_2"),
     pytest.param(lambda q, k, v, n: dpa(q, k, v, query_seq_lengths=n), (Q[0], K[0], V[0], z(2, dtype=I32)), {},
                  ValueError, r"query_seq_lengths must have shape .*; got \(2,\)", True,

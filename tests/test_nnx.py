@@ -233,7 +233,10 @@ def test_error_heads_not_divisible_by_kv_heads():
 @pytest.mark.parametrize("return_weights", [False, True])
 def test_error_mask_of_wrong_shape(return_weights):
     mha = make_mha(4, 16)
-    message = "mask must have shape (batch, heads, q_seq, kv_seq) broadcastable to (2, 4, 7, 7); got (2, 7, 7)"
+    message = (
+        "mask must have shape (batch, heads, q_seq, kv_seq) (missing leading axes count as 1) "
+        "broadcastable to (2, 4, 7, 7); got (2, 7, 7)"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         mha(X, mask=jnp.ones((2, 7, 7), bool), return_weights=return_weights)
 
