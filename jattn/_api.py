@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from . import _core, _dispatch
@@ -160,9 +161,13 @@ def attend(
             raise ValueError(f"{name} must be a positive int; got {block!r}")
     if implementation is None:
         implementation = _dispatch.choose(_dispatch.problem(prepared))
-    out, lse = _dispatch.run(
-        prepared, implementation, return_residual=return_residual, block_q=block_q, block_kv=block_kv
-    )
+    _dispatch.check_implementation(implementation)
+    if _dispatch.is_empty(prepared.inputs):  # nothing to attend over, or nothing asks: jattn's rule everywhere
+        out, lse = _dispatch.empty_result(prepared.inputs)
+    else:
+        out, lse = _dispatch.run(
+            prepared, implementation, return_residual=return_residual, block_q=block_q, block_kv=block_kv
+        )
     out = prepared.restore(out)
     if not return_residual:
         return out
@@ -177,7 +182,12 @@ def attend_with_weights(
     ``weights_hook`` (e.g. dropout) changes the weights before they meet V.
     """
     prepared = prepare(query, key, value, call)
-    out, _, weights = reference_attention(prepared.inputs, weights_hook=weights_hook)
+    if _dispatch.is_empty(prepared.inputs):
+        query, key = prepared.inputs.query, prepared.inputs.key
+        out, _ = _dispatch.empty_result(prepared.inputs)
+        weights = jnp.zeros((query.shape[0], query.shape[2], query.shape[1], key.shape[1]), out.dtype)
+    else:
+        out, _, weights = reference_attention(prepared.inputs, weights_hook=weights_hook)
     return prepared.restore(out), prepared.restore(weights)
 
 

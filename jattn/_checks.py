@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def is_concrete(dim) -> bool:
+    """True for an ordinary integer size, False for a symbolic one (``jax.export.symbolic_shape``)."""
+    return not jax.export.is_symbolic_dim(dim)
 
 
 def check_floating(name: str, x) -> None:

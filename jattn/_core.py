@@ -88,16 +88,16 @@ def softmax_with_lse(x: Array, mask: Array | None, axis: int = -1) -> tuple[Arra
 
     Masked entries become a finite large negative *before* any arithmetic, so
     no ``inf - inf`` or ``0 * inf`` ever appears, in values or in gradients. A
+    logit of ``-inf`` (e.g. from a bias) hides its entry like the mask does. A
     row with no visible entry has weights 0 and log-sum-exp equal to the
-    dtype's lowest finite value.
+    dtype's lowest finite value. NaN logits stay visible, so NaN propagates.
     """
-    if mask is not None:
-        x = jnp.where(mask, x, masked_value(x.dtype))
+    finite = x != -jnp.inf
+    visible = finite if mask is None else mask & finite
+    x = jnp.where(visible, x, masked_value(x.dtype))
     # Softmax is invariant to the shift, so its gradient can be stopped.
     shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    e = jnp.exp(x - shift)
-    if mask is not None:
-        e = jnp.where(mask, e, 0)
+    e = jnp.where(visible, jnp.exp(x - shift), 0)
     total = jnp.sum(e, axis=axis, keepdims=True)
     visible = total > 0
     weights = e / jnp.where(visible, total, 1)

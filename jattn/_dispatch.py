@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _core
+from . import _checks, _core
 from ._blockwise import blockwise_attention
 from ._options import AttentionInputs
 from ._prepare import Prepared
@@ -45,12 +45,15 @@ CUDNN_MAX_HEAD_DIM = 128  # jax.nn's cuDNN flash attention: head dim <= 128 (256
 
 
 class Problem(NamedTuple):
-    """What the auto rule looks at: everything static about a call."""
+    """What the auto rule looks at: everything static about a call.
+
+    ``q_seq`` and ``kv_seq`` are None when symbolic (``jax.export`` with a symbolic sequence length).
+    """
 
     backend: str
     dtype: jnp.dtype
-    q_seq: int
-    kv_seq: int
+    q_seq: int | None
+    kv_seq: int | None
     dim: int
     v_dim: int
     exact_with_jax_nn: bool  # jax.nn supports every option and no query row can see no key
@@ -62,18 +65,19 @@ def problem(prepared: Prepared, backend: str | None = None) -> Problem:
     query, key, value, bias, mask, opts = prepared.inputs
     q_seq, kv_seq, dim, v_dim = query.shape[1], key.shape[1], query.shape[-1], value.shape[-1]
     static, arrays = opts.static, opts.arrays
-    lacking = mask is not None or v_dim != dim or static.logits_soft_cap is not None
-    # Causal rows always see key 0; a window leaves row i its own key while q_seq <= kv_seq.
-    empty_rows = any(a is not None for a in arrays) or (static.local_window_size is not None and q_seq > kv_seq)
+    concrete = _checks.is_concrete(q_seq) and _checks.is_concrete(kv_seq)
+    lacking = mask is not None or v_dim != dim or static.logits_soft_cap is not None or not concrete
+    # Causal rows always see key 0; a window leaves row i its own key while q_seq <= kv_seq. A bias row
+    # of -inf sees no key either: jax.nn gives NaN there, so a bias rules jax.nn out.
+    empty_rows = any(a is not None for a in arrays) or bias is not None
+    empty_rows = empty_rows or (concrete and static.local_window_size is not None and q_seq > kv_seq)
     window = static.local_window_size
-    cudnn_options = (window is None or window[1] == 0 or static.is_causal) and (
-        bias is None or (q_seq % 2 == 0 and kv_seq % 2 == 0)
-    )
+    cudnn_options = concrete and (window is None or window[1] == 0 or static.is_causal)
     return Problem(
         backend=backend or jax.default_backend(),
         dtype=jnp.dtype(query.dtype),
-        q_seq=q_seq,
-        kv_seq=kv_seq,
+        q_seq=q_seq if concrete else None,
+        kv_seq=kv_seq if concrete else None,
         dim=dim,
         v_dim=v_dim,
         exact_with_jax_nn=not lacking and not empty_rows,
@@ -102,6 +106,8 @@ def choose(p: Problem) -> Implementation:
         >>> choose(cpu), choose(cpu._replace(q_seq=8, kv_seq=8)), choose(cpu._replace(backend="gpu"))
         ('blockwise', 'xla', 'xla')
     """
+    if p.q_seq is None:  # a symbolic sequence length: the blockwise kernel needs concrete block counts
+        return "reference"
     if p.backend == "gpu" and p.exact_with_jax_nn and _cudnn_supports(p):
         return "cudnn"
     exact_dtype = p.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -120,6 +126,21 @@ def _cudnn_supports(p: Problem) -> bool:
         and p.dim % 8 == 0
         and p.cudnn_options
     )
+
+
+def is_empty(inputs: AttentionInputs) -> bool:
+    """No example, no query, no key, no head or no value feature: nothing to compute."""
+    batch, q_seq, heads, _ = inputs.query.shape
+    kv_seq, v_dim = inputs.key.shape[1], inputs.value.shape[-1]
+    return any(_checks.is_concrete(n) and n == 0 for n in (batch, q_seq, kv_seq, heads, v_dim))
+
+
+def empty_result(inputs: AttentionInputs) -> tuple[Array, Array]:
+    """jattn's answer when :func:`is_empty`: zeros (no query sees a key), the masking sentinel as log-sum-exp."""
+    batch, q_seq, heads, _ = inputs.query.shape
+    out = jnp.zeros((batch, q_seq, heads, inputs.value.shape[-1]), inputs.value.dtype)
+    acc = _core.compute_dtype(inputs.query.dtype)
+    return out, jnp.full((batch, q_seq, heads), _core.masked_value(acc))
 
 
 def run(

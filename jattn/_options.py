@@ -31,7 +31,8 @@ class StaticOptions:
 
 
 class ExampleArrays(NamedTuple):
-    """Per-example arrays, all int32: lengths ``(batch,)``, segment ids ``(batch, q_seq)`` / ``(batch, kv_seq)``.
+    """Per-example arrays: int32 lengths ``(batch,)`` clipped to the sequence, segment ids ``(batch, q_seq)`` /
+    ``(batch, kv_seq)`` in the caller's integer dtype (one dtype for both).
 
     After mapping over the batch axis, one example's: scalar lengths and ``(q_seq,)`` / ``(kv_seq,)`` ids.
     """

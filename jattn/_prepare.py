@@ -74,7 +74,7 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
     kv_seq, kv_heads, v_dim = key.shape[-3], key.shape[-2], value.shape[-1]
     _checks.check_shape("key", key, (*batch_shape, kv_seq, kv_heads, dim), kv_axes)
     _checks.check_shape("value", value, (*batch_shape, kv_seq, kv_heads, v_dim), v_axes)
-    if heads % kv_heads:
+    if (heads % kv_heads if kv_heads else heads):  # no kv heads: only zero query heads can share them
         raise ValueError(
             f"query heads must be a multiple of key/value heads (kv_heads); got heads={heads}, kv_heads={kv_heads}"
         )
@@ -93,14 +93,19 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
         local_window_size=_window(call.local_window_size),
         logits_soft_cap=None if call.logits_soft_cap is None else float(call.logits_soft_cap),
     )
-    arrays = ExampleArrays(
-        q_length=_lengths("query_seq_lengths", call.query_seq_lengths, batch_shape),
-        kv_length=_lengths("key_value_seq_lengths", call.key_value_seq_lengths, batch_shape),
-        q_segment_ids=_segment_ids("query_segment_ids", call.query_segment_ids, batch_shape, q_seq),
-        kv_segment_ids=_segment_ids("key_value_segment_ids", call.key_value_segment_ids, batch_shape, kv_seq),
-    )
-    if (arrays.q_segment_ids is None) != (arrays.kv_segment_ids is None):
+    q_ids = _segment_ids("query_segment_ids", call.query_segment_ids, batch_shape, q_seq)
+    kv_ids = _segment_ids("key_value_segment_ids", call.key_value_segment_ids, batch_shape, kv_seq)
+    if (q_ids is None) != (kv_ids is None):
         raise ValueError("query_segment_ids and key_value_segment_ids must be given together; got only one")
+    if q_ids is not None and q_ids.dtype != kv_ids.dtype:  # compare in one integer dtype that holds both
+        common = _common_integer_dtype(q_ids, kv_ids)
+        q_ids, kv_ids = q_ids.astype(common), kv_ids.astype(common)
+    arrays = ExampleArrays(
+        q_length=_lengths("query_seq_lengths", call.query_seq_lengths, batch_shape, q_seq),
+        kv_length=_lengths("key_value_seq_lengths", call.key_value_seq_lengths, batch_shape, kv_seq),
+        q_segment_ids=q_ids,
+        kv_segment_ids=kv_ids,
+    )
     return Prepared(AttentionInputs(query, key, value, bias, mask, AttentionOptions(static, arrays)), batch_shape)
 
 
@@ -153,8 +158,12 @@ def _window(local_window_size) -> tuple[int, int] | None:
     return int(window[0]), int(window[1])
 
 
-def _lengths(name, lengths, batch_shape) -> Array | None:
-    """Per-example lengths ``batch_shape`` as int32 ``(batch,)`` (a scalar for unbatched inputs)."""
+def _lengths(name, lengths, batch_shape, seq) -> Array | None:
+    """Per-example lengths ``batch_shape`` (a scalar for unbatched inputs) as int32 ``(batch,)``.
+
+    Lengths are clipped to ``[0, seq]`` in their own dtype first, so a 64-bit
+    length past the sequence never wraps around in the int32 cast.
+    """
     if lengths is None:
         return None
     lengths = jnp.asarray(lengths)
@@ -163,7 +172,14 @@ def _lengths(name, lengths, batch_shape) -> Array | None:
         lengths = lengths[0]
     legend = {0: "()", 1: "(batch,)"}.get(len(batch_shape), "(*batch,)")
     _checks.check_shape(name, lengths, batch_shape, legend)
-    return lengths.reshape(-1).astype(jnp.int32)
+    zero = jnp.zeros((), lengths.dtype)
+    end = jnp.asarray(seq).astype(lengths.dtype) if _fits(seq, lengths.dtype) else jnp.iinfo(lengths.dtype).max
+    return jnp.clip(lengths, zero, end).reshape(-1).astype(jnp.int32)
+
+
+def _fits(seq, dtype) -> bool:
+    """Whether a sequence length is representable in an integer dtype (symbolic lengths are assumed to)."""
+    return not _checks.is_concrete(seq) or seq <= jnp.iinfo(dtype).max
 
 
 def _segment_ids(name, ids, batch_shape, seq: int) -> Array | None:
@@ -174,4 +190,15 @@ def _segment_ids(name, ids, batch_shape, seq: int) -> Array | None:
     axis = "q_seq" if name.startswith("query") else "kv_seq"
     legend = f"({_batch_legend(len(batch_shape))}{axis})" if batch_shape else f"({axis},)"
     _checks.check_shape(name, ids, (*batch_shape, seq), legend)
-    return ids.reshape(-1, seq).astype(jnp.int32)
+    return ids.reshape(-1, seq)  # ids compare in their own dtype: 0 and 2**32 stay different segments
+
+
+def _common_integer_dtype(q_ids, kv_ids):
+    with jax.numpy_dtype_promotion("standard"):
+        common = jnp.promote_types(q_ids.dtype, kv_ids.dtype)
+    if not jnp.issubdtype(common, jnp.integer):
+        raise TypeError(
+            "query_segment_ids and key_value_segment_ids must have integer dtypes with a common integer type; "
+            f"got {q_ids.dtype} and {kv_ids.dtype} (promoted to {common})"
+        )
+    return common

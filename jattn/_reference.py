@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from . import _core, masks
@@ -75,9 +76,13 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
         def one_head(q, k, bias, mask):
             if structured is not None:
                 mask = structured if mask is None else structured & mask
-            return _core.attention_weights(
+            # Keys no query sees are selected out: padding may hold NaN or Inf, and 0 * NaN is NaN.
+            seen = jnp.ones(k.shape[:1], bool) if mask is None else jnp.broadcast_to(mask, (q_seq, kv_seq)).any(0)
+            k = jnp.where(seen[:, None], k, jnp.zeros((), k.dtype))
+            weights, lse = _core.attention_weights(
                 q, k, mask, bias, scale=opts.static.scale, logits_soft_cap=opts.static.logits_soft_cap
             )
+            return weights, lse, seen
 
         def one_kv_head(q, k, bias, mask):
             bias, bias_axis = _leading_axis(bias)
@@ -91,14 +96,17 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
     bias, bias_axis = _leading_axis(_grouped(bias, kv_heads, groups))
     mask, mask_axis = _leading_axis(_grouped(mask, kv_heads, groups))
     f = jax.vmap(one_example, in_axes=(0, 0, bias_axis, mask_axis, 0))
-    weights, lse = f(q, key, bias, mask, opts)  # (batch, kv_heads, groups, q_seq, kv_seq), (... q_seq)
+    weights, lse, seen = f(q, key, bias, mask, opts)  # (batch, kv_heads, groups, q_seq, kv_seq|), (... q_seq)
     weights = weights.astype(value.dtype).reshape(batch, heads, q_seq, kv_seq)
 
+    def weighted_sum(w, v, seen):
+        return _core.weighted_sum(w, jnp.where(seen[:, None], v, jnp.zeros((), v.dtype)))
+
     used = weights if weights_hook is None else weights_hook(weights)
-    context = jax.vmap(_core.weighted_sum, in_axes=(0, None))  # groups share one value head
-    context = jax.vmap(context, in_axes=(0, 1))  # kv_heads: (K, G, T, S) x (S, K, Dv)
+    context = jax.vmap(weighted_sum, in_axes=(0, None, 0))  # groups share one value head
+    context = jax.vmap(context, in_axes=(0, 1, 0))  # kv_heads: (K, G, T, S) x (S, K, Dv)
     context = jax.vmap(context)  # batch
-    out = context(used.reshape(batch, kv_heads, groups, q_seq, kv_seq), value)  # (batch, K, G, T, Dv)
+    out = context(used.reshape(batch, kv_heads, groups, q_seq, kv_seq), value, seen)  # (batch, K, G, T, Dv)
     return ReferenceResult(
         out=out.transpose(0, 3, 1, 2, 4).reshape(batch, q_seq, heads, value.shape[-1]),
         lse=lse.transpose(0, 3, 1, 2).reshape(batch, q_seq, heads),

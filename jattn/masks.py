@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
@@ -292,7 +293,8 @@ def materialize(mask_mod: MaskMod, q_seq: int, kv_seq: int) -> Bool[Array, "q_se
         (2, 3)
     """
     for name, value in (("q_seq", q_seq), ("kv_seq", kv_seq)):
-        if not isinstance(value, int) or value < 0:
+        symbolic = jax.export.is_symbolic_dim(value)  # jax.export with a symbolic sequence length
+        if not symbolic and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be a non-negative int; got {value!r}")
     q_idx = jnp.arange(q_seq, dtype=jnp.int32)[:, None]
     kv_idx = jnp.arange(kv_seq, dtype=jnp.int32)[None, :]

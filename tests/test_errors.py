@@ -97,6 +97,10 @@ CATALOGUE = [
     entry("only_query_segment_ids", lambda q, k, v, a: dpa(q, k, v, query_segment_ids=a),
           (Q, K, V, z(2, 5, dtype=I32)), ValueError,
           r"query_segment_ids and key_value_segment_ids must be given together; got only one"),
+    entry("segment_ids_without_a_common_integer_type",
+          lambda q, k, v, a, b: dpa(q, k, v, query_segment_ids=a, key_value_segment_ids=b),
+          (Q, K, V, z(2, 5, dtype=jnp.int64), z(2, 7, dtype=jnp.uint64)), TypeError,
+          r"must have integer dtypes with a common integer type; got int64 and uint64"),
     # --- static options -----------------------------------------------------------------------------
     entry("negative_window", dpa, (Q, K, V), ValueError,
           r"local_window_size must be a non-negative int or a \(left, right\) tuple of them; got -1",

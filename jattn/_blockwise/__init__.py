@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from jaxtyping import Array
 
+from .. import _checks
 from .._options import AttentionInputs
 from ._autodiff import attention
 from ._blockmath import KernelSpec
@@ -36,6 +37,13 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
     log-sum-exp in the softmax compute dtype, both differentiable in every mode.
     """
     q_seq, kv_seq, batch = inputs.query.shape[1], inputs.key.shape[1], inputs.query.shape[0]
+    for name, seq in (("query", q_seq), ("key", kv_seq)):
+        if not _checks.is_concrete(seq):
+            raise ValueError(
+                f"implementation='blockwise' tiles the sequences into blocks, so it needs a concrete sequence "
+                f"length; got the {name}'s symbolic length {seq}. Export with implementation=None (which picks "
+                "'reference' for symbolic lengths) or 'reference', or give the sequence a concrete length"
+            )
     grid = Grid(q_seq, kv_seq, fitted_block(q_seq, block_q), fitted_block(kv_seq, block_kv))
     spec = KernelSpec(inputs.opts.static, grid)
     ops = to_kernel_layout(inputs, grid)

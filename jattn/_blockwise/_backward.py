@@ -58,6 +58,9 @@ def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible: Array | None, dk
     ``visible`` ``(kv_heads|1, bk, groups|1, bq)`` masks a partial block (None: fully visible).
     """
     options = spec.options
+    if visible is not None:  # (kv_heads|1, bk, groups|1, bq): keys no row sees are selected out
+        seen = bm.seen_keys(visible, 1)
+        key = KeyBlock(bm.hide_unseen(key.k, seen, 1), bm.hide_unseen(key.v, seen, 1), bm.hide_unseen(key.kt, seen, 2))
     kv_heads, bk = key.k.shape[:2]
     groups = query.q.shape[1] // spec.grid.block_q
 

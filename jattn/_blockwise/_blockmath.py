@@ -91,6 +91,23 @@ def finish_logits(options: StaticOptions, s: Array, dtype) -> tuple[Array, Array
     return s, t
 
 
+def seen_keys(visible: Array, key_axis: int) -> Array:
+    """Which keys of a partial block some row sees: ``(kv_heads|1, bk)`` from a grouped visibility block."""
+    other = tuple(a for a in range(1, visible.ndim) if a != key_axis)
+    return visible.any(axis=other)
+
+
+def hide_unseen(x: Array, seen: Array, key_axis: int) -> Array:
+    """``x`` (a ``(kv_heads, ..., bk, ...)`` K/V block) with the keys no row sees set to 0 by a select.
+
+    Padding past ``key_value_seq_lengths`` may hold NaN or Inf; a weight of 0 times
+    NaN is NaN, so hidden keys are selected out, never multiplied by zero.
+    """
+    shape = [seen.shape[0]] + [1] * (x.ndim - 1)
+    shape[key_axis] = seen.shape[1]
+    return jnp.where(seen.reshape(shape), x, jnp.zeros((), x.dtype))
+
+
 def exp_below_zero(x: Array) -> Array:
     """``exp(x)`` for ``x = logit - lse <= 0`` (exact arithmetic), with ``x`` clipped at 0.
 

@@ -38,6 +38,9 @@ class KeyBlock(NamedTuple):
 
 def online_softmax_step(spec, carry: OnlineSoftmax, q_blk: Array, key: KeyBlock, visible: Array | None):
     """Folds one key block into the carry; ``visible`` masks a partial block (None: fully visible)."""
+    if visible is not None:  # (kv_heads|1, groups|1, bq, bk)
+        seen = bm.seen_keys(visible, 3)
+        key = key._replace(kt=bm.hide_unseen(key.kt, seen, 2), v=bm.hide_unseen(key.v, seen, 1))
     s, _ = bm.block_logits(spec.options, q_blk, key.kt, key.bias)
     neg = _core.masked_value(s.dtype)
     if visible is not None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
+from .. import _checks
 from .._options import AttentionInputs, AttentionOptions
 from ._geometry import Grid
 
@@ -73,7 +74,7 @@ def can_fold_batch(ops: Operands) -> bool:
     """True when the batch can be treated as extra kv heads: nothing differs between examples but
     the data (no per-example arrays; bias and mask span both batch and heads or neither)."""
     batch, kv_heads, groups = ops.q.shape[:3]
-    if batch == 1 or jax.tree.leaves(ops.opts):
+    if not _checks.is_concrete(batch) or batch == 1 or jax.tree.leaves(ops.opts):
         return False
     return all(x is None or x.shape[:2] in ((1, 1), (batch, kv_heads * groups)) for x in (ops.bias, ops.mask))
 
@@ -110,7 +111,8 @@ def over_batch(fn: Callable, batch: int, mapped, whole=None):
     never explicitly sharded.)
     """
     leaves, treedef = jax.tree.flatten(mapped)
-    is_mapped = [batch > 1 and x.shape[0] == batch for x in leaves]
+    single = _checks.is_concrete(batch) and batch == 1  # a symbolic batch may be 1 too: it is mapped
+    is_mapped = [not single and x.shape[0] != 1 for x in leaves]
     shared = [None if m else x[0] for x, m in zip(leaves, is_mapped, strict=True)]
 
     def one(example, mapped_leaves):
@@ -118,7 +120,7 @@ def over_batch(fn: Callable, batch: int, mapped, whole=None):
         example_leaves = [next(it) if m else s for m, s in zip(is_mapped, shared, strict=True)]
         return fn(example, jax.tree.unflatten(treedef, example_leaves), whole)
 
-    if batch == 1:
+    if single:
         return jax.tree.map(lambda y: y[None], one(jnp.int32(0), []))
     mapped_leaves = [x for x, m in zip(leaves, is_mapped, strict=True) if m]
     return lax.map(lambda xs: one(*xs), (jnp.arange(batch, dtype=jnp.int32), mapped_leaves))

@@ -86,12 +86,24 @@ def logits_tangent(spec, q_blk: Array, dq_blk: Array | None, key: TangentKeyBloc
 
 def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key: TangentKeyBlock, visible) -> TangentCarry:
     """Folds one key block into the tangent accumulators; ``visible`` masks a partial block."""
+    if visible is not None:  # (kv_heads|1, groups|1, bq, bk): keys no row sees are selected out
+        seen = bm.seen_keys(visible, 3)
+        key = key._replace(
+            kt=bm.hide_unseen(key.kt, seen, 2),
+            v=bm.hide_unseen(key.v, seen, 1),
+            dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
+            dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
+        )
     s, tanh = bm.block_logits(spec.options, q_blk, key.kt, key.bias)
     p = probabilities(s, lse_blk, visible)
     acc, rowsum = carry
     ds = logits_tangent(spec, q_blk, dq_blk, key, tanh)
     if ds is not None:
-        pds = p * ds if visible is None else jnp.where(visible, p * ds, 0)  # hidden: 0, whatever ds holds
+        pds = p * ds
+        if visible is not None:  # hidden: 0, whatever ds holds
+            pds = jnp.where(visible, pds, 0)
+        if key.bias is not None:  # a logit of -inf (from the bias) hides its key, whatever its tangent
+            pds = jnp.where(s == -jnp.inf, 0, pds)
         acc = acc + bm.mm(bm.rows(pds.astype(key.v.dtype)), key.v).reshape(acc.shape)
         rowsum = rowsum + pds.sum(axis=-1)
     if key.dv is not None:
