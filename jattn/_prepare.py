@@ -74,7 +74,7 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
     kv_seq, kv_heads, v_dim = key.shape[-3], key.shape[-2], value.shape[-1]
     _checks.check_shape("key", key, (*batch_shape, kv_seq, kv_heads, dim), kv_axes)
     _checks.check_shape("value", value, (*batch_shape, kv_seq, kv_heads, v_dim), v_axes)
-    if (heads % kv_heads if kv_heads else heads):  # no kv heads: only zero query heads can share them
+    if heads % kv_heads if kv_heads else heads:  # no kv heads: only zero query heads can share them
         raise ValueError(
             f"query heads must be a multiple of key/value heads (kv_heads); got heads={heads}, kv_heads={kv_heads}"
         )

@@ -3,9 +3,12 @@
 ``MultiHeadAttention`` (Keras-layout projections, grouped-query heads, dropout
 on the attention weights, weights for inspection, a KV cache for jit-compiled
 decoding, Keras weight import) and ``AttentionBlock`` (attention + residual +
-LayerNorm). This subpackage is the only part of jattn that imports flax; use it
-as ``from jattn import nnx as jnnx`` (next to ``from flax import nnx``). From
-Flax Linen, wrap a module with ``flax.nnx.bridge.ToLinen``.
+LayerNorm), and ``flax_attention_fn``, which puts jattn behind Flax's own
+modules (``attention_fn=`` of ``flax.nnx.MultiHeadAttention`` and
+``flax.linen.MultiHeadDotProductAttention``). This subpackage is the only part
+of jattn that imports flax; use it as ``from jattn import nnx as jnnx`` (next
+to ``from flax import nnx``). From Flax Linen, wrap a module with
+``flax.nnx.bridge.ToLinen``.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -18,5 +21,6 @@ Example:
 
 from ._attention import MultiHeadAttention as MultiHeadAttention
 from ._block import AttentionBlock as AttentionBlock
+from ._flax import flax_attention_fn as flax_attention_fn
 
-__all__ = ["AttentionBlock", "MultiHeadAttention"]
+__all__ = ["AttentionBlock", "MultiHeadAttention", "flax_attention_fn"]
