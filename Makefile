@@ -9,11 +9,12 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# `make test`: install the package with its test extras, lint, run the whole suite.
+# `make test`: install the package with its test extras, lint, run the whole suite
+# (one pytest worker per core: the suite is compile-bound and single-threaded per test).
 test: $(BIN)/python
 	$(PIP) install -e '.[test]'
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 # `make demo`: the tutorial notebook, done with jattn.
 demo: $(BIN)/python

@@ -244,12 +244,15 @@ def sharded_results():
     return json.loads(line.removeprefix("RESULTS "))
 
 
+# One subprocess for all of them: under pytest-xdist the group keeps them on one worker.
+@pytest.mark.xdist_group("four_cpu_devices")
 @pytest.mark.parametrize("key", [f"{mode}-{impl}" for mode in ("auto", "explicit") for impl in SHARDABLE])
 def test_jit_with_inputs_sharded_over_four_cpu_devices(sharded_results, key):
     """Batch over 'data', heads over 'model': same outputs and gradients as on one device, sharded."""
     assert sharded_results[key] == "ok", sharded_results[key]
 
 
+@pytest.mark.xdist_group("four_cpu_devices")
 @pytest.mark.parametrize("layout", EXPLICIT_LAYOUTS)
 def test_blockwise_on_explicit_axes_runs_per_shard_for_any_layout(sharded_results, layout):
     """Layouts it cannot split as given are resharded for the kernel; the output is laid out like the query."""
