@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-SUITE_NAMES = ("matmul", "attention", "seed", "module", "decode")
+SUITE_NAMES = ("matmul", "attention", "seed", "module", "decode", "flex")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,9 @@ class BenchConfig:
         seed_sizes: ``(kind, seq, dim)`` for the ``seed`` suite; kind is
             ``"single"`` (one query against ``seq`` keys) or ``"self"``
             (self-attention of a ``(1, seq, dim)`` batch).
+        flex_seq: sequence length of the ``flex`` suite's ALiBi cases.
+        flex_doc_seq, flex_docs: length and number of packed documents of its
+            document-mask cases.
         backward_factor: FLOP convention for the backward (see ``bench.flops``).
     """
 
@@ -70,6 +73,9 @@ class BenchConfig:
         ("self", 256, 64),
         ("self", 1024, 64),
     )
+    flex_seq: int = 4096
+    flex_doc_seq: int = 8192
+    flex_docs: int = 8
     backward_factor: float = 2.5
 
     def wants(self, impl: str) -> bool:
@@ -89,6 +95,8 @@ QUICK = BenchConfig(
     module_seq=256,
     decode_max_length=1024,
     decode_fills=(128, 1023),
+    flex_seq=512,
+    flex_doc_seq=1024,
     seed_sizes=(("single", 2, 3), ("self", 3, 3), ("single", 256, 64), ("self", 256, 64)),
 )
 FULL = BenchConfig()

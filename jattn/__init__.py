@@ -3,13 +3,15 @@
 The functional core works on one example (``scores``, ``softmax``,
 ``context``, ``attention``); ``dot_product_attention`` is the batched,
 multi-head drop-in for ``jax.nn.dot_product_attention`` (``IMPLEMENTATIONS``
-lists its kernels, ``auto_implementation`` says which one a call gets); ``jattn.masks`` holds
+lists its kernels, ``auto_implementation`` says which one a call gets);
+``jattn.score_mods`` holds ``score_mod`` functions (ALiBi, T5 buckets, ...); ``jattn.masks`` holds
 mask predicates; ``jattn.testing`` checks the gradients of attention variants.
 Flax NNX modules live in ``jattn.nnx`` (importing ``jattn`` does not import
 flax).
 """
 
 from . import masks as masks
+from . import score_mods as score_mods
 from . import testing as testing
 from ._api import auto_implementation as auto_implementation
 from ._api import dot_product_attention as dot_product_attention
@@ -28,6 +30,7 @@ __all__ = [
     "context",
     "dot_product_attention",
     "masks",
+    "score_mods",
     "scores",
     "softmax",
     "testing",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from . import _core, _dispatch
+from . import _core, _dispatch, masks
 from ._dispatch import Implementation
 from ._prepare import CallOptions, prepare
 from ._reference import WeightsHook, reference_attention
@@ -27,6 +29,10 @@ def dot_product_attention(
     query_segment_ids: Int[ArrayLike, "*batch q_seq"] | None = None,
     key_value_segment_ids: Int[ArrayLike, "*batch kv_seq"] | None = None,
     logits_soft_cap: float | None = None,
+    score_mod: Callable[..., Array] | None = None,
+    mask_mod: Callable[..., Array] | None = None,
+    block_mask: masks.BlockMask | None = None,
+    sinks: Float[ArrayLike, " heads"] | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
     block_q: int = 512,
@@ -37,7 +43,7 @@ def dot_product_attention(
 ):
     r"""Scaled dot-product attention; a drop-in for ``jax.nn.dot_product_attention``.
 
-    For each head, ``softmax(scale * Q K^T + bias, masked) V``. Axis legend::
+    For each head, ``softmax(score_mod(cap(scale * Q K^T) + bias), masked) V``. Axis legend::
 
         batch   examples: any number of leading axes (none, one, several), the same on every argument
         q_seq   query positions         kv_seq    key/value positions
@@ -72,6 +78,22 @@ def dot_product_attention(
         key_value_segment_ids: see ``query_segment_ids``; give both or neither.
         logits_soft_cap: optional ``c > 0``: scaled logits become
             ``c * tanh(logits / c)`` before the bias (Gemma 2).
+        score_mod: optional ``score_mod(score, batch, head, q_idx, kv_idx) ->
+            score`` (FlexAttention), applied elementwise to the logits in the
+            softmax dtype after scale, soft cap and bias; int32 indices, ``batch``
+            the flat example index. It may capture arrays (``jattn.score_mods``:
+            ALiBi slopes, a position-bias table): gradients and tangents reach
+            them through every implementation jattn computes.
+        mask_mod: optional ``mask_mod(batch, head, q_idx, kv_idx) -> bool`` (or
+            a ``jattn.masks`` position predicate), ANDed with every other mask.
+            The blockwise kernel visits only blocks with a visible position.
+        block_mask: ``jattn.masks.block_mask(mask_mod, ...)`` built once for this
+            ``mask_mod`` (and reused across layers); without one the blockwise
+            kernel builds it on every call. Its block sizes win over
+            ``block_q``/``block_kv``.
+        sinks: optional float ``(heads,)``: a learned logit per head that joins
+            every row's softmax denominator but has no value (attention sinks,
+            gpt-oss); differentiable.
         implementation: ``None`` (auto: see :func:`jattn.auto_implementation`),
             ``"reference"``
             (the per-example core vmapped over batch and heads, materializing
@@ -130,6 +152,10 @@ def dot_product_attention(
         is_causal=is_causal,
         local_window_size=local_window_size,
         logits_soft_cap=logits_soft_cap,
+        score_mod=score_mod,
+        mask_mod=mask_mod,
+        block_mask=block_mask,
+        sinks=sinks,
     )
     return attend(
         query,
@@ -255,5 +281,7 @@ def auto_implementation(
     return chosen[0]
 
 
-_ARRAY_OPTIONS = frozenset({"query_seq_lengths", "key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids"})
-_STATIC_OPTIONS = frozenset({"scale", "is_causal", "local_window_size", "logits_soft_cap"})
+_ARRAY_OPTIONS = frozenset(
+    {"query_seq_lengths", "key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids", "sinks", "block_mask"}
+)
+_STATIC_OPTIONS = frozenset({"scale", "is_causal", "local_window_size", "logits_soft_cap", "score_mod", "mask_mod"})

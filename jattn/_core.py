@@ -11,6 +11,7 @@ work on a single example with no batch or head axes; batching comes from
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,7 @@ def logits(q: Array, k: Array, *, scale: float, logits_soft_cap: float | None = 
     return x
 
 
-def softmax_with_lse(x: Array, mask: Array | None, axis: int = -1) -> tuple[Array, Array]:
+def softmax_with_lse(x: Array, mask: Array | None, axis: int = -1, sink: Array | None = None) -> tuple[Array, Array]:
     """Masked softmax of ``x`` and its log-sum-exp, in ``x``'s dtype; no checks.
 
     Masked entries become a finite large negative *before* any arithmetic, so
@@ -91,14 +92,22 @@ def softmax_with_lse(x: Array, mask: Array | None, axis: int = -1) -> tuple[Arra
     logit of ``-inf`` (e.g. from a bias) hides its entry like the mask does. A
     row with no visible entry has weights 0 and log-sum-exp equal to the
     dtype's lowest finite value. NaN logits stay visible, so NaN propagates.
+    A ``sink`` (a scalar logit, an attention sink) joins the denominator only:
+    the weights then sum to less than one, and a row with no visible entry has
+    log-sum-exp ``sink``.
     """
     finite = x != -jnp.inf
     visible = finite if mask is None else mask & finite
     x = jnp.where(visible, x, masked_value(x.dtype))
     # Softmax is invariant to the shift, so its gradient can be stopped.
-    shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+    shift = jnp.max(x, axis=axis, keepdims=True)
+    if sink is not None:
+        shift = jnp.maximum(shift, sink.astype(x.dtype))
+    shift = jax.lax.stop_gradient(shift)
     e = jnp.where(visible, jnp.exp(x - shift), 0)
     total = jnp.sum(e, axis=axis, keepdims=True)
+    if sink is not None:
+        total = total + jnp.exp(sink.astype(x.dtype) - shift)
     visible = total > 0
     weights = e / jnp.where(visible, total, 1)
     lse = jnp.where(visible, shift + jnp.log(jnp.where(visible, total, 1)), masked_value(x.dtype))
@@ -310,12 +319,20 @@ def attention_weights(
     *,
     scale: float,
     logits_soft_cap: float | None,
+    score_fn: Callable[[Array], Array] | None = None,
+    sink: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Unchecked single-example weights and log-sum-exp, both in the softmax compute dtype."""
+    """Unchecked single-example weights and log-sum-exp, both in the softmax compute dtype.
+
+    The logit pipeline: ``scale * q.k`` -> soft cap -> ``+ bias`` -> ``score_fn`` -> mask -> softmax
+    (with ``sink`` in the denominator).
+    """
     x = logits(q, k, scale=scale, logits_soft_cap=logits_soft_cap)
     if bias is not None:
         x = x + bias.astype(x.dtype)
-    return softmax_with_lse(x, mask)
+    if score_fn is not None:
+        x = score_fn(x)
+    return softmax_with_lse(x, mask, sink=sink)
 
 
 def attention_core(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _checks, _core
+from . import _checks, _core, masks
 from ._blockwise import blockwise_attention
 from ._options import AttentionInputs
 from ._prepare import Prepared
@@ -67,6 +67,7 @@ def problem(prepared: Prepared, backend: str | None = None) -> Problem:
     static, arrays = opts.static, opts.arrays
     concrete = _checks.is_concrete(q_seq) and _checks.is_concrete(kv_seq)
     lacking = mask is not None or v_dim != dim or static.logits_soft_cap is not None or not concrete
+    lacking = lacking or _own_options(opts) != []
     # Causal rows always see key 0; a window leaves row i its own key while q_seq <= kv_seq. A bias row
     # of -inf sees no key either: jax.nn gives NaN there, so a bias rules jax.nn out.
     empty_rows = any(a is not None for a in arrays) or bias is not None
@@ -167,14 +168,35 @@ def check_implementation(implementation):
     return implementation
 
 
+def _shifted_mask(is_causal, window, offsets, q_seq: int, kv_seq: int) -> Array:
+    """Causal and window masks at each example's query offset, dense ``(batch, 1, q_seq, kv_seq)``."""
+
+    def one(offset):
+        mods = [masks.Causal(offset)] if is_causal else []
+        if window is not None:
+            mods.append(masks.SlidingWindow(*window, offset))
+        return masks.materialize(masks.and_masks(*mods), q_seq, kv_seq)
+
+    return jax.vmap(one)(offsets)[:, None]
+
+
+def _own_options(opts) -> list[str]:
+    """The options jax.nn.dot_product_attention does not have."""
+    static, arrays, shared = opts.static, opts.arrays, opts.shared
+    named = {
+        "query_segment_ids/key_value_segment_ids": arrays.q_segment_ids is not None,
+        "logits_soft_cap": static.logits_soft_cap is not None,
+        "score_mod": static.score_mod is not None,
+        "mask_mod": static.mask_mod is not None,
+        "sinks": shared.sinks is not None,
+    }
+    return [name for name, used in named.items() if used]
+
+
 def _jax_nn(inputs: AttentionInputs, implementation: str, return_residual: bool) -> tuple[Array, Array]:
     """Delegates to ``jax.nn.dot_product_attention`` after refusing what it lacks."""
     query, key, value, bias, mask, opts = inputs
-    unsupported = []
-    if opts.arrays.q_segment_ids is not None:
-        unsupported.append("query_segment_ids/key_value_segment_ids")
-    if opts.static.logits_soft_cap is not None:
-        unsupported.append("logits_soft_cap")
+    unsupported = _own_options(opts)
     if value.shape[-1] != query.shape[-1]:
         unsupported.append(f"v_dim != dim ({value.shape[-1]} != {query.shape[-1]})")
     if unsupported:
@@ -182,6 +204,12 @@ def _jax_nn(inputs: AttentionInputs, implementation: str, return_residual: bool)
             f"implementation={implementation!r} (jax.nn.dot_product_attention) does not support "
             f"{', '.join(unsupported)}; use implementation='reference' or None"
         )
+    is_causal, window = opts.static.is_causal, opts.static.local_window_size
+    if opts.arrays.q_offset is not None and (is_causal or window is not None):
+        # jax.nn has no query offset (a decode step): the shifted causal/window mask goes in as a dense one.
+        dense = _shifted_mask(is_causal, window, opts.arrays.q_offset, query.shape[1], key.shape[1])
+        mask = dense if mask is None else mask & dense
+        is_causal, window = False, None
     # jax.nn mixes int32 lengths with default-int positions; keep that working under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
         result = jax.nn.dot_product_attention(
@@ -191,10 +219,10 @@ def _jax_nn(inputs: AttentionInputs, implementation: str, return_residual: bool)
             bias,
             mask,
             scale=opts.static.scale,
-            is_causal=opts.static.is_causal,
+            is_causal=is_causal,
             query_seq_lengths=opts.arrays.q_length,
             key_value_seq_lengths=opts.arrays.kv_length,
-            local_window_size=opts.static.local_window_size,
+            local_window_size=window,
             implementation=implementation,
             return_residual=return_residual,
         )

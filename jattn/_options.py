@@ -18,16 +18,19 @@ import jax
 from jaxtyping import Array
 
 from . import masks
+from ._mods import ConvertedMod
 
 
 @dataclasses.dataclass(frozen=True)
 class StaticOptions:
-    """The array-free options of a call (hashable)."""
+    """The array-free options of a call (hashable; user mods are hashed by identity)."""
 
     scale: float
     is_causal: bool = False
     local_window_size: tuple[int, int] | None = None
     logits_soft_cap: float | None = None
+    score_mod: ConvertedMod | None = None  # its captured arrays are SharedArrays.score_consts
+    mask_mod: ConvertedMod | None = None  # likewise mask_consts
 
 
 class ExampleArrays(NamedTuple):
@@ -41,6 +44,16 @@ class ExampleArrays(NamedTuple):
     kv_length: Array | None = None
     q_segment_ids: Array | None = None
     kv_segment_ids: Array | None = None
+    q_offset: Array | None = None  # absolute position of query 0 (a KV-cache decode step), int32
+
+
+class SharedArrays(NamedTuple):
+    """Arrays every example shares, each with a leading axis of 1 (so the loop over examples passes them
+    whole, and a ``vmap`` of the call may give one per example)."""
+
+    sinks: Array | None = None  # (1, heads): a logit per head that joins every row's softmax denominator
+    score_consts: tuple[Array, ...] = ()  # what score_mod captured, each (1, ...)
+    mask_consts: tuple[Array, ...] = ()  # what mask_mod captured, each (1, ...)
 
 
 @jax.tree_util.register_dataclass
@@ -50,19 +63,26 @@ class AttentionOptions:
 
     static: StaticOptions = dataclasses.field(metadata=dict(static=True))
     arrays: ExampleArrays = dataclasses.field(default_factory=ExampleArrays)
+    shared: SharedArrays = dataclasses.field(default_factory=SharedArrays)
+    block_mask: masks.BlockMask | None = None  # the mask_mod's block summary (blockwise kernel only)
 
     def with_arrays(self, arrays: ExampleArrays) -> AttentionOptions:
         """The same static options over other per-example arrays (e.g. one shard's)."""
         return dataclasses.replace(self, arrays=arrays)
 
     def mask_mod(self) -> masks.MaskMod | None:
-        """The position predicate of one example (``arrays`` already sliced to it), or None."""
+        """The position predicate of one example (``arrays`` already sliced to it), or None.
+
+        Causal and window masks see the query at its absolute position ``q_idx + q_offset``;
+        the user's ``mask_mod`` (it depends on batch and head) is evaluated apart, see ``_mods``.
+        """
         static, arrays = self.static, self.arrays
+        offset = 0 if arrays.q_offset is None else arrays.q_offset
         mods = []
         if static.is_causal:
-            mods.append(masks.Causal())
+            mods.append(masks.Causal(offset))
         if static.local_window_size is not None:
-            mods.append(masks.SlidingWindow(*static.local_window_size))
+            mods.append(masks.SlidingWindow(*static.local_window_size, offset))
         if arrays.q_length is not None or arrays.kv_length is not None:
             mods.append(masks.Lengths(arrays.q_length, arrays.kv_length))
         if arrays.q_segment_ids is not None:

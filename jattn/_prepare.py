@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-from . import _checks, _core
-from ._options import AttentionInputs, AttentionOptions, ExampleArrays, StaticOptions
+from . import _checks, _core, _mods, masks
+from ._options import AttentionInputs, AttentionOptions, ExampleArrays, SharedArrays, StaticOptions
 
 
 @jax.tree_util.register_dataclass
@@ -34,10 +34,15 @@ class CallOptions:
     key_value_seq_lengths: Any = None
     query_segment_ids: Any = None
     key_value_segment_ids: Any = None
+    sinks: Any = None
+    block_mask: Any = None
+    query_offset: Any = None  # (batch,) absolute position of query 0: a KV-cache decode step (jattn.nnx)
     scale: float | None = dataclasses.field(default=None, metadata=dict(static=True))
     is_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
     local_window_size: Any = dataclasses.field(default=None, metadata=dict(static=True))
     logits_soft_cap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+    score_mod: Any = dataclasses.field(default=None, metadata=dict(static=True))
+    mask_mod: Any = dataclasses.field(default=None, metadata=dict(static=True))
 
     def replace(self, **changes) -> CallOptions:
         return dataclasses.replace(self, **changes)
@@ -87,12 +92,22 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
     _core.check_scale(call.scale)
     _core.check_soft_cap(call.logits_soft_cap)
     _checks.check_static_bool("is_causal", call.is_causal)
+    score_mod, score_consts = _mod("score_mod", call.score_mod, _core.compute_dtype(query.dtype))
+    mask_mod, mask_consts = _mod("mask_mod", call.mask_mod)
     static = StaticOptions(
         scale=_core.default_scale(dim) if call.scale is None else float(call.scale),
         is_causal=bool(call.is_causal),
         local_window_size=_window(call.local_window_size),
         logits_soft_cap=None if call.logits_soft_cap is None else float(call.logits_soft_cap),
+        score_mod=score_mod,
+        mask_mod=mask_mod,
     )
+    shared = SharedArrays(
+        sinks=_sinks(call.sinks, heads),
+        score_consts=tuple(c[None] for c in score_consts),
+        mask_consts=tuple(c[None] for c in mask_consts),
+    )
+    block_mask = _block_mask(call.block_mask, call.mask_mod, batch_shape, q_seq, kv_seq)
     q_ids = _segment_ids("query_segment_ids", call.query_segment_ids, batch_shape, q_seq)
     kv_ids = _segment_ids("key_value_segment_ids", call.key_value_segment_ids, batch_shape, kv_seq)
     if (q_ids is None) != (kv_ids is None):
@@ -105,8 +120,60 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
         kv_length=_lengths("key_value_seq_lengths", call.key_value_seq_lengths, batch_shape, kv_seq),
         q_segment_ids=q_ids,
         kv_segment_ids=kv_ids,
+        q_offset=_query_offset(call.query_offset, batch_shape),
     )
-    return Prepared(AttentionInputs(query, key, value, bias, mask, AttentionOptions(static, arrays)), batch_shape)
+    opts = AttentionOptions(static, arrays, shared, block_mask)
+    return Prepared(AttentionInputs(query, key, value, bias, mask, opts), batch_shape)
+
+
+def _mod(name, fn, score_dtype=None):
+    """A user ``score_mod`` / ``mask_mod`` closure-converted (see ``_mods``), or ``(None, ())``."""
+    if fn is None:
+        return None, ()
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable or None; got {type(fn).__name__}")
+    if score_dtype is None:
+        return _mods.convert(fn, "mask")
+    return _mods.convert(fn, "score", score_dtype)
+
+
+def _sinks(sinks, heads: int) -> Array | None:
+    """Attention sinks ``(heads,)`` -> ``(1, heads)`` (shared by every example)."""
+    if sinks is None:
+        return None
+    sinks = jnp.asarray(sinks)
+    _checks.check_floating("sinks", sinks)
+    _checks.check_shape("sinks", sinks, (heads,), "(heads,)")
+    return sinks[None]
+
+
+def _block_mask(mask, mask_mod, batch_shape, q_seq, kv_seq):
+    """A ``masks.BlockMask`` checked against the call: built for these lengths and for 1 or every example."""
+    if mask is None:
+        return None
+    if not isinstance(mask, masks.BlockMask):
+        raise TypeError(
+            f"block_mask must be a jattn.masks.BlockMask (masks.block_mask(...)); got {type(mask).__name__}"
+        )
+    if mask_mod is None:
+        raise ValueError("block_mask summarizes a mask_mod: pass that mask_mod too (mask_mod=...)")
+    if (mask.q_seq, mask.kv_seq) != (q_seq, kv_seq):
+        raise ValueError(
+            f"block_mask was built for q_seq, kv_seq = {(mask.q_seq, mask.kv_seq)}; this call has {(q_seq, kv_seq)}"
+        )
+    batch = math.prod(batch_shape)
+    if mask.kinds.shape[0] not in (1, batch):
+        raise ValueError(f"block_mask must have a batch of 1 or {batch} (the call's); got {mask.kinds.shape[0]}")
+    return mask
+
+
+def _query_offset(offset, batch_shape) -> Array | None:
+    if offset is None:
+        return None
+    offset = jnp.asarray(offset)
+    _checks.check_integer("query_offset", offset)
+    _checks.check_shape("query_offset", offset, batch_shape, "(batch,)")
+    return offset.reshape(-1).astype(jnp.int32)
 
 
 def _batch_legend(batch_rank: int) -> str:

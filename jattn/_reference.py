@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import _core, masks
+from . import _core, _mods, masks
 from ._options import AttentionInputs
 
 WeightsHook = Callable[[Float[Array, "batch heads q_seq kv_seq"]], Float[Array, "batch heads q_seq kv_seq"]]
@@ -68,35 +68,68 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
     groups = heads // kv_heads
     q = query.reshape(batch, q_seq, kv_heads, groups, query.shape[-1])
 
-    def one_example(q, k, bias, mask, opts):
-        # The predicate is closed over, not passed through vmap: it is no JAX type.
-        mask_mod = opts.mask_mod()
-        structured = None if mask_mod is None else masks.materialize(mask_mod, q_seq, kv_seq)
+    static, shared = opts.static, jax.tree.map(lambda x: x[0], opts.shared)  # shared: drop the leading 1
+    sinks = None if shared.sinks is None else shared.sinks.reshape(kv_heads, groups)
+    layout = _mods.Layout("qs", groups)
 
-        def one_head(q, k, bias, mask):
+    def one_example(example, q, k, bias, mask, arrays):
+        opts_b = opts.with_arrays(arrays)  # this example's per-example arrays
+        # The predicate is closed over, not passed through vmap: it is no JAX type.
+        mask_mod = opts_b.mask_mod()
+        structured = None if mask_mod is None else masks.materialize(mask_mod, q_seq, kv_seq)
+        q_start = 0 if arrays.q_offset is None else arrays.q_offset
+
+        def at(kv_head, group, **kw):  # a user mod on this head's (q_seq, kv_seq) positions
+            head = (kv_head, group)
+            return dict(example=example, q_start=q_start, kv_start=0, head=head, **kw)
+
+        def one_head(kv_head, group, q, k, bias, mask):
             if structured is not None:
                 mask = structured if mask is None else structured & mask
+            if static.mask_mod is not None:
+                user = _mods.evaluate(
+                    static.mask_mod, shared.mask_consts, (q_seq, kv_seq), layout, **at(kv_head, group)
+                )
+                mask = user if mask is None else mask & user
             # Keys no query sees are selected out: padding may hold NaN or Inf, and 0 * NaN is NaN.
             seen = jnp.ones(k.shape[:1], bool) if mask is None else jnp.broadcast_to(mask, (q_seq, kv_seq)).any(0)
             k = jnp.where(seen[:, None], k, jnp.zeros((), k.dtype))
+
+            def score_fn(x):
+                return _mods.evaluate(
+                    static.score_mod, shared.score_consts, x.shape, layout, **at(kv_head, group, score=x)
+                )
+
             weights, lse = _core.attention_weights(
-                q, k, mask, bias, scale=opts.static.scale, logits_soft_cap=opts.static.logits_soft_cap
+                q,
+                k,
+                mask,
+                bias,
+                scale=static.scale,
+                logits_soft_cap=static.logits_soft_cap,
+                score_fn=None if static.score_mod is None else score_fn,
+                sink=None if sinks is None else sinks[kv_head, group],
             )
             return weights, lse, seen
 
-        def one_kv_head(q, k, bias, mask):
+        def one_kv_head(kv_head, q, k, bias, mask):
             bias, bias_axis = _leading_axis(bias)
             mask, mask_axis = _leading_axis(mask)
-            return jax.vmap(one_head, in_axes=(1, None, bias_axis, mask_axis))(q, k, bias, mask)
+            groups_ = jnp.arange(groups, dtype=jnp.int32)
+            return jax.vmap(one_head, in_axes=(None, 0, 1, None, bias_axis, mask_axis))(
+                kv_head, groups_, q, k, bias, mask
+            )
 
         bias, bias_axis = _leading_axis(bias)
         mask, mask_axis = _leading_axis(mask)
-        return jax.vmap(one_kv_head, in_axes=(1, 1, bias_axis, mask_axis))(q, k, bias, mask)
+        kv_heads_ = jnp.arange(kv_heads, dtype=jnp.int32)
+        return jax.vmap(one_kv_head, in_axes=(0, 1, 1, bias_axis, mask_axis))(kv_heads_, q, k, bias, mask)
 
     bias, bias_axis = _leading_axis(_grouped(bias, kv_heads, groups))
     mask, mask_axis = _leading_axis(_grouped(mask, kv_heads, groups))
-    f = jax.vmap(one_example, in_axes=(0, 0, bias_axis, mask_axis, 0))
-    weights, lse, seen = f(q, key, bias, mask, opts)  # (batch, kv_heads, groups, q_seq, kv_seq|), (... q_seq)
+    f = jax.vmap(one_example, in_axes=(0, 0, 0, bias_axis, mask_axis, 0))
+    examples = jnp.arange(batch, dtype=jnp.int32)
+    weights, lse, seen = f(examples, q, key, bias, mask, opts.arrays)  # (batch, K, G, q_seq, kv_seq), (.. q_seq)
     weights = weights.astype(value.dtype).reshape(batch, heads, q_seq, kv_seq)
 
     def weighted_sum(w, v, seen):

@@ -196,6 +196,24 @@ def test_decode_suite_matches_flax_and_records_fields():
         decode_suite.build("jattn.nnx:MultiHeadAttention", {**cases[0].params, "fill": 64})
 
 
+def test_flex_suite_runs_and_compares_with_its_peers():
+    from bench.suites import flex as flex_suite
+
+    cfg = BenchConfig(flex_seq=32, flex_doc_seq=64, flex_docs=4, heads=2, dim=4)
+    cases = list(flex_suite.cases(cfg))
+    assert [c.impl for c in cases] == [
+        "jattn:blockwise", "jattn:blockwise+score_mod", "jattn:blockwise", "jattn:blockwise+score_mod",
+        "jax.nn:xla+dense_mask", "jattn:blockwise+dense_mask", "jattn:blockwise+mask_mod",
+    ]  # fmt: skip
+    results = [runner.run_case(c, repeats=1, warmup=0) for c in cases]
+    runner.add_derived(results)
+    for r in results:
+        assert r["status"] == "ok", r["error"]
+    assert results[1]["ratios"].keys() == {"jattn:blockwise"}
+    assert results[6]["ratios"].keys() == {"jax.nn:xla+dense_mask"}
+    assert results[6]["notes"]["visited_blocks"] == 1  # 64 positions fit one (512-position) block
+
+
 def test_seed_numpy_doctests():
     assert doctest.testmod(bench.seed_numpy).failed == 0
 

@@ -90,7 +90,7 @@ def test_long_ragged_sequence_with_window_and_lengths():
 def _kinds(q_seq, kv_seq, block, **options):
     opts = AttentionOptions(StaticOptions(scale=1.0, **options))
     grid = _geometry.Grid(q_seq, kv_seq, block, block)
-    blocks = _geometry.ExampleBlocks(opts, grid, None)
+    blocks = _geometry.ExampleBlocks(opts, grid, None, 0, 1, 1)
     kinds = np.zeros((grid.num_q_blocks, grid.num_kv_blocks), int)
     for qb in range(grid.num_q_blocks):
         lo, hi = (int(x) for x in blocks.kv_block_range(qb))
@@ -113,7 +113,7 @@ def test_sliding_window_visits_a_band():
 
 def test_key_value_blocks_visit_only_the_queries_that_see_them():
     opts = AttentionOptions(StaticOptions(scale=1.0, is_causal=True), ExampleArrays(kv_length=jnp.int32(300)))
-    blocks = _geometry.ExampleBlocks(opts, _geometry.Grid(500, 500, 128, 128), None)
+    blocks = _geometry.ExampleBlocks(opts, _geometry.Grid(500, 500, 128, 128), None, 0, 1, 1)
     assert [tuple(int(x) for x in blocks.q_block_range(kb)) for kb in range(4)] == [(0, 4), (1, 4), (2, 4), (0, 0)]
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from ..case import Case
 from ..config import BenchConfig
-from . import attention, decode, matmul, module, seed
+from . import attention, decode, flex, matmul, module, seed
 
 SUITES: dict[str, Callable[[BenchConfig], Iterable[Case]]] = {
     "matmul": matmul.cases,
@@ -18,4 +18,5 @@ SUITES: dict[str, Callable[[BenchConfig], Iterable[Case]]] = {
     "seed": seed.cases,
     "module": module.cases,
     "decode": decode.cases,
+    "flex": flex.cases,
 }

@@ -20,10 +20,13 @@ shape). The package, in the order a call goes through it:
 
 from __future__ import annotations
 
+import dataclasses
+
 from jaxtyping import Array
 
 from .. import _checks
 from .._options import AttentionInputs
+from ..masks._block_mask import block_mask_of
 from ._autodiff import attention
 from ._blockmath import KernelSpec
 from ._geometry import Grid, fitted_block
@@ -44,7 +47,16 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
                 f"length; got the {name}'s symbolic length {seq}. Export with implementation=None (which picks "
                 "'reference' for symbolic lengths) or 'reference', or give the sequence a concrete length"
             )
-    grid = Grid(q_seq, kv_seq, fitted_block(q_seq, block_q), fitted_block(kv_seq, block_kv))
+    opts = inputs.opts
+    if opts.block_mask is not None:  # the grid the block mask was built for
+        grid = opts.block_mask.grid
+    else:
+        grid = Grid(q_seq, kv_seq, fitted_block(q_seq, block_q), fitted_block(kv_seq, block_kv))
+        if opts.static.mask_mod is not None:  # no summary given: build one for this call (O(N^2) evaluations)
+            consts = tuple(c[0] for c in opts.shared.mask_consts)
+            heads = inputs.query.shape[2]
+            summary = block_mask_of(opts.static.mask_mod, consts, batch, heads, grid)
+            inputs = inputs._replace(opts=dataclasses.replace(opts, block_mask=summary))
     spec = KernelSpec(inputs.opts.static, grid)
     ops = to_kernel_layout(inputs, grid)
     if can_fold_batch(ops):

@@ -44,7 +44,7 @@ from jax.interpreters import ad, batching, mlir
 from jaxtyping import Array
 
 from .. import _core
-from ._backward import backward
+from ._backward import Grads, Wanted, backward
 from ._blockmath import KernelSpec
 from ._dense import dense_cotangent, dense_forward, dense_tangent
 from ._forward import forward
@@ -53,9 +53,6 @@ from ._tangent import Tangents, tangent
 
 kernel_p = Primitive("jattn_blockwise_attention")
 kernel_p.multiple_results = True
-
-DIFFERENTIABLE = ("q", "k", "v", "bias")
-"""The operands with tangents and cotangents (the mask and the per-example arrays are integers or booleans)."""
 
 
 def attention(spec: KernelSpec, ops: Operands) -> tuple[Array, Array]:
@@ -99,7 +96,11 @@ class Pass:
 
 @dataclasses.dataclass(frozen=True)
 class OperandsPass(Pass):
-    """A pass whose arguments start with the flattened kernel :class:`Operands`."""
+    """A pass whose arguments start with the flattened kernel :class:`Operands`.
+
+    Its differentiable operands ("slots") are q, k, v, the bias, the sinks and
+    the arrays a score_mod captured, in that order (absent ones left out).
+    """
 
     spec: KernelSpec
     treedef: Any  # of Operands
@@ -111,14 +112,46 @@ class OperandsPass(Pass):
     def ops(self, args) -> Operands:
         return jax.tree.unflatten(self.treedef, list(args[: self.num_ops]))
 
-    def ops_broadcast(self) -> tuple[bool, ...]:
-        where = jax.tree.unflatten(self.treedef, list(range(self.num_ops)))
-        return tuple(i in (where.bias, where.mask) for i in range(self.num_ops))
+    def _where(self) -> Operands:
+        return jax.tree.unflatten(self.treedef, list(range(self.num_ops)))
 
-    def differentiable(self) -> list[int | None]:
-        """Argument positions of q, k, v and bias (None for an absent bias)."""
-        where = jax.tree.unflatten(self.treedef, list(range(self.num_ops)))
-        return [getattr(where, name) for name in DIFFERENTIABLE]
+    def ops_broadcast(self) -> tuple[bool, ...]:
+        """Bias, mask, sinks and captured arrays may have a batch axis of 1 (shared by every example)."""
+        where = self._where()
+        shared = {where.bias, where.mask, *jax.tree.leaves(where.opts.shared)}
+        return tuple(i in shared for i in range(self.num_ops))
+
+    def slots(self) -> list[int]:
+        """Argument positions of the differentiable operands, in slot order."""
+        where = self._where()
+        shared = where.opts.shared
+        return [i for i in (where.q, where.k, where.v, where.bias, shared.sinks, *shared.score_consts) if i is not None]
+
+    def tangents(self, present: tuple[bool, ...], given) -> Tangents:
+        """The given tangents (of the ``present`` slots) as :class:`Tangents`."""
+        where, it = self._where(), iter(given)
+        by_position = {i: next(it) if p else None for i, p in zip(self.slots(), present, strict=True)}
+        consts = tuple(by_position[i] for i in where.opts.shared.score_consts)
+        sinks = where.opts.shared.sinks
+        return Tangents(
+            by_position[where.q],
+            by_position[where.k],
+            by_position[where.v],
+            None if where.bias is None else by_position[where.bias],
+            None if sinks is None else by_position[sinks],
+            consts,
+        )
+
+    def wanted(self, present: tuple[bool, ...]) -> Wanted:
+        """Which gradients a backward computes for the ``present`` slots (q, k, v always)."""
+        where = self._where()
+        flags = dict(zip(self.slots(), present, strict=True))
+        shared = where.opts.shared
+        return Wanted(
+            bias=where.bias is not None and flags[where.bias],
+            sinks=shared.sinks is not None and flags[shared.sinks],
+            consts=tuple(flags[i] for i in shared.score_consts),
+        )
 
     def result_avals(self, avals) -> tuple[jax.core.ShapedArray, jax.core.ShapedArray]:
         """``(out, lse)``: ``(batch, kv_heads, groups, q_padded, v_dim)`` in v's dtype and the softmax dtype."""
@@ -145,78 +178,106 @@ class Forward(OperandsPass):
 
     def jvp(self, primals, tangents):
         out, lse = kernel_p.bind(*primals, kernel=self)
-        positions = self.differentiable()
-        present = tuple(i is not None and not _is_zero(tangents[i]) for i in positions)
+        slots = self.slots()
+        present = tuple(not _is_zero(tangents[i]) for i in slots)
         if not any(present):
             return (out, lse), [_zero_like(out), _zero_like(lse)]
-        given = [tangents[i] for i, p in zip(positions, present, strict=True) if p]
+        given = [tangents[i] for i, p in zip(slots, present, strict=True) if p]
         kernel = Tangent(self.spec, self.treedef, present)
         return (out, lse), kernel_p.bind(*primals, out, lse, *given, kernel=kernel)
 
 
 @dataclasses.dataclass(frozen=True)
 class Tangent(OperandsPass):
-    """Arguments: ops, out, lse, then the tangents of the ``present`` ones of q, k, v, bias."""
+    """Arguments: ops, out, lse, then the tangents of the ``present`` slots."""
 
     present: tuple[bool, ...]
 
-    def tangents(self, args) -> Tangents:
-        given = iter(args[self.num_ops + 2 :])
-        return Tangents(*(next(given) if p else None for p in self.present))
+    def _call(self, fn, args):
+        n = self.num_ops
+        return fn(self.spec, self.ops(args), args[n], args[n + 1], self.tangents(self.present, args[n + 2 :]))
 
     def blockwise(self, *args):
-        n = self.num_ops
-        return tangent(self.spec, self.ops(args), args[n], args[n + 1], self.tangents(args))
+        return self._call(tangent, args)
 
     def dense(self, *args):
-        n = self.num_ops
-        return dense_tangent(self.spec, self.ops(args), args[n], args[n + 1], self.tangents(args))
+        return self._call(dense_tangent, args)
 
     def out_avals(self, *avals):
         return list(self.result_avals(avals))
 
     def broadcast(self):
-        bias_tangent = (False, False, False, True)
-        return (*self.ops_broadcast(), False, False, *(b for b, p in zip(bias_tangent, self.present, strict=True) if p))
+        ops = self.ops_broadcast()
+        return (*ops, False, False, *(ops[i] for i, p in zip(self.slots(), self.present, strict=True) if p))
 
     def transpose(self, cotangents, *args):
         n = self.num_ops
         assert not any(ad.is_undefined_primal(x) for x in args[: n + 2]), "only the tangents are linear"
         out, lse = args[n], args[n + 1]
         g_out, g_lse = (ad.instantiate_zeros(c) for c in cotangents)
-        kernel = Cotangent(self.spec, self.treedef, self.present[3])
-        grads = kernel_p.bind(*args[:n], out, lse, g_out, g_lse, kernel=kernel)
-        grads = dict(zip(DIFFERENTIABLE, grads, strict=False))
-        if self.present[3]:  # per-example dbias -> the bias's own shape
-            bias = args[self.differentiable()[3]]
-            dbias = grads["bias"]
-            grads["bias"] = (dbias.sum(axis=0, keepdims=True) if bias.shape[0] == 1 else dbias).astype(bias.dtype)
-        linear = [grads[name] for name, p in zip(DIFFERENTIABLE, self.present, strict=True) if p]
+        want = self.wanted(self.present)
+        grads = Grads(
+            *jax.tree.unflatten(
+                _grads_tree(want),
+                kernel_p.bind(*args[:n], out, lse, g_out, g_lse, kernel=Cotangent(self.spec, self.treedef, want)),
+            )
+        )
+        by_position = {**dict(zip(self.slots()[:3], grads[:3], strict=True)), **self._shared_grads(args, grads)}
+        linear = [by_position[i] for i, p in zip(self.slots(), self.present, strict=True) if p]
         return [None] * (n + 2) + linear
+
+    def _shared_grads(self, args, grads: Grads) -> dict:
+        """Per-example gradients of the bias, sinks and captured arrays, summed to their operands' shapes."""
+        where, out = self._where(), {}
+        shared = where.opts.shared
+
+        def reduce(position, per_example):
+            primal = args[position]
+            summed = per_example.sum(axis=0, keepdims=True) if primal.shape[0] == 1 else per_example
+            out[position] = summed.reshape(primal.shape).astype(primal.dtype)
+
+        if grads.bias is not None:
+            reduce(where.bias, grads.bias)
+        if grads.sinks is not None:
+            reduce(shared.sinks, grads.sinks)
+        wanted_consts = [i for i, w in zip(shared.score_consts, self.wanted(self.present).consts, strict=True) if w]
+        for position, d in zip(wanted_consts, grads.consts, strict=True):
+            reduce(position, d)
+        return out
+
+
+def _grads_tree(want: Wanted):
+    """The pytree structure of a :class:`Grads` with the ``want``ed fields present."""
+    dummy = Grads(0, 0, 0, 0 if want.bias else None, 0 if want.sinks else None, tuple(0 for w in want.consts if w))
+    return jax.tree.structure(dummy)
 
 
 @dataclasses.dataclass(frozen=True)
 class Cotangent(OperandsPass):
-    """Arguments: ops, out, lse, g_out, g_lse. Results: dq, dk, dv and, with ``bias_grad``, dbias per example."""
+    """Arguments: ops, out, lse, g_out, g_lse. Results: the leaves of :class:`Grads` (per example)."""
 
-    bias_grad: bool
+    want: Wanted
 
     def blockwise(self, *args):
         n = self.num_ops
-        grads = backward(self.spec, self.ops(args), *args[n : n + 4], bias_grad=self.bias_grad)
-        return grads if self.bias_grad else grads[:3]
+        return tuple(jax.tree.leaves(backward(self.spec, self.ops(args), *args[n : n + 4], want=self.want)))
 
     def dense(self, *args):
         n = self.num_ops
-        grads = dense_cotangent(self.spec, self.ops(args), *args[n : n + 4], bias_grad=self.bias_grad)
-        return grads if self.bias_grad else grads[:3]
+        return tuple(jax.tree.leaves(dense_cotangent(self.spec, self.ops(args), *args[n : n + 4], want=self.want)))
 
     def out_avals(self, *avals):
-        q, k, v = avals[:3]
-        grads = [jax.core.ShapedArray(x.shape, x.dtype) for x in (q, k, v)]
-        if self.bias_grad:
-            bias = avals[self.differentiable()[3]]
-            grads.append(jax.core.ShapedArray((q.shape[0], *bias.shape[1:]), _core.compute_dtype(q.dtype)))
+        ops = self.ops(avals)
+        q = ops.q
+        acc = _core.compute_dtype(q.dtype)
+        grads = [jax.core.ShapedArray(x.shape, x.dtype) for x in (ops.q, ops.k, ops.v)]
+        if self.want.bias:
+            grads.append(jax.core.ShapedArray((q.shape[0], *ops.bias.shape[1:]), acc))
+        if self.want.sinks:
+            grads.append(jax.core.ShapedArray(q.shape[:3], acc))
+        for c, w in zip(ops.opts.shared.score_consts, self.want.consts, strict=True):
+            if w:
+                grads.append(jax.core.ShapedArray((q.shape[0], *c.shape[1:]), acc))
         return grads
 
     def broadcast(self):

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
 from .. import _core
 from . import _blockmath as bm
+from ._forward import example_sinks
 from ._geometry import ExampleBlocks, Grid, block_start, slice_block
 from ._layout import Operands, over_batch
 
@@ -44,18 +46,29 @@ class QueryBlock(NamedTuple):
 
 
 class PairGrads(NamedTuple):
-    """What one visited (query block, key block) pair contributes."""
+    """What the visited (query block, key block) pairs contribute; ``dk``, ``dv`` and ``dconsts`` accumulate."""
 
     dk: Array  # (kv_heads, bk, dim), accumulated over the query blocks
     dv: Array  # (kv_heads, bk, v_dim), likewise
     dqt: Array  # transposed dQ block (kv_heads, dim, rows)
-    dlogits: Array | None  # (kv_heads, groups, bq, bk), only when there is a bias
+    dlogits: Array | None  # (kv_heads, bk, groups, bq) before the score_mod: dbias, when wanted
+    dconsts: tuple[Array, ...]  # the score_mod's captured arrays, accumulated over every pair
 
 
-def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible: Array | None, dk: Array, dv: Array) -> PairGrads:
-    """Adds one block pair's dK/dV to ``dk``/``dv``; also its dQ block and dlogits.
+class Wanted(NamedTuple):
+    """Which gradients besides dQ, dK, dV a backward computes (the linear arguments of the tangent)."""
 
-    ``visible`` ``(kv_heads|1, bk, groups|1, bq)`` masks a partial block (None: fully visible).
+    bias: bool = False
+    sinks: bool = False
+    consts: tuple[bool, ...] = ()  # per score_mod const
+
+
+def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, consts, want, place) -> PairGrads:
+    """Adds one block pair's dK/dV (and score_mod const gradients) to ``acc``; also its dQ block and dlogits.
+
+    ``visible`` ``(kv_heads|1, bk, groups|1, bq)`` masks a partial block (None: fully visible);
+    ``want`` says which of the score_mod's ``consts`` get gradients (``acc.dconsts`` holds those);
+    ``place`` locates the block for the score_mod (transposed layout).
     """
     options = spec.options
     if visible is not None:  # (kv_heads|1, bk, groups|1, bq): keys no row sees are selected out
@@ -64,26 +77,36 @@ def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible: Array | None, dk
     kv_heads, bk = key.k.shape[:2]
     groups = query.q.shape[1] // spec.grid.block_q
 
-    def as_4d(x):  # (kv_heads, bk, rows) -> (kv_heads, bk, groups, bq)
-        return x.reshape(kv_heads, bk, groups, spec.grid.block_q)
+    def as_4d(x):  # (kv_heads, bk|1, rows) -> (kv_heads, bk|1, groups, bq)
+        return x.reshape(kv_heads, x.shape[1], groups, spec.grid.block_q)
 
-    st = bm.mm(key.k, bm.scaled_query(options, query.qt))  # (kv_heads, bk, rows)
-    st, t = bm.finish_logits(options, st, query.q.dtype)
-    if query.bias is not None:
-        bias_t = bm.transposed_block(bm.grouped(query.bias, kv_heads, groups))
-        st = (as_4d(st) + bias_t.astype(st.dtype)).reshape(st.shape)
-    pt = bm.exp_below_zero(st - query.lse)
+    raw = as_4d(bm.mm(key.k, bm.scaled_query(options, query.qt)))  # (kv_heads, bk, groups, bq)
+    bias = None if query.bias is None else bm.transposed_block(bm.grouped(query.bias, kv_heads, groups))
+    pre, t = bm.finish_logits(options, raw, query.q.dtype, bias)
+
+    def modded(pre, wanted_consts):
+        return bm.score_mod(
+            options, bm.with_wanted(consts, want, wanted_consts), pre, bm.BACKWARD_LAYOUT, groups, place
+        )
+
+    s = modded(pre, bm.wanted(consts, want))
+    pt = bm.exp_below_zero(s - as_4d(query.lse))  # lse (kv_heads, 1, rows) -> (kv_heads, 1, groups, bq)
     if visible is not None:
-        pt = jnp.where(visible, as_4d(pt), 0).reshape(pt.shape)
-    dv = dv + bm.mm(pt.astype(query.dout.dtype), query.dout)
-    dpt = bm.mm(key.v, query.dout_t)
-    dlogits_t = pt * (dpt - query.delta)
-    dst = (dlogits_t if t is None else dlogits_t * (1 - t * t)).astype(query.q.dtype)
+        pt = jnp.where(visible, pt, 0)
+    dv = acc.dv + bm.mm(pt.reshape(raw.shape[0], bk, -1).astype(query.dout.dtype), query.dout)
+    dpt = as_4d(bm.mm(key.v, query.dout_t))
+    dlogits = pt * (dpt - as_4d(query.delta))  # with respect to the logits softmax saw
+    dconsts = acc.dconsts
+    if options.score_mod is not None:
+        _, vjp = jax.vjp(modded, pre, bm.wanted(consts, want))
+        dlogits, dmod_consts = vjp(dlogits)
+        dconsts = tuple(a + d for a, d in zip(acc.dconsts, dmod_consts, strict=True))
+    draw = dlogits if t is None else dlogits * (1 - t * t)
+    dst = draw.reshape(kv_heads, bk, -1).astype(query.q.dtype)
     # d(logits)/dq = scale * k and d(logits)/dk = scale * q: scale the small products.
-    dk = dk + bm.mm(dst, query.q) * options.scale
+    dk = acc.dk + bm.mm(dst, query.q) * options.scale
     dqt = bm.mm(key.kt, dst) * options.scale  # (kv_heads, dim, rows)
-    dlogits = None if query.bias is None else as_4d(dlogits_t).transpose(0, 2, 3, 1)
-    return PairGrads(dk, dv, dqt, dlogits)
+    return PairGrads(dk, dv, dqt, dlogits, dconsts)
 
 
 class BackwardArrays(NamedTuple):
@@ -133,71 +156,91 @@ def query_block(grid, ops: Operands, arrays: BackwardArrays, lse: Array, dout: A
     )
 
 
-def backward_example(spec, ops: Operands, out: Array, lse: Array, dout: Array, dlse: Array, bias_grad: bool):
-    """dQ, dK, dV (and dbias if ``bias_grad``) of one example; ``ops`` holds that example's arrays."""
+class Grads(NamedTuple):
+    """One example's gradients (None where not wanted); dbias and dsinks per example, in the softmax dtype."""
+
+    q: Array  # kernel layout (kv_heads, groups, q_padded, dim)
+    k: Array  # (kv_padded, kv_heads, dim)
+    v: Array  # (kv_padded, kv_heads, v_dim)
+    bias: Array | None  # (heads|1, q|1, kv|1): the bias's shape without its batch axis
+    sinks: Array | None  # (kv_heads, groups)
+    consts: tuple[Array, ...]  # the wanted score_mod consts, each its const's shape
+
+
+def sinks_grad(sinks: Array, lse: Array, delta: Array) -> Array:
+    """d(sinks) ``(kv_heads, groups)``: a sink is a key whose value is zero, so its logit's gradient is
+    ``p_sink * (0 - delta)`` summed over the rows, with ``p_sink = exp(sink - lse)``."""
+    p_sink = bm.exp_below_zero(sinks[..., None].astype(lse.dtype) - lse)
+    return -(p_sink * delta).sum(axis=-1)
+
+
+def backward_example(spec, ops: Operands, out, lse, dout, dlse, example, want: Wanted) -> Grads:
+    """One example's gradients; ``ops`` holds that example's arrays."""
     grid = spec.grid
     kv_heads, groups, _, dim = ops.q.shape
     v_dim = ops.v.shape[-1]
     rows = groups * grid.block_q
     acc_dtype = _core.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
     arrays = backward_arrays(ops, out, dout, dlse)
+    consts = ops.opts.shared.score_consts
 
-    def pair(dk, dv, query, qb, kb, key, masked):
+    def pair(acc, query, qb, kb, key, masked):
         visible = None
         if masked:
-            visible = bm.transposed_block(bm.grouped(blocks.block_mask(qb, kb, query.mask), kv_heads, groups))
-        grads = pair_grads(spec, key, query, visible, dk, dv)
-        return grads if bias_grad else grads._replace(dlogits=None)
+            visible = bm.transposed_block(blocks.visible(qb, kb, query.mask, grid.block_q, grid.block_kv))
+        place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
+        grads = pair_grads(spec, key, query, visible, acc, consts, want.consts, place)
+        return grads if want.bias else grads._replace(dlogits=None)
 
     def one_kv_block(carry, kb):
         key = key_block(grid, arrays, kb)
 
-        def skip(dk, dv):
-            shape = (kv_heads, groups, grid.block_q, grid.block_kv)
-            dlogits = jnp.zeros(shape, acc_dtype) if bias_grad else None
-            return PairGrads(dk, dv, jnp.zeros((kv_heads, dim, rows), acc_dtype), dlogits)
+        def skip(acc):
+            dlogits = jnp.zeros((kv_heads, grid.block_kv, groups, grid.block_q), acc_dtype) if want.bias else None
+            return acc._replace(dqt=jnp.zeros((kv_heads, dim, rows), acc_dtype), dlogits=dlogits)
 
         def step(qb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
             # The switch only carries block-sized values: the full-size dQ (and
             # dbias) are updated in place outside it, so no branch copies them.
             # Blocks are sliced here, outside the switch, so no branch takes a
             # full-size array as an operand.
-            dk, dv, dqt, dbias = carry
+            acc, dqt, dbias = carry
             branches = [
-                lambda dk, dv, query: skip(dk, dv),
-                lambda dk, dv, query: pair(dk, dv, query, qb, kb, key, masked=False),
-                lambda dk, dv, query: pair(dk, dv, query, qb, kb, key, masked=True),
+                lambda acc, query: skip(acc),
+                lambda acc, query: pair(acc, query, qb, kb, key, masked=False),
+                lambda acc, query: pair(acc, query, qb, kb, key, masked=True),
             ]
             query = query_block(grid, ops, arrays, lse, dout, qb, kb)
-            grads = lax.switch(blocks.kind(qb, kb), branches, dk, dv, query)
+            grads = lax.switch(blocks.kind(qb, kb), branches, acc, query)
             dqt_blk = bm.dynamic_block(dqt, qb, grid.block_q, 3) + grads.dqt.reshape(
                 kv_heads, dim, groups, grid.block_q
             )
             dqt = lax.dynamic_update_slice_in_dim(dqt, dqt_blk, qb * grid.block_q, 3)
             if dbias is not None:
-                dbias = add_bias_block(dbias, grads.dlogits, qb, kb, grid)
-            return grads.dk, grads.dv, dqt, dbias
+                dbias = add_bias_block(dbias, grads.dlogits.transpose(0, 2, 3, 1), qb, kb, grid)
+            return grads._replace(dqt=None, dlogits=None), dqt, dbias
 
-        dqt, dbias = carry
-        init = (
+        dqt, dbias, dconsts = carry
+        zeros = (
             jnp.zeros((kv_heads, grid.block_kv, dim), acc_dtype),
             jnp.zeros((kv_heads, grid.block_kv, v_dim), acc_dtype),
-            dqt,
-            dbias,
         )
-        lo, hi = blocks.q_block_range(kb)
-        dk, dv, dqt, dbias = lax.fori_loop(lo, hi, step, init)
-        return (dqt, dbias), (dk, dv)
+        acc = PairGrads(*zeros, None, None, dconsts)
+        acc, dqt, dbias = blocks.q_loop(kb, step, (acc, dqt, dbias))
+        return (dqt, dbias, acc.dconsts), (acc.dk, acc.dv)
 
-    dqt0 = jnp.zeros(arrays.qt.shape, acc_dtype)
-    dbias0 = jnp.zeros(ops.bias.shape, acc_dtype) if bias_grad else None
-    (dqt, dbias), (dk, dv) = lax.scan(one_kv_block, (dqt0, dbias0), jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
+    dconsts0 = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
+    dbias0 = jnp.zeros(ops.bias.shape, acc_dtype) if want.bias else None
+    init = (jnp.zeros(arrays.qt.shape, acc_dtype), dbias0, dconsts0)
+    (dqt, dbias, dconsts), (dk, dv) = lax.scan(one_kv_block, init, jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
     # (num_kv_blocks, kv_heads, bk, x) -> the primal layout (kv_padded, kv_heads, x)
     dk = jnp.moveaxis(dk, 1, 2).reshape(grid.kv_padded, kv_heads, dim)
     dv = jnp.moveaxis(dv, 1, 2).reshape(grid.kv_padded, kv_heads, v_dim)
     dq = dqt.transpose(0, 2, 3, 1)  # (kv_heads, groups, q_padded, dim)
-    return dq.astype(ops.q.dtype), dk.astype(ops.k.dtype), dv.astype(ops.v.dtype), dbias
+    sinks = example_sinks(ops)
+    dsinks = sinks_grad(sinks, lse, arrays.delta) if want.sinks else None
+    return Grads(dq.astype(ops.q.dtype), dk.astype(ops.k.dtype), dv.astype(ops.v.dtype), dbias, dsinks, dconsts)
 
 
 def add_bias_block(dbias, ds, qb, kb, grid: Grid):
@@ -212,11 +255,10 @@ def add_bias_block(dbias, ds, qb, kb, grid: Grid):
     return lax.dynamic_update_slice(dbias, current + ds, start)
 
 
-def backward(spec, ops: Operands, out: Array, lse: Array, dout: Array, dlse: Array, *, bias_grad: bool):
-    """dQ (kernel layout), dK, dV (caller's layout), and with ``bias_grad`` dbias of every example
-    ``(batch, heads|1, q|1, kv|1)`` in the softmax dtype (summed over the bias's other broadcast axes)."""
+def backward(spec, ops: Operands, out: Array, lse: Array, dout: Array, dlse: Array, *, want: Wanted) -> Grads:
+    """dQ (kernel layout), dK, dV (caller's layout), and the wanted others, per example (a leading batch axis)."""
 
-    def one_example(_, args, __):
-        return backward_example(spec, *args, bias_grad)
+    def one_example(example, args, _):
+        return backward_example(spec, *args, example, want)
 
     return over_batch(one_example, ops.q.shape[0], (ops, out, lse, dout, dlse))

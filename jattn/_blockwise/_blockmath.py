@@ -10,15 +10,16 @@ share each K/V block and K/V are never repeated.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from .. import _core
+from .. import _core, _mods
 from .._options import StaticOptions
-from ._geometry import Grid
+from ._geometry import Grid, grouped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +49,6 @@ def rows(x: Array) -> Array:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def grouped(x: Array, kv_heads: int, groups: int) -> Array:
-    """``(heads|1, ...)`` -> ``(kv_heads|1, groups|1, ...)`` to broadcast against logits."""
-    if x.shape[0] == 1:
-        return x[:, None]
-    return x.reshape(kv_heads, groups, *x.shape[1:])
-
-
 def transposed_block(x: Array) -> Array:
     """A ``(kv_heads|1, groups|1, bq|1, bk|1)`` mask or bias block as ``(kv_heads|1, bk|1, groups|1, bq|1)``."""
     return x.transpose(0, 3, 1, 2)
@@ -78,17 +72,6 @@ def scaled_query(options: StaticOptions, x: Array) -> Array:
     16-bit inputs keep the scale for the float32 logits, so no precision is lost.
     """
     return x * jnp.asarray(options.scale, x.dtype) if jnp.finfo(x.dtype).bits >= 32 else x
-
-
-def finish_logits(options: StaticOptions, s: Array, dtype) -> tuple[Array, Array | None]:
-    """The scale (16-bit inputs) and soft cap on raw block products; also tanh, for the soft-cap gradient."""
-    if jnp.finfo(dtype).bits < 32:
-        s = s * options.scale
-    t = None
-    if options.logits_soft_cap is not None:
-        t = jnp.tanh(s / options.logits_soft_cap)
-        s = options.logits_soft_cap * t
-    return s, t
 
 
 def seen_keys(visible: Array, key_axis: int) -> Array:
@@ -119,14 +102,73 @@ def exp_below_zero(x: Array) -> Array:
     return jnp.exp(jnp.where(x > 0, 0, x))
 
 
-def block_logits(options: StaticOptions, q_blk: Array, kt_blk: Array, bias_blk: Array | None):
-    """Logits ``(kv_heads, groups, bq, bk)`` of a block in the compute dtype, and tanh for the soft-cap gradient.
+FORWARD_LAYOUT = "kgqs"  # logits (kv_heads, groups, bq, bk): the forward and the tangent pass
+BACKWARD_LAYOUT = "ksgq"  # transposed logits (kv_heads, bk, groups, bq): the backward
+
+
+class Placement(NamedTuple):
+    """Where a block of logits sits, for a ``score_mod``: the example and the first query and key positions."""
+
+    example: Array
+    q_start: Array  # absolute (a decode step's offset included)
+    kv_start: Array
+
+
+class Logits(NamedTuple):
+    s: Array  # the logits softmax sees
+    tanh: Array | None  # tanh(raw / cap), for the soft cap's derivative
+    pre_mod: Array  # the logits before the score_mod (equal to s without one)
+
+
+def score_mod(options: StaticOptions, consts, s: Array, layout: str, groups: int, place: Placement) -> Array:
+    """The user's ``score_mod`` on a block of logits laid out as ``layout`` (identity without one)."""
+    if options.score_mod is None:
+        return s
+    return _mods.evaluate(
+        options.score_mod,
+        consts,
+        s.shape,
+        _mods.Layout(layout, groups),
+        example=place.example,
+        q_start=place.q_start,
+        kv_start=place.kv_start,
+        score=s,
+    )
+
+
+def wanted(consts: tuple, want: tuple[bool, ...]) -> tuple:
+    """The ``consts`` that get derivatives (``want``), in order."""
+    return tuple(c for c, w in zip(consts, want, strict=True) if w)
+
+
+def with_wanted(consts: tuple, want: tuple[bool, ...], values: tuple) -> tuple:
+    """``consts`` with the wanted ones replaced by ``values`` (what a derivative is taken with respect to)."""
+    it = iter(values)
+    return tuple(next(it) if w else c for c, w in zip(consts, want, strict=True))
+
+
+def finish_logits(options: StaticOptions, raw: Array, dtype, bias: Array | None) -> tuple[Array, Array | None]:
+    """Scale (16-bit inputs), soft cap and bias on raw block products; also tanh, for the soft cap's derivative.
+
+    ``bias`` is laid out like ``raw`` already.
+    """
+    s = raw * options.scale if jnp.finfo(dtype).bits < 32 else raw
+    t = None
+    if options.logits_soft_cap is not None:
+        t = jnp.tanh(s / options.logits_soft_cap)
+        s = options.logits_soft_cap * t
+    if bias is not None:
+        s = s + bias.astype(s.dtype)
+    return s, t
+
+
+def block_logits(spec, q_blk: Array, kt_blk: Array, bias_blk: Array | None, consts, place: Placement) -> Logits:
+    """Logits ``(kv_heads, groups, bq, bk)`` of a block in the compute dtype.
 
     ``q_blk`` is ``(kv_heads, groups, bq, dim)``, ``kt_blk`` the transposed keys ``(kv_heads, dim, bk)``.
     """
     kv_heads, groups, bq, _ = q_blk.shape
-    s = mm(rows(scaled_query(options, q_blk)), kt_blk).reshape(kv_heads, groups, bq, -1)
-    s, t = finish_logits(options, s, q_blk.dtype)
-    if bias_blk is not None:
-        s = s + grouped(bias_blk, kv_heads, groups).astype(s.dtype)
-    return s, t
+    raw = mm(rows(scaled_query(spec.options, q_blk)), kt_blk).reshape(kv_heads, groups, bq, -1)
+    bias = None if bias_blk is None else grouped(bias_blk, kv_heads, groups)
+    pre, t = finish_logits(spec.options, raw, q_blk.dtype, bias)
+    return Logits(score_mod(spec.options, consts, pre, FORWARD_LAYOUT, groups, place), t, pre)

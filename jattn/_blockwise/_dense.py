@@ -16,8 +16,18 @@ from jaxtyping import Array
 
 from .. import _core
 from . import _blockmath as bm
-from ._backward import add_bias_block, backward_arrays, key_block, pair_grads, query_block
-from ._forward import KeyBlock, OnlineSoftmax, finish, online_softmax_step
+from ._backward import (
+    Grads,
+    PairGrads,
+    Wanted,
+    add_bias_block,
+    backward_arrays,
+    key_block,
+    pair_grads,
+    query_block,
+    sinks_grad,
+)
+from ._forward import KeyBlock, example_sinks, finish, initial_carry, online_softmax_step
 from ._geometry import ExampleBlocks, Grid
 from ._layout import Operands, over_batch
 from ._tangent import TangentCarry, TangentKeyBlock, Tangents, finish_tangent, tangent_step
@@ -29,10 +39,13 @@ def whole(spec: bm.KernelSpec) -> bm.KernelSpec:
     return dataclasses.replace(spec, grid=Grid(grid.q_seq, grid.kv_seq, grid.q_padded, grid.kv_padded))
 
 
-def _visible(ops: Operands, grid: Grid) -> Array:
-    """The one block's ``(kv_heads|1, groups|1, q_padded, kv_padded)`` visibility."""
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
-    return bm.grouped(blocks.block_mask(0, 0, ops.mask), *ops.q.shape[:2])
+def _example(spec: bm.KernelSpec, ops: Operands, example) -> tuple[ExampleBlocks, Array, bm.Placement]:
+    """The one block's classification, its ``(kv_heads|1, groups|1, q_padded, kv_padded)`` visibility, its place."""
+    kv_heads, groups = ops.q.shape[:2]
+    grid = spec.grid
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
+    visible = blocks.visible(0, 0, ops.mask, grid.q_padded, grid.kv_padded)
+    return blocks, visible, bm.Placement(example, blocks.offset, 0)
 
 
 def dense_forward(spec: bm.KernelSpec, ops: Operands) -> tuple[Array, Array]:
@@ -41,15 +54,11 @@ def dense_forward(spec: bm.KernelSpec, ops: Operands) -> tuple[Array, Array]:
 
     def one_example(example, ops, kv):
         k, v = (x[example] for x in kv)  # (kv_padded, kv_heads, x)
+        _, visible, place = _example(spec, ops, example)
         acc_dtype = _core.compute_dtype(ops.q.dtype)
-        shape = ops.q.shape[:3]
-        init = OnlineSoftmax(
-            jnp.zeros((*shape, v.shape[-1]), acc_dtype),
-            jnp.full(shape, _core.masked_value(acc_dtype)),
-            jnp.zeros(shape, acc_dtype),
-        )
+        init = initial_carry(ops.q.shape[:3], v.shape[-1], acc_dtype, example_sinks(ops))
         key = KeyBlock(kt=k.transpose(1, 2, 0), v=v.transpose(1, 0, 2), bias=ops.bias, mask=ops.mask)
-        carry = online_softmax_step(spec, init, ops.q, key, _visible(ops, spec.grid))
+        carry = online_softmax_step(spec, init, ops.q, key, visible, ops.opts.shared.score_consts, place)
         return finish(carry, v.dtype)
 
     return over_batch(one_example, ops.q.shape[0], ops._replace(k=None, v=None), whole=(ops.k, ops.v))
@@ -62,6 +71,7 @@ def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangen
     def one_example(example, mapped, whole_kv):
         ops, out, lse, tangents = mapped
         k, v, dk, dv = (None if x is None else x[example] for x in whole_kv)  # (kv_padded, kv_heads, x)
+        _, visible, place = _example(spec, ops, example)
         key = TangentKeyBlock(
             kt=k.transpose(1, 2, 0),
             v=v.transpose(1, 0, 2),
@@ -73,36 +83,49 @@ def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangen
         )
         acc_dtype = _core.compute_dtype(ops.q.dtype)
         init = TangentCarry(jnp.zeros(out.shape, acc_dtype), jnp.zeros(lse.shape, acc_dtype))
-        carry = tangent_step(spec, init, ops.q, tangents.q, lse, key, _visible(ops, spec.grid))
-        return finish_tangent(carry, out)
+        consts = ops.opts.shared.score_consts
+        carry = tangent_step(spec, init, ops.q, tangents.q, lse, key, visible, consts, tangents.consts, place)
+        dsinks = None if tangents.sinks is None else tangents.sinks.reshape(ops.q.shape[:2])
+        return finish_tangent(carry, out, lse, example_sinks(ops), dsinks)
 
     mapped = (ops._replace(k=None, v=None), out, lse, tangents._replace(k=None, v=None))
     return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))
 
 
-def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, dlse, *, bias_grad: bool):
+def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, dlse, *, want: Wanted) -> Grads:
     """Twin of ``_backward.backward``."""
     spec = whole(spec)
     grid = spec.grid
 
-    def one_example(_, args, __):
+    def one_example(example, args, _):
         ops, out, lse, dout, dlse = args
         kv_heads, groups, _, dim = ops.q.shape
         acc_dtype = _core.compute_dtype(ops.q.dtype)
         arrays = backward_arrays(ops, out, dout, dlse)
-        visible = bm.transposed_block(_visible(ops, grid))
+        blocks, visible, _ = _example(spec, ops, example)
+        consts = ops.opts.shared.score_consts
         zeros = (jnp.zeros(arrays.k.shape, acc_dtype), jnp.zeros(arrays.v.shape, acc_dtype))
+        dconsts = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
         query = query_block(grid, ops, arrays, lse, dout, 0, 0)
-        grads = pair_grads(spec, key_block(grid, arrays, 0), query, visible, *zeros)
+        place = bm.Placement(example, blocks.offset, 0)
+        acc = PairGrads(*zeros, None, None, dconsts)
+        grads = pair_grads(
+            spec, key_block(grid, arrays, 0), query, bm.transposed_block(visible), acc, consts, want.consts, place
+        )
         dq = grads.dqt.reshape(kv_heads, dim, groups, grid.q_padded).transpose(0, 2, 3, 1)
         dbias = None
-        if bias_grad:
-            dbias = add_bias_block(jnp.zeros(ops.bias.shape, acc_dtype), grads.dlogits, 0, 0, grid)
-        return (
+        if want.bias:
+            dbias = add_bias_block(
+                jnp.zeros(ops.bias.shape, acc_dtype), grads.dlogits.transpose(0, 2, 3, 1), 0, 0, grid
+            )
+        dsinks = sinks_grad(example_sinks(ops), lse, arrays.delta) if want.sinks else None
+        return Grads(
             dq.astype(ops.q.dtype),
             grads.dk.transpose(1, 0, 2).astype(ops.k.dtype),
             grads.dv.transpose(1, 0, 2).astype(ops.v.dtype),
             dbias,
+            dsinks,
+            grads.dconsts,
         )
 
     return over_batch(one_example, ops.q.shape[0], (ops, out, lse, dout, dlse))

@@ -36,12 +36,12 @@ class KeyBlock(NamedTuple):
     mask: Array | None  # slice_block of the dense mask
 
 
-def online_softmax_step(spec, carry: OnlineSoftmax, q_blk: Array, key: KeyBlock, visible: Array | None):
+def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visible, consts, place: bm.Placement):
     """Folds one key block into the carry; ``visible`` masks a partial block (None: fully visible)."""
     if visible is not None:  # (kv_heads|1, groups|1, bq, bk)
         seen = bm.seen_keys(visible, 3)
         key = key._replace(kt=bm.hide_unseen(key.kt, seen, 2), v=bm.hide_unseen(key.v, seen, 1))
-    s, _ = bm.block_logits(spec.options, q_blk, key.kt, key.bias)
+    s = bm.block_logits(spec, q_blk, key.kt, key.bias, consts, place).s
     neg = _core.masked_value(s.dtype)
     if visible is not None:
         s = jnp.where(visible, s, neg)
@@ -54,6 +54,17 @@ def online_softmax_step(spec, carry: OnlineSoftmax, q_blk: Array, key: KeyBlock,
     return OnlineSoftmax(carry.acc * alpha[..., None] + pv, m_new, carry.sum * alpha + p.sum(axis=-1))
 
 
+def initial_carry(shape, v_dim: int, dtype, sinks: Array | None) -> OnlineSoftmax:
+    """An empty accumulator; with attention sinks ``(kv_heads, groups)`` the row starts at ``exp(sink)``:
+    the sink joins every row's denominator (as a key whose value is zero)."""
+    if sinks is None:
+        return OnlineSoftmax(
+            jnp.zeros((*shape, v_dim), dtype), jnp.full(shape, _core.masked_value(dtype)), jnp.zeros(shape, dtype)
+        )
+    start = jnp.broadcast_to(sinks.astype(dtype)[..., None], shape)
+    return OnlineSoftmax(jnp.zeros((*shape, v_dim), dtype), start, jnp.ones(shape, dtype))
+
+
 def finish(carry: OnlineSoftmax, dtype) -> tuple[Array, Array]:
     """Output (zeros for rows that saw no key) and log-sum-exp (the masking sentinel there)."""
     seen = carry.sum != 0  # NaN rows count as seen, so NaN inputs propagate
@@ -63,22 +74,28 @@ def finish(carry: OnlineSoftmax, dtype) -> tuple[Array, Array]:
     return out.astype(dtype), lse
 
 
+def example_sinks(ops: Operands) -> Array | None:
+    """One example's sinks as ``(kv_heads, groups)``, or None."""
+    sinks = ops.opts.shared.sinks
+    return None if sinks is None else sinks.reshape(ops.q.shape[:2])
+
+
 def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[Array, Array]:
     """One example's forward; ``k``/``v`` are the whole ``(batch, kv_padded, kv_heads, x)`` arrays."""
     grid = spec.grid
     kv_heads, groups, _, _ = ops.q.shape
     v_dim = v.shape[-1]
     acc_dtype = _core.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
+    consts = ops.opts.shared.score_consts
 
     def one_q_block(qb):
         q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
 
         def visit(carry, key, kb, masked):
-            visible = None
-            if masked:
-                visible = bm.grouped(blocks.block_mask(qb, kb, key.mask), kv_heads, groups)
-            return online_softmax_step(spec, carry, q_blk, key, visible)
+            visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
+            place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
+            return online_softmax_step(spec, carry, q_blk, key, visible, consts, place)
 
         def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
             # Blocks are sliced here, outside the switch: a branch that took the
@@ -96,14 +113,8 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
             ]
             return lax.switch(blocks.kind(qb, kb), branches, carry, key)
 
-        shape = (kv_heads, groups, grid.block_q)
-        init = OnlineSoftmax(
-            jnp.zeros((*shape, v_dim), acc_dtype),
-            jnp.full(shape, _core.masked_value(acc_dtype)),
-            jnp.zeros(shape, acc_dtype),
-        )
-        lo, hi = blocks.kv_block_range(qb)
-        return finish(lax.fori_loop(lo, hi, step, init), v.dtype)
+        init = initial_carry((kv_heads, groups, grid.block_q), v_dim, acc_dtype, example_sinks(ops))
+        return finish(blocks.kv_loop(qb, step, init), v.dtype)
 
     if grid.num_q_blocks == 1:  # e.g. a decode step: no loop needed over one query block
         out, lse = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))

@@ -12,60 +12,14 @@ size ``(q_seq, kv_seq)`` is built unless the caller passed a dense mask.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
+from .. import _mods
 from .._options import AttentionOptions
-
-SKIP, FULL, PARTIAL = 0, 1, 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Grid:
-    """Static tiling: sequence lengths, block sizes and the padded lengths."""
-
-    q_seq: int
-    kv_seq: int
-    block_q: int
-    block_kv: int
-
-    @property
-    def num_q_blocks(self) -> int:
-        return math.ceil(self.q_seq / self.block_q)
-
-    @property
-    def num_kv_blocks(self) -> int:
-        return math.ceil(self.kv_seq / self.block_kv)
-
-    @property
-    def q_padded(self) -> int:
-        return self.num_q_blocks * self.block_q
-
-    @property
-    def kv_padded(self) -> int:
-        return self.num_kv_blocks * self.block_kv
-
-
-def fitted_block(seq: int, block: int) -> int:
-    """The block size the kernel uses along an axis of length ``seq`` when asked for ``block``.
-
-    ``block`` clipped to ``seq``; when that does not divide ``seq``, the largest
-    divisor of ``seq`` not below half of it, if there is one. A block that divides
-    the axis needs no padding, and padding K/V copies them whole: a decode step
-    over a cache of 8000 positions would copy the cache on every call.
-
-    >>> fitted_block(8192, 512), fitted_block(8000, 512), fitted_block(97, 512), fitted_block(4099, 512)
-    (512, 500, 97, 512)
-    """
-    block = min(block, seq)
-    for size in range(block, (block + 1) // 2 - 1, -1):
-        if seq % size == 0:
-            return size
-    return block
+from .._tiling import FULL, PARTIAL, SKIP, Grid
+from .._tiling import fitted_block as fitted_block
 
 
 def _ceil_div(a, b):
@@ -82,37 +36,47 @@ class ExampleBlocks:
 
     Args:
         opts: one example's options (causal, window, and its slice of the
-            per-example arrays, segment ids already padded to the grid).
+            per-example arrays, segment ids already padded to the grid, the
+            user's mask_mod, its block mask).
         grid: the static tiling.
         dense: this example's dense mask ``(heads|1, q_padded|1, kv_padded|1)``
             padded with False, or None.
+        example: the example's index (what a ``mask_mod`` receives as ``batch``).
+        kv_heads, groups: the head layout (a ``mask_mod`` receives
+            ``head = kv_head * groups + group``).
     """
 
-    def __init__(self, opts: AttentionOptions, grid: Grid, dense: Array | None):
+    def __init__(self, opts: AttentionOptions, grid: Grid, dense: Array | None, example, kv_heads: int, groups: int):
         self.grid = grid
         self.causal = opts.static.is_causal
         self.window = opts.static.local_window_size
-        q_length, kv_length, q_ids, kv_ids = opts.arrays
-        self.q_end = grid.q_seq if q_length is None else jnp.minimum(q_length, grid.q_seq)
-        self.kv_end = grid.kv_seq if kv_length is None else jnp.minimum(kv_length, grid.kv_seq)
-        self.mask_mod = opts.mask_mod()
+        arrays = opts.arrays
+        self.offset = 0 if arrays.q_offset is None else arrays.q_offset
+        self.q_end = grid.q_seq if arrays.q_length is None else jnp.minimum(arrays.q_length, grid.q_seq)
+        self.kv_end = grid.kv_seq if arrays.kv_length is None else jnp.minimum(arrays.kv_length, grid.kv_seq)
+        self.predicate = opts.mask_mod()
+        self.user_mask = opts.static.mask_mod
+        self.user_consts = opts.shared.mask_consts
+        self.example, self.kv_heads, self.groups = example, kv_heads, groups
+        self.block_mask = opts.block_mask
         self.segment_ranges = None
-        if q_ids is not None:
+        if arrays.q_segment_ids is not None:
             self.segment_ranges = (
-                _block_range(q_ids[: grid.q_seq], grid.q_seq, grid.block_q),
-                _block_range(kv_ids[: grid.kv_seq], grid.kv_seq, grid.block_kv),
+                _block_range(arrays.q_segment_ids[: grid.q_seq], grid.q_seq, grid.block_q),
+                _block_range(arrays.kv_segment_ids[: grid.kv_seq], grid.kv_seq, grid.block_kv),
             )
         self.dense_summary = None if dense is None else _dense_summary(dense, grid)
 
     def row_interval(self, i):
-        """Visible keys ``[lo, hi)`` of query row ``i`` from the interval masks."""
+        """Visible keys ``[lo, hi)`` of query row ``i`` (at position ``i + offset``) from the interval masks."""
+        pos = i + self.offset
         lo, hi = 0, self.kv_end
         if self.causal:
-            hi = jnp.minimum(hi, i + 1)
+            hi = jnp.minimum(hi, pos + 1)
         if self.window is not None:
             left, right = self.window
-            lo = jnp.maximum(i - left, 0)
-            hi = jnp.minimum(hi, i + right + 1)
+            lo = jnp.maximum(pos - left, 0)
+            hi = jnp.minimum(hi, pos + right + 1)
         return lo, hi
 
     def kv_block_range(self, qb):
@@ -131,14 +95,31 @@ class ExampleBlocks:
         k0 = kb * bk
         k_end = jnp.minimum(k0 + bk, self.kv_end)
         lo, hi = 0, self.q_end
-        if self.causal:
-            lo = jnp.maximum(lo, k0)
+        if self.causal:  # key j is seen from query position j on, i.e. row j - offset
+            lo = jnp.maximum(lo, k0 - self.offset)
         if self.window is not None:
             left, right = self.window
-            lo = jnp.maximum(lo, k0 - right)
-            hi = jnp.minimum(hi, k_end + left)
+            lo = jnp.maximum(lo, k0 - right - self.offset)
+            hi = jnp.minimum(hi, k_end + left - self.offset)
         empty = (k_end <= k0) | (hi <= lo)
+        lo = jnp.maximum(lo, 0)
         return _int32(jnp.where(empty, 0, lo // bq)), _int32(jnp.where(empty, 0, _ceil_div(hi, bq)))
+
+    def kv_loop(self, qb, step, init):
+        """``step(kb, carry)`` over the key blocks query block ``qb`` may see (the block mask's list, if any)."""
+        if self.block_mask is not None:
+            indices = self.block_mask.kv_indices[qb]
+            return lax.fori_loop(0, self.block_mask.kv_counts[qb], lambda i, c: step(indices[i], c), init)
+        lo, hi = self.kv_block_range(qb)
+        return lax.fori_loop(lo, hi, step, init)
+
+    def q_loop(self, kb, step, init):
+        """``step(qb, carry)`` over the query blocks that may see key block ``kb``."""
+        if self.block_mask is not None:
+            indices = self.block_mask.q_indices[kb]
+            return lax.fori_loop(0, self.block_mask.q_counts[kb], lambda i, c: step(indices[i], c), init)
+        lo, hi = self.q_block_range(kb)
+        return lax.fori_loop(lo, hi, step, init)
 
     def kind(self, qb, kb):
         """SKIP, FULL or PARTIAL for the block pair ``(qb, kb)``."""
@@ -159,25 +140,49 @@ class ExampleBlocks:
             any_visible, all_visible = self.dense_summary
             skip |= ~any_visible[qb, kb]
             full &= all_visible[qb, kb]
+        if self.block_mask is not None:
+            skip |= self.block_mask.kinds[qb, kb] == SKIP
+            full &= self.block_mask.kinds[qb, kb] == FULL
+        elif self.user_mask is not None:  # no summary: every visited block is masked in-kernel
+            full = jnp.zeros_like(full)
         return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
 
-    def block_mask(self, qb, kb, dense_blk: Array | None) -> Array:
-        """Boolean ``(heads|1, block_q, block_kv)`` mask of a partial block.
+    def visible(self, qb, kb, dense_blk: Array | None, block_q: int, block_kv: int) -> Array:
+        """Boolean ``(kv_heads|1, groups|1, block_q, block_kv)`` visibility of a partial block.
 
         ``dense_blk`` is ``slice_block(dense, qb, kb, grid)`` (or None); callers
         slice it outside any ``lax.switch`` so the branches never take the
-        whole dense mask as an operand.
+        whole dense mask as an operand. ``block_q``/``block_kv`` are the grid's
+        (or the whole padded sequences, for the dense twins).
         """
-        bq, bk = self.grid.block_q, self.grid.block_kv
-        q_idx = qb * bq + jnp.arange(bq, dtype=jnp.int32)[:, None]
-        kv_idx = kb * bk + jnp.arange(bk, dtype=jnp.int32)[None, :]
+        q_idx = qb * block_q + jnp.arange(block_q, dtype=jnp.int32)[:, None]
+        kv_idx = kb * block_kv + jnp.arange(block_kv, dtype=jnp.int32)[None, :]
         visible = kv_idx < self.grid.kv_seq
-        if self.mask_mod is not None:
-            visible = visible & self.mask_mod(q_idx, kv_idx)
-        visible = visible[None]
+        if self.predicate is not None:
+            visible = visible & self.predicate(q_idx, kv_idx)
+        visible = visible[None, None]
         if dense_blk is not None:
-            visible = visible & dense_blk
+            visible = visible & grouped(dense_blk, self.kv_heads, self.groups)
+        if self.user_mask is not None:
+            shape = (self.kv_heads, self.groups, block_q, block_kv)
+            user = _mods.evaluate(
+                self.user_mask,
+                self.user_consts,
+                shape,
+                _mods.Layout("kgqs", self.groups),
+                example=self.example,
+                q_start=qb * block_q + self.offset,
+                kv_start=kb * block_kv,
+            )
+            visible = visible & user
         return visible
+
+
+def grouped(x: Array, kv_heads: int, groups: int) -> Array:
+    """``(heads|1, ...)`` -> ``(kv_heads|1, groups|1, ...)`` to broadcast against logits."""
+    if x.shape[0] == 1:
+        return x[:, None]
+    return x.reshape(kv_heads, groups, *x.shape[1:])
 
 
 def slice_block(x: Array, qb, kb, grid: Grid) -> Array:

@@ -76,6 +76,8 @@ def can_fold_batch(ops: Operands) -> bool:
     batch, kv_heads, groups = ops.q.shape[:3]
     if not _checks.is_concrete(batch) or batch == 1 or jax.tree.leaves(ops.opts):
         return False
+    if ops.opts.static.score_mod is not None or ops.opts.static.mask_mod is not None:
+        return False  # user mods see each example's batch and head index
     return all(x is None or x.shape[:2] in ((1, 1), (batch, kv_heads * groups)) for x in (ops.bias, ops.mask))
 
 

@@ -26,6 +26,7 @@ from jaxtyping import Array
 
 from .. import _core
 from . import _blockmath as bm
+from ._forward import example_sinks
 from ._geometry import ExampleBlocks, slice_block
 from ._layout import Operands, over_batch
 
@@ -33,10 +34,12 @@ from ._layout import Operands, over_batch
 class Tangents(NamedTuple):
     """Tangents of the differentiable operands in the kernel layout (None: zero)."""
 
-    q: Array | None  # (batch, kv_heads, groups, q_padded, dim)
-    k: Array | None  # (batch, kv_padded, kv_heads, dim)
-    v: Array | None  # (batch, kv_padded, kv_heads, v_dim)
-    bias: Array | None  # the bias's shape
+    q: Array | None = None  # (batch, kv_heads, groups, q_padded, dim)
+    k: Array | None = None  # (batch, kv_padded, kv_heads, dim)
+    v: Array | None = None  # (batch, kv_padded, kv_heads, v_dim)
+    bias: Array | None = None  # the bias's shape
+    sinks: Array | None = None  # the sinks' shape, (1, heads)
+    consts: tuple[Array | None, ...] = ()  # per score_mod const (None: zero), each with a leading axis of 1
 
 
 class TangentCarry(NamedTuple):
@@ -62,8 +65,11 @@ def probabilities(s: Array, lse: Array, visible: Array | None) -> Array:
     return p if visible is None else jnp.where(visible, p, 0)
 
 
-def logits_tangent(spec, q_blk: Array, dq_blk: Array | None, key: TangentKeyBlock, tanh: Array | None) -> Array:
-    """``d(logits)`` of a block ``(kv_heads, groups, bq, bk)``, zero terms skipped."""
+def logits_tangent(spec, q_blk, dq_blk, key: TangentKeyBlock, logits: bm.Logits, consts, dconsts, place):
+    """``d(logits)`` of a block ``(kv_heads, groups, bq, bk)``, zero terms skipped (None if all are zero).
+
+    ``dconsts`` are the tangents of the score_mod's ``consts`` (None where zero).
+    """
     options = spec.options
     kv_heads, groups, bq, _ = q_blk.shape
     ds = None
@@ -76,15 +82,25 @@ def logits_tangent(spec, q_blk: Array, dq_blk: Array | None, key: TangentKeyBloc
         ds = ds.reshape(kv_heads, groups, bq, -1)
         if jnp.finfo(q_blk.dtype).bits < 32:
             ds = ds * options.scale
-        if tanh is not None:  # d(c tanh(x / c)) = (1 - tanh^2) dx
-            ds = ds * (1 - tanh * tanh)
+        if logits.tanh is not None:  # d(c tanh(x / c)) = (1 - tanh^2) dx
+            ds = ds * (1 - logits.tanh * logits.tanh)
     if key.dbias is not None:
-        dbias = bm.grouped(key.dbias, kv_heads, groups).astype(_core.compute_dtype(q_blk.dtype))
+        dbias = bm.grouped(key.dbias, kv_heads, groups).astype(logits.s.dtype)
         ds = dbias if ds is None else ds + dbias
-    return ds
+    have_dconsts = any(d is not None for d in dconsts)
+    if options.score_mod is None or (ds is None and not have_dconsts):
+        return ds
+    want = tuple(d is not None for d in dconsts)
+
+    def modded(pre, wanted_consts):
+        return bm.score_mod(options, bm.with_wanted(consts, want, wanted_consts), pre, bm.FORWARD_LAYOUT, groups, place)
+
+    d_pre = jnp.zeros_like(logits.pre_mod) if ds is None else ds
+    tangents = tuple(d for d in dconsts if d is not None)
+    return jax.jvp(modded, (logits.pre_mod, bm.wanted(consts, want)), (d_pre, tangents))[1]
 
 
-def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key: TangentKeyBlock, visible) -> TangentCarry:
+def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key, visible, consts, dconsts, place):
     """Folds one key block into the tangent accumulators; ``visible`` masks a partial block."""
     if visible is not None:  # (kv_heads|1, groups|1, bq, bk): keys no row sees are selected out
         seen = bm.seen_keys(visible, 3)
@@ -94,16 +110,16 @@ def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key: Tangent
             dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
             dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
         )
-    s, tanh = bm.block_logits(spec.options, q_blk, key.kt, key.bias)
-    p = probabilities(s, lse_blk, visible)
+    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts, place)
+    p = probabilities(logits.s, lse_blk, visible)
     acc, rowsum = carry
-    ds = logits_tangent(spec, q_blk, dq_blk, key, tanh)
+    ds = logits_tangent(spec, q_blk, dq_blk, key, logits, consts, dconsts, place)
     if ds is not None:
         pds = p * ds
         if visible is not None:  # hidden: 0, whatever ds holds
             pds = jnp.where(visible, pds, 0)
-        if key.bias is not None:  # a logit of -inf (from the bias) hides its key, whatever its tangent
-            pds = jnp.where(s == -jnp.inf, 0, pds)
+        if key.bias is not None or spec.options.score_mod is not None:  # a logit of -inf hides its key
+            pds = jnp.where(logits.s == -jnp.inf, 0, pds)
         acc = acc + bm.mm(bm.rows(pds.astype(key.v.dtype)), key.v).reshape(acc.shape)
         rowsum = rowsum + pds.sum(axis=-1)
     if key.dv is not None:
@@ -111,10 +127,16 @@ def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key: Tangent
     return TangentCarry(acc, rowsum)
 
 
-def finish_tangent(carry: TangentCarry, out: Array) -> tuple[Array, Array]:
-    """``dout`` (in out's dtype) and ``dlse`` from the accumulators and the primal output."""
-    dout = carry.acc - carry.rowsum[..., None] * out.astype(carry.acc.dtype)
-    return dout.astype(out.dtype), carry.rowsum
+def finish_tangent(carry: TangentCarry, out: Array, lse: Array, sinks, dsinks) -> tuple[Array, Array]:
+    """``dout`` (in out's dtype) and ``dlse`` from the accumulators and the primal output.
+
+    A sink's logit moves every row's denominator: ``p_sink * dsink`` joins the row's mean of d(logits).
+    """
+    rowsum = carry.rowsum
+    if dsinks is not None:
+        rowsum = rowsum + bm.exp_below_zero(sinks[..., None].astype(lse.dtype) - lse) * dsinks[..., None]
+    dout = carry.acc - rowsum[..., None] * out.astype(carry.acc.dtype)
+    return dout.astype(out.dtype), rowsum
 
 
 def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, whole, example):
@@ -123,7 +145,9 @@ def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, whole, ex
     kv_heads, groups, _, _ = ops.q.shape
     k, v, dk, dv = whole
     acc_dtype = _core.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
+    consts = ops.opts.shared.score_consts
+    sinks, dsinks = example_sinks(ops), None if tangents.sinks is None else tangents.sinks.reshape(kv_heads, groups)
 
     def one_q_block(qb):
         q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
@@ -131,10 +155,9 @@ def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, whole, ex
         lse_blk = bm.dynamic_block(lse, qb, grid.block_q, 2)
 
         def visit(carry, key, kb, masked):
-            visible = None
-            if masked:
-                visible = bm.grouped(blocks.block_mask(qb, kb, key.mask), kv_heads, groups)
-            return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, key, visible)
+            visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
+            place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
+            return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, key, visible, consts, tangents.consts, place)
 
         def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
             def block_of(x):  # (size, kv_heads, x) block of a whole K/V-like array
@@ -162,8 +185,8 @@ def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, whole, ex
 
         shape = (kv_heads, groups, grid.block_q)
         init = TangentCarry(jnp.zeros((*shape, v.shape[-1]), acc_dtype), jnp.zeros(shape, acc_dtype))
-        lo, hi = blocks.kv_block_range(qb)
-        return finish_tangent(lax.fori_loop(lo, hi, step, init), bm.dynamic_block(out, qb, grid.block_q, 2))
+        out_blk = bm.dynamic_block(out, qb, grid.block_q, 2)
+        return finish_tangent(blocks.kv_loop(qb, step, init), out_blk, lse_blk, sinks, dsinks)
 
     if grid.num_q_blocks == 1:
         dout, dlse = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))

@@ -10,6 +10,7 @@ compiles once per shape instead of once per op.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,11 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jattn import _api, _checks, _dispatch
+from jattn import _api, _checks, _dispatch, masks
 from jattn._prepare import CallOptions
 
 from ._cache import CacheMethods, decode_step
 from ._keras import KerasMethods
+from ._options import AttentionConfig
 from ._projection import Projection, check_inputs, positive_int, promoted_dtype
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -80,6 +82,16 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         bias_init: bias initializer.
         implementation: passed to ``jattn.dot_product_attention`` (``None`` =
             fastest that honours the options).
+        local_window_size: sliding window ``(left, right)`` or one int, as in
+            ``jattn.dot_product_attention`` (Gemma's local layers).
+        logits_soft_cap: tanh soft cap of the logits (Gemma 2).
+        score_mod: ``score_mod(score, batch, head, q_idx, kv_idx)`` applied by
+            every call (e.g. ``jattn.score_mods.alibi``); a call's own
+            ``score_mod`` is applied after it.
+        mask_mod: ``mask_mod(batch, head, q_idx, kv_idx) -> bool`` ANDed into
+            every call (and with a call's own).
+        use_sinks: learn attention sinks: ``sinks (heads,)``, an ``nnx.Param``
+            initialized to zero, joins every row's softmax denominator (gpt-oss).
         deterministic: the initial mode: True turns dropout off (``module.eval()``
             and ``module.train()`` switch it).
         rngs: ``nnx.Rngs``: ``params`` for initialization, ``dropout`` (else
@@ -120,6 +132,11 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         kernel_init: nnx.Initializer = default_kernel_init,
         bias_init: nnx.Initializer = default_bias_init,
         implementation: str | None = None,
+        local_window_size: int | tuple[int, int] | None = None,
+        logits_soft_cap: float | None = None,
+        score_mod: Callable | None = None,
+        mask_mod: Callable | None = None,
+        use_sinks: bool = False,
         deterministic: bool = False,
         rngs: nnx.Rngs,
     ):
@@ -149,6 +166,7 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.implementation = _dispatch.check_implementation(implementation)
+        self.attention_config = AttentionConfig(local_window_size, logits_soft_cap, score_mod, mask_mod)
 
         def projection(in_shape, out_shape):
             return Projection(
@@ -169,6 +187,9 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         # only a module that can drop out holds a (forked) dropout RNG stream.
         self.deterministic = bool(deterministic)
         self.rngs = rngs["dropout"].fork() if self.dropout_rate > 0 else nnx.data(None)
+        # Attention sinks (gpt-oss): a learned logit per head in every row's softmax denominator.
+        _checks.check_static_bool("use_sinks", use_sinks)
+        self.sinks = nnx.Param(jnp.zeros((self.num_heads,), param_dtype)) if use_sinks else nnx.data(None)
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
@@ -187,6 +208,10 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         key_value_seq_lengths: Int[ArrayLike, " batch"] | None = None,
         query_segment_ids: Int[ArrayLike, "batch q_seq"] | None = None,
         key_value_segment_ids: Int[ArrayLike, "batch kv_seq"] | None = None,
+        bias: Float[ArrayLike, "#batch #heads #q_seq #kv_seq"] | None = None,
+        score_mod: Callable | None = None,
+        mask_mod: Callable | None = None,
+        block_mask: masks.BlockMask | None = None,
         deterministic: bool | None = None,
         rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
         return_weights: bool = False,
@@ -216,6 +241,12 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
                 ``key_value_segment_ids`` ``(batch, kv_seq)``: attend only within
                 equal ids (packed sequences). Not allowed while decoding.
             key_value_segment_ids: see ``query_segment_ids``.
+            bias: float added to the logits, broadcastable to ``(batch, heads,
+                q_seq, kv_seq)`` (while decoding, ``kv_seq`` is ``max_length``).
+            score_mod: a ``score_mod`` for this call, after the module's.
+            mask_mod: a ``mask_mod`` for this call, ANDed with the module's
+                (e.g. ``jattn.masks.document(ids)`` for this batch's documents).
+            block_mask: ``jattn.masks.block_mask`` of the combined mask mods.
             deterministic: True turns dropout off; default: the module's mode
                 (``module.eval()`` / ``module.train()``).
             rngs: overrides the dropout stream for this call.
@@ -259,12 +290,17 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         query = self.query(inputs_q, dtype)
         key = self.key(inputs_k, dtype)
         value = self.value(inputs_v, dtype)
-        call = CallOptions(
+        call = self.attention_config.call(
             mask=mask,
+            bias=bias,
             query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths,
             query_segment_ids=query_segment_ids,
             key_value_segment_ids=key_value_segment_ids,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            block_mask=block_mask,
+            sinks=None if self.sinks is None else self.sinks[...],
             is_causal=bool(is_causal),
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,6 +49,11 @@ class AttentionBlock(nnx.Module):
         kernel_init: attention kernel initializer.
         bias_init: attention bias initializer.
         implementation: passed to ``jattn.dot_product_attention``.
+        local_window_size: sliding window of the attention (Gemma's local layers).
+        logits_soft_cap: tanh soft cap of the logits (Gemma 2).
+        score_mod: the attention's ``score_mod`` (see :class:`MultiHeadAttention`).
+        mask_mod: the attention's ``mask_mod``.
+        use_sinks: learned attention sinks (gpt-oss).
         rngs: ``nnx.Rngs``.
 
     Example:
@@ -81,6 +87,11 @@ class AttentionBlock(nnx.Module):
         kernel_init: nnx.Initializer = default_kernel_init,
         bias_init: nnx.Initializer = default_bias_init,
         implementation: str | None = None,
+        local_window_size: int | tuple[int, int] | None = None,
+        logits_soft_cap: float | None = None,
+        score_mod: Callable | None = None,
+        mask_mod: Callable | None = None,
+        use_sinks: bool = False,
         rngs: nnx.Rngs,
     ):
         self.attention = MultiHeadAttention(
@@ -97,6 +108,11 @@ class AttentionBlock(nnx.Module):
             kernel_init=kernel_init,
             bias_init=bias_init,
             implementation=implementation,
+            local_window_size=local_window_size,
+            logits_soft_cap=logits_soft_cap,
+            score_mod=score_mod,
+            mask_mod=mask_mod,
+            use_sinks=use_sinks,
             rngs=rngs,
         )
         self.norm = nnx.LayerNorm(
@@ -123,7 +139,8 @@ class AttentionBlock(nnx.Module):
             **options: passed to the attention: ``mask``, ``is_causal`` (required
                 while decoding), ``query_seq_lengths`` / ``key_value_seq_lengths``
                 (padding), ``query_segment_ids`` / ``key_value_segment_ids``
-                (packed sequences), ``deterministic``, ``rngs``.
+                (packed sequences), ``bias``, ``score_mod``, ``mask_mod``,
+                ``block_mask``, ``deterministic``, ``rngs``.
 
         Returns:
             ``(batch, seq, in_features)``, and the weights if ``return_weights``.

@@ -4,10 +4,10 @@ The cache holds ``max_length`` key/value positions per example and a filled
 count ``index`` of shape ``(batch,)``. A call with ``n_new`` tokens writes them
 at absolute positions ``index + i`` and lets query ``i`` see key ``j`` iff
 ``j <= index + i`` (causal, offset by what is already cached). That is told to
-``jattn.dot_product_attention`` as ``key_value_seq_lengths = index + n_valid``,
-which lets a blockwise kernel skip every key block past the filled length, plus,
-for ``n_new > 1`` only, a small dense ``(batch, 1, n_new, max_length)`` mask for
-causality inside the new chunk (with one new token the length says it all).
+the attention as a query offset ``index`` (causal and window masks, score and
+mask mods all see absolute positions) and ``key_value_seq_lengths = index +
+n_valid``, which lets a blockwise kernel skip every key block past the filled
+length: no dense mask is built.
 
 Writing past ``max_length`` never wraps around or clamps: the write is dropped,
 the output rows of those queries are NaN, and an error is raised (eagerly when
@@ -62,13 +62,6 @@ class KVCache:
 
         return KVCache(put(self.key, key), put(self.value, value), self.index + n_valid)
 
-    def decode_mask(self, n_new: int) -> Bool[Array, "batch 1 n_new max_length"] | None:
-        """Causality inside a chunk of ``n_new`` queries at positions ``index + i``; None when ``n_new == 1``."""
-        if n_new == 1:
-            return None
-        keys = jnp.arange(self.max_length, dtype=self.index.dtype)
-        return (keys[None, None, :] <= self.positions(n_new)[:, :, None])[:, None]
-
     def past_end(self, n_new: int) -> Bool[Array, "batch n_new"]:
         """True for the new queries whose absolute position is at or past ``max_length``."""
         return self.positions(n_new) >= self.max_length
@@ -103,8 +96,7 @@ def decode_step(cache: KVCache, key: Array, value: Array, call: CallOptions, *, 
 
     Returns ``(cache, call, past_end)``: the updated cache (attend over its
     whole ``key``/``value``), the call's options with the decode lengths and
-    mask in place of ``is_causal``, and ``(batch, n_new)`` flags of queries at or
-    past ``max_length``.
+    query offset, and ``(batch, n_new)`` flags of queries at or past ``max_length``.
     """
     if not self_attention:
         raise ValueError(
@@ -133,12 +125,10 @@ def decode_step(cache: KVCache, key: Array, value: Array, call: CallOptions, *, 
         _checks.check_bool("mask", mask)
         logits_shape = (batch, heads, n_new, cache.max_length)
         _checks.check_broadcastable("mask", mask, logits_shape, "(batch, heads, q_seq, max_length)")
-    causal = cache.decode_mask(n_new)
-    if causal is not None:
-        mask = causal if mask is None else mask & causal
     past_end = cache.past_end(n_new)
+    offset = cache.index
     cache = cache.write(key, value, n_valid)
-    call = call.replace(mask=mask, key_value_seq_lengths=cache.index, is_causal=False)
+    call = call.replace(mask=mask, key_value_seq_lengths=cache.index, query_offset=offset)
     return cache, call, past_end
 
 

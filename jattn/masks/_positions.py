@@ -1,36 +1,13 @@
-"""Attention masks as position predicates.
-
-A mask is a *predicate on positions*: ``mask_mod(q_idx, kv_idx) -> bool``,
-True where query ``q_idx`` may attend to key ``kv_idx``. Predicates take integer
-arrays that broadcast against each other and are evaluated elementwise, so the
-same object serves a dense ``(q_seq, kv_seq)`` mask (:func:`materialize`) and a
-kernel that evaluates one block at a time and never builds the dense mask.
-
-Axis legend: ``q_seq`` query positions, ``kv_seq`` key/value positions.
-
-Example:
-    >>> from jattn import masks
-    >>> mod = masks.and_masks(masks.causal(), masks.sliding_window(1, 0))
-    >>> print(masks.materialize(mod, 4, 4).astype(int))
-    [[1 0 0 0]
-     [1 1 0 0]
-     [0 1 1 0]
-     [0 0 1 1]]
-"""
+"""Position predicates ``mask_mod(q_idx, kv_idx) -> bool``: the masks that depend on positions only."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from . import _checks
-
-MaskMod = Callable[[Array, Array], Array]
-"""``mask_mod(q_idx, kv_idx) -> bool array``: True = attend."""
+from .. import _checks
 
 
 def _as_index(x: ArrayLike, like: ArrayLike) -> Array:
@@ -99,29 +76,23 @@ class Dense:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class And:
-    """Visible where every predicate is."""
+class Chunked:
+    """Query ``i`` sees key ``j`` only within the same chunk: ``i // size == j // size`` (Llama 4's local chunks)."""
 
-    mods: tuple[MaskMod, ...]
+    size: int
 
     def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
-        visible = self.mods[0](q_idx, kv_idx)
-        for mod in self.mods[1:]:
-            visible = visible & mod(q_idx, kv_idx)
-        return visible
+        return q_idx // self.size == kv_idx // self.size
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Or:
-    """Visible where any predicate is."""
+class Dilated:
+    """Query ``i`` sees key ``j`` where ``i - j`` is a multiple of ``stride`` (dilated / strided attention)."""
 
-    mods: tuple[MaskMod, ...]
+    stride: int
 
     def __call__(self, q_idx: Array, kv_idx: Array) -> Array:
-        visible = self.mods[0](q_idx, kv_idx)
-        for mod in self.mods[1:]:
-            visible = visible | mod(q_idx, kv_idx)
-        return visible
+        return (q_idx - kv_idx) % self.stride == 0
 
 
 def causal(*, offset: ArrayLike = 0) -> Causal:
@@ -234,70 +205,44 @@ def dense(mask: Bool[ArrayLike, "q_seq kv_seq"]) -> Dense:
     return Dense(jnp.asarray(mask))
 
 
-def and_masks(*mods: MaskMod) -> MaskMod:
-    """Combines predicates: visible only where all of them are.
+def chunked(size: int) -> Chunked:
+    """Local chunks (Llama 4): query ``i`` sees key ``j`` only where ``i // size == j // size``.
+
+    Combine with :func:`causal` for causal chunked attention.
 
     Raises:
-        ValueError: if no predicate is given.
+        ValueError: if ``size`` is not a positive int.
 
     Example:
         >>> from jattn import masks
-        >>> mod = masks.and_masks(masks.causal(), masks.lengths(kv_length=2))
-        >>> print(masks.materialize(mod, 3, 3).astype(int))
-        [[1 0 0]
-         [1 1 0]
-         [1 1 0]]
+        >>> print(masks.materialize(masks.and_masks(masks.causal(), masks.chunked(2)), 4, 4).astype(int))
+        [[1 0 0 0]
+         [1 1 0 0]
+         [0 0 1 0]
+         [0 0 1 1]]
     """
-    if not mods:
-        raise ValueError("and_masks needs at least one mask_mod; got none")
-    return mods[0] if len(mods) == 1 else And(tuple(mods))
+    _check_positive("size", size)
+    return Chunked(size)
 
 
-def or_masks(*mods: MaskMod) -> MaskMod:
-    """Combines predicates: visible where any of them is.
+def dilated(stride: int) -> Dilated:
+    """Dilated (strided) attention: query ``i`` sees key ``j`` where ``i - j`` is a multiple of ``stride``.
 
     Raises:
-        ValueError: if no predicate is given.
+        ValueError: if ``stride`` is not a positive int.
 
     Example:
         >>> from jattn import masks
-        >>> mod = masks.or_masks(masks.causal(), masks.sliding_window(0, 1))
-        >>> print(masks.materialize(mod, 3, 3).astype(int))
-        [[1 1 0]
-         [1 1 1]
-         [1 1 1]]
+        >>> print(masks.materialize(masks.and_masks(masks.causal(), masks.dilated(2)), 4, 4).astype(int))
+        [[1 0 0 0]
+         [0 1 0 0]
+         [1 0 1 0]
+         [0 1 0 1]]
     """
-    if not mods:
-        raise ValueError("or_masks needs at least one mask_mod; got none")
-    return mods[0] if len(mods) == 1 else Or(tuple(mods))
+    _check_positive("stride", stride)
+    return Dilated(stride)
 
 
-def materialize(mask_mod: MaskMod, q_seq: int, kv_seq: int) -> Bool[Array, "q_seq kv_seq"]:
-    """Evaluates a predicate on every position pair: a dense boolean mask.
-
-    Args:
-        mask_mod: ``mask_mod(q_idx, kv_idx) -> bool``.
-        q_seq: number of query positions.
-        kv_seq: number of key/value positions.
-
-    Returns:
-        Boolean array of shape ``(q_seq, kv_seq)``, True = attend.
-
-    Raises:
-        ValueError: if a size is negative.
-        TypeError: if the predicate does not return booleans.
-
-    Example:
-        >>> from jattn import masks
-        >>> masks.materialize(masks.causal(), 2, 3).shape
-        (2, 3)
-    """
-    for name, value in (("q_seq", q_seq), ("kv_seq", kv_seq)):
-        symbolic = jax.export.is_symbolic_dim(value)  # jax.export with a symbolic sequence length
-        if not symbolic and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a non-negative int; got {value!r}")
-    q_idx = jnp.arange(q_seq, dtype=jnp.int32)[:, None]
-    kv_idx = jnp.arange(kv_seq, dtype=jnp.int32)[None, :]
-    visible = mask_mod(q_idx, kv_idx)
-    _checks.check_bool("mask_mod result", visible)
-    return jnp.broadcast_to(visible, (q_seq, kv_seq))
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
