@@ -29,6 +29,22 @@ class ReferenceResult(NamedTuple):
     weights: Float[Array, "batch heads q_seq kv_seq"]  # before the hook, in the value dtype
 
 
+def _indices_along(x: Array, axis: int) -> Array:
+    """``0 .. n-1`` for axis ``axis`` of ``x``, sharded as that axis is.
+
+    The indices (what a score_mod or mask_mod receives as batch and head) are
+    vmapped with ``x``, and on explicit mesh axes vmap wants every operand's
+    mapped axis sharded alike: an unsharded ``arange`` beside a batch sharded
+    over ``"data"`` is an error.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    out_sharding = None
+    if spec is not None and len(spec) > axis and spec[axis] is not None:
+        out_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[axis]))
+    return jax.lax.broadcasted_iota(jnp.int32, (x.shape[axis],), 0, out_sharding=out_sharding)
+
+
 def _leading_axis(x: Array | None) -> tuple[Array | None, int | None]:
     """Peels the leading axis for vmap: mapped if it has extent > 1, else dropped."""
     if x is None:
@@ -115,21 +131,20 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
         def one_kv_head(kv_head, q, k, bias, mask):
             bias, bias_axis = _leading_axis(bias)
             mask, mask_axis = _leading_axis(mask)
-            groups_ = jnp.arange(groups, dtype=jnp.int32)
             return jax.vmap(one_head, in_axes=(None, 0, 1, None, bias_axis, mask_axis))(
-                kv_head, groups_, q, k, bias, mask
+                kv_head, _indices_along(q, 1), q, k, bias, mask
             )
 
         bias, bias_axis = _leading_axis(bias)
         mask, mask_axis = _leading_axis(mask)
-        kv_heads_ = jnp.arange(kv_heads, dtype=jnp.int32)
-        return jax.vmap(one_kv_head, in_axes=(0, 1, 1, bias_axis, mask_axis))(kv_heads_, q, k, bias, mask)
+        return jax.vmap(one_kv_head, in_axes=(0, 1, 1, bias_axis, mask_axis))(_indices_along(q, 1), q, k, bias, mask)
 
     bias, bias_axis = _leading_axis(_grouped(bias, kv_heads, groups))
     mask, mask_axis = _leading_axis(_grouped(mask, kv_heads, groups))
     f = jax.vmap(one_example, in_axes=(0, 0, 0, bias_axis, mask_axis, 0))
-    examples = jnp.arange(batch, dtype=jnp.int32)
-    weights, lse, seen = f(examples, q, key, bias, mask, opts.arrays)  # (batch, K, G, q_seq, kv_seq), (.. q_seq)
+    weights, lse, seen = f(
+        _indices_along(q, 0), q, key, bias, mask, opts.arrays
+    )  # (batch, K, G, q_seq, kv_seq), (.. q_seq)
     weights = weights.astype(value.dtype).reshape(batch, heads, q_seq, kv_seq)
 
     def weighted_sum(w, v, seen):

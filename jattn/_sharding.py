@@ -6,7 +6,8 @@ the blockwise kernel's loops and switches would need every carry and branch
 retyped. The examples and heads are independent, so the kernel runs per shard
 instead, in a ``shard_map`` over the query's batch and head axes. Anything else
 (a sharded sequence or dim, heads that do not split into whole GQA groups) is
-gathered first.
+gathered first, and so is everything for a call with a ``score_mod``,
+``mask_mod`` or ``sinks`` (they index by the global example and head).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Arr
     # Query heads split like kv heads only when every shard holds whole GQA groups.
     if head_axes is not None and kv_heads % _axes_size(mesh, head_axes):
         head_axes = None
+    # A score_mod, mask_mod or sinks index by the global example and head: a shard would see its own
+    # indices and the arrays they capture whole, so those calls run unsplit (correct, not parallel).
+    static = opts.static
+    if static.score_mod is not None or static.mask_mod is not None or opts.shared.sinks is not None:
+        batch_axes = head_axes = None
 
     def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1)
         return P(batch_axes if x.shape[0] > 1 else None, head_axes if x.shape[1] > 1 else None, None, None)

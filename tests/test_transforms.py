@@ -192,6 +192,7 @@ SHARDED_SCRIPT = textwrap.dedent(
         "bias-swapped-axes": (2, P("model", None, "data", None), P("model", None, "data", None), (1, 4, 6, 10), False),
         "bias-segments": (4, P("data", None, "model", None), P("data", None, "model", None), (4, 1, 6, 10), True),
         "two-axis-batch": (2, *(P(("data", "model"), None, None, None),) * 2, None, False),
+        "mods-and-sinks": (2, P("data", None, "model", None), P("data", None, "model", None), None, False),
     }
     for name, (kv_heads, q_spec, kv_spec, bias_shape, with_segments) in layouts.items():
         q = jnp.asarray(rng.standard_normal((4, 6, 4, 8)), jnp.float32)
@@ -200,10 +201,17 @@ SHARDED_SCRIPT = textwrap.dedent(
         ids = [jnp.asarray(rng.integers(0, 2, (4, n)), jnp.int32) for n in (6, 10)] if with_segments else [None, None]
         n = jnp.asarray([10, 3, 5, 1], jnp.int32)
 
+        mods = {}
+        if name == "mods-and-sinks":  # they index by the global example and head
+            slopes = jnp.asarray([0.5, 0.25, 0.125, 0.0625], jnp.float32)
+            docs = jnp.asarray(rng.integers(0, 2, (4, 10)), jnp.int32)
+            mods = dict(score_mod=lambda s, b, h, i, j: s + slopes[h] * (j - i).astype(s.dtype) + b.astype(s.dtype),
+                        mask_mod=lambda b, h, i, j: (docs[b, i] == docs[b, j]) | (h == 0), sinks=slopes)
+
         def loss(q, k, v, bias, n):
             out = jattn.dot_product_attention(
                 q, k, v, bias=bias, is_causal=True, key_value_seq_lengths=n, query_segment_ids=ids[0],
-                key_value_segment_ids=ids[1], implementation="blockwise", block_q=4, block_kv=4)
+                key_value_segment_ids=ids[1], implementation="blockwise", block_q=4, block_kv=4, **mods)
             return jnp.sum(out ** 2), out
         g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2) if bias is None else (0, 1, 2, 3), has_aux=True))
         put = lambda x, spec: None if x is None else jax.device_put(x, NamedSharding(mesh, spec))
@@ -220,7 +228,7 @@ SHARDED_SCRIPT = textwrap.dedent(
     print("RESULTS", json.dumps(results))
     """
 )
-EXPLICIT_LAYOUTS = ["kv-heads-1", "sequence", "bias-swapped-axes", "bias-segments", "two-axis-batch"]
+EXPLICIT_LAYOUTS = ["kv-heads-1", "sequence", "bias-swapped-axes", "bias-segments", "two-axis-batch", "mods-and-sinks"]
 SHARDABLE = [p.values[0] for p in IMPLEMENTATIONS if p.values[0] != "cudnn"]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 from collections.abc import Callable
 
 import jax
@@ -25,29 +27,24 @@ def _call(mod: MaskMod, idx: tuple) -> Array:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class And:
-    """Visible where every predicate is (called with 2 or 4 indices, like its predicates)."""
+class _Combined:
+    """Predicates folded with ``combine`` (called with 2 or 4 indices, like its predicates)."""
 
     mods: tuple[MaskMod, ...]
+    combine = staticmethod(operator.and_)
 
     def __call__(self, *idx: Array) -> Array:
-        visible = _call(self.mods[0], idx)
-        for mod in self.mods[1:]:
-            visible = visible & _call(mod, idx)
-        return visible
+        return functools.reduce(self.combine, (_call(mod, idx) for mod in self.mods))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Or:
-    """Visible where any predicate is (called with 2 or 4 indices, like its predicates)."""
+class And(_Combined):
+    """Visible where every predicate is."""
 
-    mods: tuple[MaskMod, ...]
 
-    def __call__(self, *idx: Array) -> Array:
-        visible = _call(self.mods[0], idx)
-        for mod in self.mods[1:]:
-            visible = visible | _call(mod, idx)
-        return visible
+class Or(_Combined):
+    """Visible where any predicate is."""
+
+    combine = staticmethod(operator.or_)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
