@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: test demo bench lint clean
+.PHONY: test test-all demo bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,6 +12,12 @@ $(BIN)/python:
 # `make test`: install the package with its test extras, lint, run the whole suite
 # (one pytest worker per core: the suite is compile-bound and single-threaded per test).
 test: $(BIN)/python
+	$(PIP) install -e '.[test]'
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
+
+# `make test-all`: the same, plus the slow tier (exhaustive cross-product sweeps; see pyproject's markers).
+test-all: $(BIN)/python
 	$(PIP) install -e '.[test]'
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup

@@ -51,14 +51,14 @@ def _assert_matches_reference(q, k, v, block, atol, **options):
 @pytest.mark.parametrize(
     ("block", "q_seq", "kv_seq", "is_causal"),
     [
-        (64, 1, 1, False),
+        pytest.param(64, 1, 1, False, marks=pytest.mark.slow),
         (64, 31, 31, True),
-        (64, 123, 31, False),
-        (64, 123, 31, True),
-        (64, 31, 123, True),
-        (64, 131, 127, False),
+        pytest.param(64, 123, 31, False, marks=pytest.mark.slow),
+        pytest.param(64, 123, 31, True, marks=pytest.mark.slow),
+        pytest.param(64, 31, 123, True, marks=pytest.mark.slow),
+        pytest.param(64, 131, 127, False, marks=pytest.mark.slow),
         (64, 131, 127, True),
-        (128, 131, 127, True),
+        pytest.param(128, 131, 127, True, marks=pytest.mark.slow),
         (128, 31, 123, False),
     ],
 )

@@ -79,7 +79,7 @@ def test_float32_outputs_and_gradients_match_oracle(implementation, case):
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != jnp.float32], ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("case", cases.case_params(DTYPE_CASES))
+@pytest.mark.parametrize("case", cases.case_params(DTYPE_CASES, slow_unless="everything"))
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_other_dtypes_match_oracle(implementation, case, dtype):
     check_against_oracle(implementation, case, dtype)
@@ -195,7 +195,7 @@ def float64_args(case):
 
 
 @pytest.mark.parametrize("case", cases.case_params(GRAD_CHECK_CASES))
-@pytest.mark.parametrize("implementation", FULL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", cases.slow_unless(FULL_IMPLEMENTATIONS, "blockwise"))
 def test_check_grads_order_2_float64(implementation, case):
     _, diff, fn = float64_args(case)
     f = jax.jit(functools.partial(fn, implementation=implementation))
@@ -203,7 +203,7 @@ def test_check_grads_order_2_float64(implementation, case):
 
 
 @pytest.mark.parametrize("case", [cases.CASES_BY_NAME["everything"]], ids=str)
-@pytest.mark.parametrize("implementation", FULL_IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", cases.slow_unless(FULL_IMPLEMENTATIONS, "blockwise"))
 def test_gradient_helper_against_finite_differences_and_reference(implementation, case):
     _, diff, fn = float64_args(case)
     report = check_attention_grads(

@@ -39,7 +39,9 @@ def mask_of(shape, seed=1):
     ],
     ids=str,
 )
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS, ids=str)
+@pytest.mark.parametrize(
+    "implementation", [pytest.param(i, marks=[] if i == "blockwise" else [pytest.mark.slow]) for i in IMPLEMENTATIONS]
+)  # normalization is shared; blockwise by default, the others in the slow tier
 def test_masks_and_biases_of_lower_rank_broadcast_as_in_jax_nn(implementation, mask_shape, bias_shape, batched):
     lead = (B,) if batched else ()
     q, k, v = normal((*lead, T, N, D)), normal((*lead, S, N, D), seed=1), normal((*lead, S, N, D), seed=2)

@@ -55,7 +55,11 @@ def jvp_params():
             dtypes = [jnp.float64] + ([jnp.float32] if case.values[0].name in FLOAT32_CASES else [])
             for dtype in dtypes:
                 yield pytest.param(
-                    implementation, case.values[0], dtype, id=f"{implementation}-{case.id}-{dtype.__name__}"
+                    implementation,
+                    case.values[0],
+                    dtype,
+                    id=f"{implementation}-{case.id}-{dtype.__name__}",
+                    marks=[] if implementation == "blockwise" else [pytest.mark.slow],  # the others: plain JAX
                 )
 
 

@@ -19,7 +19,7 @@ import jattn
 
 IMPLEMENTATIONS = cases.implementation_params()
 FULL_IMPLEMENTATIONS = cases.full_implementation_params()
-LOW_PRECISION = [jnp.float32, jnp.bfloat16, jnp.float16]
+LOW_PRECISION = [jnp.float32, jnp.bfloat16, pytest.param(jnp.float16, marks=pytest.mark.slow)]  # f16: slow tier
 DTYPE_IDS = {jnp.float32: "float32", jnp.bfloat16: "bfloat16", jnp.float16: "float16", jnp.float64: "float64"}
 
 B, T, S, N, KH, D = 2, 5, 7, 4, 2, 8  # (batch, q_seq, kv_seq, heads, kv_heads, dim); GQA

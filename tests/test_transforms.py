@@ -232,7 +232,7 @@ EXPLICIT_LAYOUTS = ["kv-heads-1", "sequence", "bias-swapped-axes", "bias-segment
 SHARDABLE = [p.values[0] for p in IMPLEMENTATIONS if p.values[0] != "cudnn"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, however pytest-xdist orders the tests
 def sharded_results():
     """Runs every implementation on a 2x2 CPU mesh (auto and explicit axes) in one subprocess."""
     root = pathlib.Path(jattn.__file__).resolve().parent.parent

@@ -227,8 +227,21 @@ def known_bug_marks(case: Case) -> list:
     return []
 
 
-def case_params(selected) -> list:
-    return [pytest.param(c, marks=known_bug_marks(c), id=c.name) for c in selected]
+def case_params(selected, *, slow_unless: str | None = None) -> list:
+    """Cases as pytest params; with ``slow_unless``, every other case joins the slow tier (``make test-all``)."""
+    return [
+        pytest.param(c, marks=[*known_bug_marks(c), *_slow_mark(slow_unless not in (None, c.name))], id=c.name)
+        for c in selected
+    ]
+
+
+def slow_unless(params: list, *keep: str) -> list:
+    """``params`` with the ones not named in ``keep`` in the slow tier (run by ``make test-all``)."""
+    return [pytest.param(*p.values, marks=[*p.marks, *_slow_mark(p.values[0] not in keep)], id=p.id) for p in params]
+
+
+def _slow_mark(slow: bool) -> list:
+    return [pytest.mark.slow] if slow else []
 
 
 DTYPE_CASES = [CASES_BY_NAME[n] for n in ("gqa", "everything_jax_nn_has", "everything")]
