@@ -6,9 +6,15 @@ optimization level 0 (set before JAX starts its backend, so subprocess tests
 inherit it) cuts compile time by about 40%. It changes no HLO pass, so the
 compiled memory figures the tests assert are the same. A user's own XLA_FLAGS
 win.
+
+Tests also compile many identical programs (the same case through several
+checks), so a run shares JAX's compilation cache between its pytest-xdist
+workers: a fresh directory per run (never reused by a later run), in the
+system's temp folder.
 """
 
 import os
+import tempfile
 
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
@@ -19,3 +25,8 @@ import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it start
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())  # the same in every worker of a run
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"jattn-tests-{_RUN}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
