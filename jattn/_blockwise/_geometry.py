@@ -107,19 +107,15 @@ class ExampleBlocks:
 
     def kv_loop(self, qb, step, init):
         """``step(kb, carry)`` over the key blocks query block ``qb`` may see (the block mask's list, if any)."""
-        if self.block_mask is not None:
-            indices = self.block_mask.kv_indices[qb]
-            return lax.fori_loop(0, self.block_mask.kv_counts[qb], lambda i, c: step(indices[i], c), init)
-        lo, hi = self.kv_block_range(qb)
-        return lax.fori_loop(lo, hi, step, init)
+        bm = self.block_mask
+        listed = None if bm is None else (bm.kv_indices[qb], bm.kv_counts[qb])
+        return _visit(listed, lambda: self.kv_block_range(qb), step, init)
 
     def q_loop(self, kb, step, init):
         """``step(qb, carry)`` over the query blocks that may see key block ``kb``."""
-        if self.block_mask is not None:
-            indices = self.block_mask.q_indices[kb]
-            return lax.fori_loop(0, self.block_mask.q_counts[kb], lambda i, c: step(indices[i], c), init)
-        lo, hi = self.q_block_range(kb)
-        return lax.fori_loop(lo, hi, step, init)
+        bm = self.block_mask
+        listed = None if bm is None else (bm.q_indices[kb], bm.q_counts[kb])
+        return _visit(listed, lambda: self.q_block_range(kb), step, init)
 
     def kind(self, qb, kb):
         """SKIP, FULL or PARTIAL for the block pair ``(qb, kb)``."""
@@ -176,6 +172,15 @@ class ExampleBlocks:
             )
             visible = visible & user
         return visible
+
+
+def _visit(listed, block_range, step, init):
+    """``step(block, carry)`` over ``listed`` = (indices, count) from a block mask, else ``range(*block_range())``."""
+    if listed is not None:
+        indices, count = listed
+        return lax.fori_loop(0, count, lambda i, carry: step(indices[i], carry), init)
+    lo, hi = block_range()
+    return lax.fori_loop(lo, hi, step, init)
 
 
 def grouped(x: Array, kv_heads: int, groups: int) -> Array:

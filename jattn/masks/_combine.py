@@ -84,9 +84,7 @@ def and_masks(*mods: MaskMod) -> MaskMod:
          [1 1 0]
          [1 1 0]]
     """
-    if not mods:
-        raise ValueError("and_masks needs at least one mask_mod; got none")
-    return mods[0] if len(mods) == 1 else And(tuple(mods))
+    return _combined(And, "and_masks", mods)
 
 
 def or_masks(*mods: MaskMod) -> MaskMod:
@@ -103,9 +101,14 @@ def or_masks(*mods: MaskMod) -> MaskMod:
          [1 1 1]
          [1 1 1]]
     """
+    return _combined(Or, "or_masks", mods)
+
+
+def _combined(kind: type[_Combined], name: str, mods: tuple[MaskMod, ...]) -> MaskMod:
+    """One predicate stays itself; several become ``kind(mods)``."""
     if not mods:
-        raise ValueError("or_masks needs at least one mask_mod; got none")
-    return mods[0] if len(mods) == 1 else Or(tuple(mods))
+        raise ValueError(f"{name} needs at least one mask_mod; got none")
+    return mods[0] if len(mods) == 1 else kind(tuple(mods))
 
 
 def prefix_lm(prefix_length: ArrayLike) -> PrefixLM:
