@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from . import _core, _dispatch, masks
+from . import _core, _dispatch, _sequence_parallel, masks
 from ._dispatch import Implementation
 from ._prepare import CallOptions, prepare
 from ._reference import WeightsHook, reference_attention
+from .sharding import SequenceParallel
 
 
 def dot_product_attention(
@@ -37,6 +38,7 @@ def dot_product_attention(
     return_residual: bool = False,
     block_q: int = 512,
     block_kv: int = 512,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> (
     Float[Array, "*batch q_seq heads v_dim"]
     | tuple[Float[Array, "*batch q_seq heads v_dim"], Float[Array, "*batch q_seq heads"]]
@@ -112,6 +114,14 @@ def dot_product_attention(
         block_kv: key/value block size of the blockwise kernel, clipped and
             fitted to kv_seq the same way (padding K/V would copy them whole,
             e.g. a KV cache on every decode step).
+        sequence_parallel: a :class:`jattn.sharding.SequenceParallel` to run
+            sequence-parallel (ring or all-gather K/V) over a mesh axis the
+            sequence is sharded along: to force a strategy, use the zigzag
+            layout, or name the axis on ``Auto`` mesh axes. ``None``: a query
+            whose sequence axis is sharded over an ``Explicit`` mesh axis runs
+            sequence-parallel anyway (auto strategy, contiguous layout), unless
+            the call has a ``score_mod``, ``mask_mod`` or ``sinks`` (then the
+            sequence is gathered). Blockwise only; see :mod:`jattn.sharding`.
 
     Returns:
         ``(*batch, q_seq, heads, v_dim)`` in the input dtype (the query's batch
@@ -124,7 +134,9 @@ def dot_product_attention(
         ValueError: wrong ranks, mismatched sizes, ``heads % kv_heads != 0``,
             mask/bias/lengths/segment ids of the wrong shape, a negative window,
             an unknown implementation or an option it cannot honour, a
-            non-positive block size.
+            non-positive block size, a ``sequence_parallel`` the call cannot
+            honour (no such mesh axis, sequences that do not split evenly, a
+            mod or sinks, an implementation other than blockwise).
 
     Every JAX transform works on every implementation: reverse mode, forward
     mode (``jax.jvp``, ``jax.jacfwd``: blockwise and O(N) memory on
@@ -166,6 +178,7 @@ def dot_product_attention(
         return_residual=return_residual,
         block_q=block_q,
         block_kv=block_kv,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -179,20 +192,35 @@ def attend(
     return_residual: bool = False,
     block_q: int = 512,
     block_kv: int = 512,
+    sequence_parallel: SequenceParallel | None = None,
 ):
     """``dot_product_attention`` with its options as one record (what ``jattn.nnx`` calls)."""
     prepared = prepare(query, key, value, call)
     for name, block in (("block_q", block_q), ("block_kv", block_kv)):
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"{name} must be a positive int; got {block!r}")
-    if implementation is None:
-        implementation = _dispatch.choose(_dispatch.problem(prepared))
+    if sequence_parallel is not None and not isinstance(sequence_parallel, SequenceParallel):
+        raise TypeError(
+            f"sequence_parallel must be a jattn.sharding.SequenceParallel or None; got {sequence_parallel!r}"
+        )
     _dispatch.check_implementation(implementation)
+    plan = None
+    if implementation in (None, "blockwise"):
+        plan = _sequence_parallel.plan(prepared.inputs, sequence_parallel)
+    elif sequence_parallel is not None:
+        raise ValueError(f"sequence_parallel runs the blockwise kernel; got implementation={implementation!r}")
+    if implementation is None:
+        implementation = "blockwise" if plan is not None else _dispatch.choose(_dispatch.problem(prepared))
     if _dispatch.is_empty(prepared.inputs):  # nothing to attend over, or nothing asks: jattn's rule everywhere
         out, lse = _dispatch.empty_result(prepared.inputs)
     else:
         out, lse = _dispatch.run(
-            prepared, implementation, return_residual=return_residual, block_q=block_q, block_kv=block_kv
+            prepared,
+            implementation,
+            return_residual=return_residual,
+            block_q=block_q,
+            block_kv=block_kv,
+            sequence_plan=plan,
         )
     out = prepared.restore(out)
     if not return_residual:

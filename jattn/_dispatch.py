@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _checks, _core, masks
+from . import _checks, _core, _sequence_parallel, masks
 from ._blockwise import blockwise_attention
 from ._options import AttentionInputs
 from ._prepare import Prepared
@@ -145,12 +145,20 @@ def empty_result(inputs: AttentionInputs) -> tuple[Array, Array]:
 
 
 def run(
-    prepared: Prepared, implementation: str, *, return_residual: bool, block_q: int, block_kv: int
+    prepared: Prepared,
+    implementation: str,
+    *,
+    return_residual: bool,
+    block_q: int,
+    block_kv: int,
+    sequence_plan: _sequence_parallel.Plan | None = None,
 ) -> tuple[Array, Array]:
     """Runs a checked call on one implementation: 4-D ``(out, lse)``."""
     match implementation:
         case "reference":
             out, lse, _ = reference_attention(prepared.inputs)
+        case "blockwise" if sequence_plan is not None:
+            out, lse = _sequence_parallel.run(sequence_plan, prepared.inputs, block_q=block_q, block_kv=block_kv)
         case "blockwise":
             kernel = functools.partial(blockwise_attention, block_q=block_q, block_kv=block_kv)
             out, lse = run_sharded(kernel, prepared.inputs)

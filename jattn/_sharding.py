@@ -4,9 +4,11 @@ With ``Auto`` mesh axes XLA partitions the kernel like any other computation.
 On a mesh with ``Explicit`` axes a value's sharding is part of its type, and
 the blockwise kernel's loops and switches would need every carry and branch
 retyped. The examples and heads are independent, so the kernel runs per shard
-instead, in a ``shard_map`` over the query's batch and head axes. Anything else
-(a sharded sequence or dim, heads that do not split into whole GQA groups) is
-gathered first, and so is everything for a call with a ``score_mod``,
+instead, in a ``shard_map`` over the query's batch and head axes. A query
+sequence sharded over a mesh axis runs sequence-parallel (``_sequence_parallel``)
+where it can; anything else (a sharded dim, heads that do not split into whole
+GQA groups, a sharded sequence with a ``score_mod``, ``mask_mod`` or ``sinks``)
+is gathered first, and so is everything for a call with a ``score_mod``,
 ``mask_mod`` or ``sinks`` (they index by the global example and head).
 """
 
@@ -38,19 +40,20 @@ def explicit_mesh(*arrays) -> jax.sharding.Mesh | None:
 
 
 def run_sharded(kernel: Kernel, inputs: AttentionInputs) -> tuple[Array, Array]:
-    """``kernel`` on the inputs: directly, or per shard when an input is sharded over explicit axes."""
+    """``kernel`` on the inputs: directly, or per shard when an input is sharded over explicit axes
+    (a sequence-parallel call does not come here: see ``_sequence_parallel``)."""
     mesh = explicit_mesh(*jax.tree.leaves(inputs))
     if mesh is None:
         return kernel(inputs)
     return per_shard(kernel, mesh, inputs)
 
 
-def _spec(x) -> tuple:
+def spec_of(x) -> tuple:
     spec = tuple(jax.typeof(x).sharding.spec)
     return spec + (None,) * (x.ndim - len(spec))
 
 
-def _axes_size(mesh, axes) -> int:
+def axes_size(mesh, axes) -> int:
     names = axes if isinstance(axes, tuple) else (axes,)
     return functools.reduce(lambda n, name: n * mesh.shape[name], names, 1)
 
@@ -59,11 +62,11 @@ def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Arr
     """``kernel`` in a shard_map over the query's batch and head axes (see the module docstring)."""
     query, key, _, bias, mask, opts = inputs
     batch, kv_heads = query.shape[0], key.shape[2]
-    batch_axes, head_axes = _spec(query)[0], _spec(query)[2]
-    if batch_axes is not None and batch % _axes_size(mesh, batch_axes):
+    batch_axes, head_axes = spec_of(query)[0], spec_of(query)[2]
+    if batch_axes is not None and batch % axes_size(mesh, batch_axes):
         batch_axes = None
     # Query heads split like kv heads only when every shard holds whole GQA groups.
-    if head_axes is not None and kv_heads % _axes_size(mesh, head_axes):
+    if head_axes is not None and kv_heads % axes_size(mesh, head_axes):
         head_axes = None
     # A score_mod, mask_mod or sinks index by the global example and head: a shard would see its own
     # indices and the arrays they capture whole, so those calls run unsplit (correct, not parallel).
@@ -84,7 +87,7 @@ def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Arr
     out_specs = (P(batch_axes, None, head_axes, None), P(batch_axes, None, head_axes))
     out, lse = jax.shard_map(kernel, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(inputs)
     # Back to the query's batch, sequence and head layout (v_dim need not split like dim).
-    like_query = _spec(query)[:3]
+    like_query = spec_of(query)[:3]
     out = jax.sharding.reshard(out, NamedSharding(mesh, P(*like_query, None)))
     lse = jax.sharding.reshard(lse, NamedSharding(mesh, P(*like_query)))
     return out, lse

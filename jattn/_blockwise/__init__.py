@@ -14,6 +14,7 @@ shape). The package, in the order a call goes through it:
 * ``_forward``, ``_tangent`` (forward mode) and ``_backward``: the three passes;
 * ``_dense``: the same passes on one block spanning everything (for second
   derivatives in reverse mode);
+* ``_ring``: the same passes over a sequence split across devices (ring attention);
 * ``_autodiff``: how they are wired into JAX's autodiff (one primitive: JVP,
   transpose and batching rules).
 """
@@ -30,7 +31,8 @@ from ..masks._block_mask import block_mask_of
 from ._autodiff import attention
 from ._blockmath import KernelSpec
 from ._geometry import Grid, fitted_block
-from ._layout import can_fold_batch, fold_batch, from_kernel_layout, to_kernel_layout, unfold_batch
+from ._layout import Operands, can_fold_batch, fold_batch, from_kernel_layout, to_kernel_layout, unfold_batch
+from ._ring import Ring
 
 
 def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int) -> tuple[Array, Array]:
@@ -65,3 +67,16 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
     else:
         out, lse = attention(spec, ops)
     return from_kernel_layout(out, lse, grid)
+
+
+def ring_attention(inputs: AttentionInputs, ring: Ring, *, block_q: int, block_kv: int) -> tuple[Array, Array]:
+    """Inside a ``shard_map``: one device's shards of a sequence-parallel call (see ``_ring``).
+
+    ``inputs`` are the device's shards in the normalized 4-D layout (a dense
+    bias or mask holds the local query rows and every key column); returns the
+    local ``(out, lse)``, differentiable in every mode.
+    """
+    q_chunk, kv_chunk = inputs.query.shape[1] // ring.chunks, inputs.key.shape[1] // ring.chunks
+    grid = Grid(q_chunk, kv_chunk, fitted_block(q_chunk, block_q), fitted_block(kv_chunk, block_kv))
+    spec = KernelSpec(inputs.opts.static, grid, ring)
+    return attention(spec, Operands(*inputs))

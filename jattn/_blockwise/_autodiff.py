@@ -49,6 +49,7 @@ from ._blockmath import KernelSpec
 from ._dense import dense_cotangent, dense_forward, dense_tangent
 from ._forward import forward
 from ._layout import Operands
+from ._ring import ring_backward, ring_forward, ring_tangent
 from ._tangent import Tangents, tangent
 
 kernel_p = Primitive("jattn_blockwise_attention")
@@ -154,20 +155,26 @@ class OperandsPass(Pass):
         )
 
     def result_avals(self, avals) -> tuple[jax.core.ShapedArray, jax.core.ShapedArray]:
-        """``(out, lse)``: ``(batch, kv_heads, groups, q_padded, v_dim)`` in v's dtype and the softmax dtype."""
+        """``(out, lse)``: ``(batch, kv_heads, groups, q_padded, v_dim)`` in v's dtype and the softmax dtype
+        (``(batch, q_local, heads, v_dim)`` in a ring, see ``_ring``)."""
         q, v = avals[0], avals[2]
+        rows = q.shape[:3] if self.spec.ring is not None else q.shape[:4]
         return (
-            jax.core.ShapedArray((*q.shape[:4], v.shape[-1]), v.dtype),
-            jax.core.ShapedArray(q.shape[:4], _core.compute_dtype(q.dtype)),
+            jax.core.ShapedArray((*rows, v.shape[-1]), v.dtype),
+            jax.core.ShapedArray(rows, _core.compute_dtype(q.dtype)),
         )
 
 
 @dataclasses.dataclass(frozen=True)
 class Forward(OperandsPass):
     def blockwise(self, *args):
+        if self.spec.ring is not None:
+            return ring_forward(self.spec, self.ops(args), forward)
         return forward(self.spec, self.ops(args))
 
     def dense(self, *args):
+        if self.spec.ring is not None:
+            return ring_forward(self.spec, self.ops(args), dense_forward)
         return dense_forward(self.spec, self.ops(args))
 
     def out_avals(self, *avals):
@@ -195,7 +202,8 @@ class Tangent(OperandsPass):
 
     def _call(self, fn, args):
         n = self.num_ops
-        return fn(self.spec, self.ops(args), args[n], args[n + 1], self.tangents(self.present, args[n + 2 :]))
+        call = (self.spec, self.ops(args), args[n], args[n + 1], self.tangents(self.present, args[n + 2 :]))
+        return fn(*call) if self.spec.ring is None else ring_tangent(*call, fn)
 
     def blockwise(self, *args):
         return self._call(tangent, args)
@@ -258,13 +266,18 @@ class Cotangent(OperandsPass):
 
     want: Wanted
 
-    def blockwise(self, *args):
+    def _call(self, fn, args):
         n = self.num_ops
-        return tuple(jax.tree.leaves(backward(self.spec, self.ops(args), *args[n : n + 4], want=self.want)))
+        call = (self.spec, self.ops(args), *args[n : n + 4])
+        if self.spec.ring is not None:
+            return tuple(jax.tree.leaves(ring_backward(*call, want=self.want, pass_fn=fn)))
+        return tuple(jax.tree.leaves(fn(*call, want=self.want)))
+
+    def blockwise(self, *args):
+        return self._call(backward, args)
 
     def dense(self, *args):
-        n = self.num_ops
-        return tuple(jax.tree.leaves(dense_cotangent(self.spec, self.ops(args), *args[n : n + 4], want=self.want)))
+        return self._call(dense_cotangent, args)
 
     def out_avals(self, *avals):
         ops = self.ops(avals)

@@ -10,7 +10,7 @@ share each K/V block and K/V are never repeated.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +24,15 @@ from ._geometry import Grid, grouped
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
-    """Everything static about one kernel call (hashable): the options and the tiling."""
+    """Everything static about one kernel call (hashable): the options and the tiling.
+
+    With ``ring`` (a ``_ring.Ring``) the call is sequence-parallel inside a ``shard_map``: the
+    operands are one device's shards in the caller's 4-D layout and ``grid`` tiles one chunk pair.
+    """
 
     options: StaticOptions
     grid: Grid
+    ring: Any = None
 
 
 def mm(a: Array, b: Array) -> Array:

@@ -1,0 +1,220 @@
+"""Sequence-parallel attention: a ``shard_map`` over the mesh axis the sequence is split along.
+
+:func:`plan` decides whether a blockwise call runs sequence-parallel (the
+query's sequence axis sharded over an ``Explicit`` mesh axis, or a
+``jattn.sharding.SequenceParallel`` given) and how; :func:`run` runs it. The
+query keeps its shard; K/V either travel round the ring (``_blockwise._ring``)
+or are gathered whole on every device. Batch and head axes sharded over other
+mesh axes stay split as in ``_sharding.per_shard``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array
+
+from ._blockwise import Ring, blockwise_attention, ring_attention
+from ._blockwise._ring import chunk_starts
+from ._options import AttentionInputs
+from ._sharding import axes_size, explicit_mesh, spec_of
+from .sharding import SequenceParallel, unzigzag
+
+
+class Plan(NamedTuple):
+    """A resolved sequence-parallel call (static)."""
+
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
+    axis: str
+    shards: int
+    strategy: str  # "ring" or "all_gather"
+    chunks: int  # 1 contiguous, 2 zigzag
+    batch_axes: object  # the query's batch/head mesh axes kept split (explicit meshes), or None
+    head_axes: object
+    explicit: bool
+
+
+def _unsupported(inputs: AttentionInputs) -> list[str]:
+    opts = inputs.opts
+    named = {
+        "score_mod": opts.static.score_mod is not None,
+        "mask_mod": opts.static.mask_mod is not None,
+        "sinks": opts.shared.sinks is not None,
+    }
+    return [name for name, used in named.items() if used]
+
+
+def choose_strategy(inputs: AttentionInputs, shards: int) -> str:
+    """All-gather K/V when the whole K/V is no bigger than one device's query shard, else ring."""
+    query, key, value = inputs.query, inputs.key, inputs.value
+    kv_size = key.shape[1] * key.shape[2] * (key.shape[3] + value.shape[3])
+    q_shard = query.shape[1] // shards * query.shape[2] * query.shape[3]
+    return "all_gather" if kv_size <= q_shard else "ring"
+
+
+def plan(inputs: AttentionInputs, sp: SequenceParallel | None) -> Plan | None:
+    """How a blockwise call runs sequence-parallel, or None (it runs as before).
+
+    Without ``sp`` only a query whose sequence axis is sharded over an explicit
+    mesh axis qualifies, and a call it cannot split (a score_mod, mask_mod or
+    sinks; lengths that do not divide) is left to ``_sharding`` (gathered).
+    With ``sp`` those raise ValueError.
+    """
+    query, key = inputs.query, inputs.key
+    mesh = explicit_mesh(query)
+    seq_axes = spec_of(query)[1] if mesh is not None else None
+    if sp is None and seq_axes is None:
+        return None
+    asked = sp is not None  # asked for: what cannot be split raises; found on the query: it is gathered
+    sp = sp or SequenceParallel()
+    unsupported = _unsupported(inputs)
+    if unsupported:
+        return _decline(asked, f"sequence-parallel attention does not support {', '.join(unsupported)} yet")
+    axis = sp.axis or seq_axes
+    if isinstance(axis, tuple):
+        if len(axis) != 1:
+            return _decline(asked, f"sequence_parallel: the sequence must be sharded over one mesh axis; got {axis}")
+        axis = axis[0]
+    if mesh is None:
+        mesh = sp.mesh if sp.mesh is not None else jax.sharding.get_abstract_mesh()
+    if axis is None:
+        return _decline(
+            True,
+            "sequence_parallel: name the mesh axis (SequenceParallel(axis=...)); the query's sharding does "
+            "not say it (Auto axes, or an unsharded sequence)",
+        )
+    if mesh is None or mesh.empty or axis not in mesh.axis_names:
+        names = () if mesh is None or mesh.empty else mesh.axis_names
+        return _decline(
+            True,
+            f"sequence_parallel: no mesh axis {axis!r} (mesh axes {names}); pass SequenceParallel(mesh=...) "
+            "or set one with jax.set_mesh",
+        )
+    shards = mesh.shape[axis]
+    chunks = 2 if sp.layout == "zigzag" else 1
+    for name, n in (("query", query.shape[1]), ("key/value", key.shape[1])):
+        if n % (shards * chunks):
+            return _decline(
+                asked,
+                f"sequence_parallel: the {name} sequence ({n}) must divide into {shards * chunks} equal parts "
+                f"({shards} devices on {axis!r}, layout {sp.layout!r})",
+            )
+    strategy = sp.strategy if sp.strategy != "auto" else choose_strategy(inputs, shards)
+    explicit = explicit_mesh(query) is not None
+    batch_axes = head_axes = None
+    if explicit:
+        batch_axes, head_axes = spec_of(query)[0], spec_of(query)[2]
+        if batch_axes is not None and query.shape[0] % axes_size(mesh, batch_axes):
+            batch_axes = None
+        if head_axes is not None and key.shape[2] % axes_size(mesh, head_axes):
+            head_axes = None
+    return Plan(mesh, axis, shards, strategy, chunks, batch_axes, head_axes, explicit)
+
+
+def _decline(strict: bool, message: str) -> None:
+    """Not sequence-parallel: raise ValueError(message) if it was asked for, else None."""
+    if strict:
+        raise ValueError(message)
+    return None
+
+
+def run(plan: Plan, inputs: AttentionInputs, *, block_q: int, block_kv: int) -> tuple[Array, Array]:
+    """``(out, lse)`` of a planned call, laid out like the query (sequence shards in place)."""
+    batch_axes, head_axes, seq = plan.batch_axes, plan.head_axes, plan.axis
+
+    def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1): local rows, every column
+        return P(
+            batch_axes if x.shape[0] > 1 else None,
+            head_axes if x.shape[1] > 1 else None,
+            seq if x.shape[2] > 1 else None,
+            None,
+        )
+
+    query, bias, mask, opts = inputs.query, inputs.bias, inputs.mask, inputs.opts
+    specs = AttentionInputs(
+        *(P(batch_axes, seq, head_axes, None),) * 3,
+        None if bias is None else logits_spec(bias),
+        None if mask is None else logits_spec(mask),
+        jax.tree.map(lambda x: P(batch_axes, seq) if x.ndim == 2 else P(batch_axes), opts),
+    )
+    if plan.explicit:
+        inputs = jax.tree.map(lambda x, s: jax.sharding.reshard(x, NamedSharding(plan.mesh, s)), inputs, specs)
+    ring = Ring(seq, plan.shards, plan.chunks)
+    body = ring_attention if plan.strategy == "ring" else _all_gather_attention
+    kernel = functools.partial(body, ring=ring, block_q=block_q, block_kv=block_kv)
+    out_specs = (P(batch_axes, seq, head_axes, None), P(batch_axes, seq, head_axes))
+    out, lse = jax.shard_map(kernel, mesh=plan.mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(inputs)
+    if plan.explicit:  # back to the query's layout (v_dim need not split like dim)
+        like_query = spec_of(query)[:3]
+        out = jax.sharding.reshard(out, NamedSharding(plan.mesh, P(*like_query, None)))
+        lse = jax.sharding.reshard(lse, NamedSharding(plan.mesh, P(*like_query)))
+    return out, lse
+
+
+def _all_gather_attention(inputs: AttentionInputs, *, ring: Ring, block_q: int, block_kv: int):
+    """One device's queries over the whole K/V, gathered (inside the ``shard_map``)."""
+    query, key, value, bias, mask, opts = inputs
+    arrays, static = opts.arrays, opts.static
+    n = ring.chunks
+    batch, q_local = query.shape[:2]
+    q_chunk = q_local // n
+
+    def gather(x):  # (batch, kv_local, ...) -> (batch, kv_seq, ...) in position order
+        x = lax.all_gather(x, ring.axis, axis=1, tiled=True)
+        return x if n == 1 else unzigzag(x, ring.shards, axis=1)
+
+    def columns(x):  # a dense bias or mask: its columns in position order
+        return x if x is None or n == 1 or x.shape[3] == 1 else unzigzag(x, ring.shards, axis=3)
+
+    def examples(x):  # (batch, q_local, ...) -> (batch * n, q_chunk, ...): one example per local chunk
+        return x.reshape(batch * n, q_chunk, *x.shape[2:])
+
+    def logits_rows(x):  # (batch|1, heads|1, q_local|1, kv|1) -> (batch * n | 1, heads|1, q_chunk|1, kv|1)
+        if x is None or n == 1:
+            return x
+        if x.shape[2] > 1:
+            b, h, _, tk = x.shape
+            x = jnp.broadcast_to(x.reshape(b, h, n, q_chunk, tk).transpose(0, 2, 1, 3, 4), (batch, n, h, q_chunk, tk))
+            return x.reshape(batch * n, h, q_chunk, tk)
+        return x if x.shape[0] == 1 else jnp.repeat(x, n, axis=0)
+
+    me = lax.axis_index(ring.axis)
+    starts = jnp.stack(chunk_starts(ring, me, q_chunk)).astype(jnp.int32)  # (n,)
+    q0 = jnp.tile(starts, batch)
+
+    def per_chunk(x):  # (batch,) -> (batch * n,)
+        return x if x is None or n == 1 else jnp.repeat(x, n)
+
+    offset = None
+    if static.is_causal or static.local_window_size is not None:
+        offset = q0 + (0 if arrays.q_offset is None else per_chunk(arrays.q_offset))
+    kv_ids = None if arrays.kv_segment_ids is None else gather(arrays.kv_segment_ids)
+    local = AttentionInputs(
+        examples(query),
+        per_chunk_kv(gather(key), n),
+        per_chunk_kv(gather(value), n),
+        logits_rows(columns(bias)),
+        logits_rows(columns(mask)),
+        opts.with_arrays(
+            arrays._replace(
+                q_length=None if arrays.q_length is None else jnp.clip(per_chunk(arrays.q_length) - q0, 0, q_chunk),
+                kv_length=per_chunk(arrays.kv_length),
+                q_segment_ids=None if arrays.q_segment_ids is None else examples(arrays.q_segment_ids),
+                kv_segment_ids=None if kv_ids is None else per_chunk_kv(kv_ids, n),
+                q_offset=None if offset is None else offset.astype(jnp.int32),
+            )
+        ),
+    )
+    out, lse = blockwise_attention(local, block_q=block_q, block_kv=block_kv)
+    return out.reshape(batch, q_local, *out.shape[2:]), lse.reshape(batch, q_local, *lse.shape[2:])
+
+
+def per_chunk_kv(x: Array, n: int) -> Array:
+    """K/V-side arrays repeated for each of an example's ``n`` query chunks."""
+    return x if n == 1 else jnp.repeat(x, n, axis=0)
