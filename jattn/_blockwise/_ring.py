@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,9 @@ from jax import lax
 from jaxtyping import Array
 
 from .. import _core
-from .._options import AttentionInputs, AttentionOptions
+from .._options import AttentionOptions
 from ._backward import Grads, Wanted
-from ._layout import Operands, to_kernel_layout
+from ._layout import Operands, pad_logits_operand
 from ._tangent import Tangents
 
 
@@ -161,8 +162,8 @@ class Pair:
         d = d if nk > 1 else d.sum(axis=2, keepdims=True)
         return d.transpose(0, 3, 1, 4, 2, 5).reshape(self.batch, h, tq, nk * d.shape[-1] if nk > 1 else 1)
 
-    def options(self, opts: AttentionOptions, kv_segment_ids: Array | None) -> AttentionOptions:
-        """The pair's per-example arrays: query offset, lengths clipped to the chunks, chunked segment ids."""
+    def options(self, opts: AttentionOptions) -> AttentionOptions:
+        """The pair's per-example query offsets and lengths clipped to its chunks (segment ids: the caller's)."""
         static, arrays = opts.static, opts.arrays
         q0, k0 = self.starts()
         per_example = self.n * self.n
@@ -176,13 +177,7 @@ class Pair:
             offset = (base + q0 - k0).astype(jnp.int32)
         q_length = None if arrays.q_length is None else jnp.clip(expand(arrays.q_length) - q0, 0, self.q_chunk)
         kv_length = None if arrays.kv_length is None else jnp.clip(expand(arrays.kv_length) - k0, 0, self.kv_chunk)
-        q_ids = None if arrays.q_segment_ids is None else self.q_rows(arrays.q_segment_ids)
-        kv_ids = None if kv_segment_ids is None else self.kv_rows(kv_segment_ids)
-        return opts.with_arrays(
-            arrays._replace(
-                q_length=q_length, kv_length=kv_length, q_segment_ids=q_ids, kv_segment_ids=kv_ids, q_offset=offset
-            )
-        )
+        return opts.with_arrays(arrays._replace(q_length=q_length, kv_length=kv_length, q_offset=offset))
 
     def visible(self, opts: AttentionOptions) -> Array:
         """Whether any query of the pair may see any key, from causal, window and lengths (a bool scalar).
@@ -208,28 +203,61 @@ class Pair:
         return seen.any()
 
 
-def _pair(ring: Ring, spec, ops: Operands, src) -> Pair:
+def _pair(ring: Ring, ops: Operands, src) -> Pair:
     batch, q_local = ops.q.shape[:2]
     kv_local = ops.k.shape[1]
     return Pair(ring, batch, q_local // ring.chunks, kv_local // ring.chunks, lax.axis_index(ring.axis), src)
 
 
-def _pair_inputs(pair: Pair, spec, ops: Operands, kv: tuple) -> Operands:
-    """The pair as kernel :class:`Operands` (padded, head-major) for the single-device passes."""
+def _source(ring: Ring, t):
+    """The K/V shard a device holds at ring step ``t``."""
+    return (lax.axis_index(ring.axis) - t) % ring.shards
+
+
+class QuerySide(NamedTuple):
+    """What every pair of a device shares (computed once per pass): its queries in the kernel layout."""
+
+    q: Array  # (examples, kv_heads, groups, q_padded, dim)
+    q_segment_ids: Array | None  # (examples, q_padded), padded with the edge id
+
+
+def _query_side(pair: Pair, spec, ops: Operands) -> QuerySide:
+    ids = ops.opts.arrays.q_segment_ids
+    if ids is not None:
+        ids = jnp.pad(pair.q_rows(ids), ((0, 0), (0, spec.grid.q_padded - spec.grid.q_seq)), mode="edge")
+    return QuerySide(_rows_to_kernel(ops.q, pair, spec, ops.k.shape[2]), ids)
+
+
+def _pair_operands(pair: Pair, spec, ops: Operands, queries: QuerySide, kv: tuple) -> Operands:
+    """The pair as kernel :class:`Operands` for the single-device passes (K/V padded to the grid if needed)."""
     k, v, kv_ids = kv
-    inputs = AttentionInputs(
-        pair.q_rows(ops.q),
-        pair.kv_rows(k),
-        pair.kv_rows(v),
-        pair.logits_operand(ops.bias),
-        pair.logits_operand(ops.mask),
-        pair.options(ops.opts, kv_ids),
+    grid = spec.grid
+    opts = pair.options(ops.opts)
+    arrays = opts.arrays._replace(
+        q_segment_ids=queries.q_segment_ids,
+        kv_segment_ids=None if kv_ids is None else _kv_side(pair, spec, kv_ids, "edge"),
     )
-    return to_kernel_layout(inputs, spec.grid)
+    return Operands(
+        queries.q,
+        _kv_side(pair, spec, k),
+        _kv_side(pair, spec, v),
+        pad_logits_operand(pair.logits_operand(ops.bias), grid, 0),
+        pad_logits_operand(pair.logits_operand(ops.mask), grid, False),
+        opts.with_arrays(arrays),
+    )
+
+
+def _kv_side(pair: Pair, spec, x: Array | None, mode: str = "constant") -> Array | None:
+    """A ``(batch, kv_local, ...)`` K/V-side array as the pair's examples, padded to the grid."""
+    if x is None:
+        return None
+    x = pair.kv_rows(x)
+    pad_kv = spec.grid.kv_padded - spec.grid.kv_seq
+    return x if pad_kv == 0 else jnp.pad(x, ((0, 0), (0, pad_kv)) + ((0, 0),) * (x.ndim - 2), mode=mode)
 
 
 def _rows_to_kernel(x: Array, pair: Pair, spec, kv_heads: int) -> Array:
-    """A ``(batch, q_local, heads[, x])`` result-like array in the pair kernel's layout,
+    """A ``(batch, q_local, heads[, x])`` query-side array in the pair kernel's layout,
     ``(examples, kv_heads, groups, q_padded[, x])``."""
     x = pair.q_rows(x)
     b, q, heads = x.shape[:3]
@@ -241,8 +269,8 @@ def _rows_to_kernel(x: Array, pair: Pair, spec, kv_heads: int) -> Array:
 
 
 def _rows_from_kernel(x: Array, spec) -> Array:
-    """Inverse of :func:`_rows_to_kernel` (before the chunk sum): ``(b, kv_heads, groups, q_pad[, x])`` ->
-    ``(b, q_chunk, heads[, x])``."""
+    """Inverse of :func:`_rows_to_kernel` (before the chunk sum): ``(examples, kv_heads, groups, q_padded[, x])``
+    -> ``(examples, q_chunk, heads[, x])``."""
     b, kv_heads, groups = x.shape[:3]
     x = jnp.moveaxis(x[:, :, :, : spec.grid.q_seq], 3, 1)
     return x.reshape(b, spec.grid.q_seq, kv_heads * groups, *x.shape[4:])
@@ -250,6 +278,10 @@ def _rows_from_kernel(x: Array, spec) -> Array:
 
 def _kv_payload(ops: Operands) -> tuple:
     return ops.k, ops.v, ops.opts.arrays.kv_segment_ids
+
+
+def _padded_logits(pair: Pair, pair_spec, x: Array) -> Array:
+    return pad_logits_operand(pair.logits_operand(x), pair_spec.grid, 0)
 
 
 # ---------------------------------------------------------------- merging
@@ -272,7 +304,7 @@ def merge(a: tuple[Array, Array], b: tuple[Array, Array]) -> tuple[Array, Array]
 
 
 def _merge_chunks(pair: Pair, out: Array, lse: Array) -> tuple[Array, Array]:
-    """Per-example ``(out, lse)`` of a pair merged over its K/V chunks into ``(batch, q_local, ...)``."""
+    """Per-example ``(out, lse)`` merged over each query chunk's K/V chunks into ``(batch, q_local, ...)``."""
     if pair.n == 1:
         return out, lse
     out = out.reshape(pair.batch, pair.n, pair.n, *out.shape[1:])
@@ -281,26 +313,21 @@ def _merge_chunks(pair: Pair, out: Array, lse: Array) -> tuple[Array, Array]:
     return out.reshape(pair.batch, -1, *out.shape[3:]), lse.reshape(pair.batch, -1, lse.shape[-1])
 
 
-def _empty(ops: Operands) -> tuple[Array, Array]:
-    q = ops.q
-    acc = _core.compute_dtype(q.dtype)
-    return jnp.zeros((*q.shape[:3], ops.v.shape[-1]), ops.v.dtype), jnp.full(q.shape[:3], _core.masked_value(acc))
-
-
 # ---------------------------------------------------------------- the three passes
+# Accumulators stay in the pair kernel's layout (one example per chunk pair) until the last step.
 
 
 def ring_forward(spec, ops: Operands, pass_fn: Callable) -> tuple[Array, Array]:
     """``(out, lse)`` of the local queries over every K/V shard; ``pass_fn`` is ``forward`` or its dense twin."""
     ring, pair_spec = spec.ring, dataclasses.replace(spec, ring=None)
+    first = _pair(ring, ops, 0)
+    queries = _query_side(first, pair_spec, ops)
 
     def visit(t, kv, acc):
-        pair = _pair(ring, spec, ops, (lax.axis_index(ring.axis) - t) % ring.shards)
+        pair = _pair(ring, ops, _source(ring, t))
 
         def compute():
-            out, lse = pass_fn(pair_spec, _pair_inputs(pair, pair_spec, ops, kv))
-            out, lse = _rows_from_kernel(out, pair_spec), _rows_from_kernel(lse, pair_spec)
-            return merge(acc, _merge_chunks(pair, out, lse))
+            return merge(acc, pass_fn(pair_spec, _pair_operands(pair, pair_spec, ops, queries, kv)))
 
         return lax.cond(pair.visible(ops.opts), compute, lambda: acc)
 
@@ -308,41 +335,39 @@ def ring_forward(spec, ops: Operands, pass_fn: Callable) -> tuple[Array, Array]:
         kv, acc = carry
         return _send(ring, kv), visit(t, kv, acc)  # the next shard's transfer does not wait for this one
 
-    kv, acc = lax.fori_loop(0, ring.shards - 1, step, (_kv_payload(ops), _empty(ops)))
-    return visit(ring.shards - 1, kv, acc)
+    rows = queries.q.shape[:4]
+    empty = (jnp.zeros((*rows, ops.v.shape[-1]), ops.v.dtype), jnp.full(rows, _core.masked_value(_acc(ops))))
+    kv, acc = lax.fori_loop(0, ring.shards - 1, step, (_kv_payload(ops), empty))
+    out, lse = visit(ring.shards - 1, kv, acc)
+    return _merge_chunks(first, _rows_from_kernel(out, pair_spec), _rows_from_kernel(lse, pair_spec))
+
+
+def _acc(ops: Operands):
+    return _core.compute_dtype(ops.q.dtype)
 
 
 def ring_tangent(spec, ops: Operands, out, lse, tangents: Tangents, pass_fn: Callable) -> tuple[Array, Array]:
     """``(dout, dlse)``: the tangents of K/V travel with K/V; ``pass_fn`` is ``tangent`` or its dense twin."""
     ring, pair_spec = spec.ring, dataclasses.replace(spec, ring=None)
     kv_heads = ops.k.shape[2]
+    first = _pair(ring, ops, 0)
+    queries = _query_side(first, pair_spec, ops)
+    out_k, lse_k = (_rows_to_kernel(x, first, pair_spec, kv_heads) for x in (out, lse))
+    dq = None if tangents.q is None else _rows_to_kernel(tangents.q, first, pair_spec, kv_heads)
 
     def visit(t, payload, acc):
-        kv, dkv = payload[:3], payload[3:]
-        pair = _pair(ring, spec, ops, (lax.axis_index(ring.axis) - t) % ring.shards)
+        kv, (dk, dv) = payload[:3], payload[3:]
+        pair = _pair(ring, ops, _source(ring, t))
 
         def compute():
-            pair_ops = _pair_inputs(pair, pair_spec, ops, kv)
-            pad_kv = pair_spec.grid.kv_padded - pair.kv_chunk
-
-            def kv_side(x):
-                return None if x is None else jnp.pad(pair.kv_rows(x), ((0, 0), (0, pad_kv), (0, 0), (0, 0)))
-
+            pair_ops = _pair_operands(pair, pair_spec, ops, queries, kv)
             pair_tangents = Tangents(
-                q=None if tangents.q is None else _rows_to_kernel(tangents.q, pair, pair_spec, kv_heads),
-                k=kv_side(dkv[0]),
-                v=kv_side(dkv[1]),
+                q=dq,
+                k=_kv_side(pair, pair_spec, dk),
+                v=_kv_side(pair, pair_spec, dv),
                 bias=None if tangents.bias is None else _padded_logits(pair, pair_spec, tangents.bias),
             )
-            d_out, d_lse = pass_fn(
-                pair_spec,
-                pair_ops,
-                _rows_to_kernel(out, pair, pair_spec, kv_heads),
-                _rows_to_kernel(lse, pair, pair_spec, kv_heads),
-                pair_tangents,
-            )
-            d_out = pair.q_sum(_rows_from_kernel(d_out, pair_spec))
-            d_lse = pair.q_sum(_rows_from_kernel(d_lse, pair_spec))
+            d_out, d_lse = pass_fn(pair_spec, pair_ops, out_k, lse_k, pair_tangents)
             return acc[0] + d_out.astype(acc[0].dtype), acc[1] + d_lse
 
         return lax.cond(pair.visible(ops.opts), compute, lambda: acc)
@@ -351,24 +376,12 @@ def ring_tangent(spec, ops: Operands, out, lse, tangents: Tangents, pass_fn: Cal
         payload, acc = carry
         return _send(ring, payload), visit(t, payload, acc)
 
-    acc_dtype = _core.compute_dtype(ops.q.dtype)
-    zeros = (jnp.zeros(out.shape, acc_dtype), jnp.zeros(lse.shape, lse.dtype))
+    zeros = (jnp.zeros(out_k.shape, _acc(ops)), jnp.zeros(lse_k.shape, lse_k.dtype))
     payload = (*_kv_payload(ops), tangents.k, tangents.v)
     payload, acc = lax.fori_loop(0, ring.shards - 1, step, (payload, zeros))
     d_out, d_lse = visit(ring.shards - 1, payload, acc)
-    return d_out.astype(out.dtype), d_lse
-
-
-def _padded_logits(pair: Pair, pair_spec, x: Array) -> Array:
-    inputs = pair.logits_operand(x)
-    grid = pair_spec.grid
-    pads = (
-        (0, 0),
-        (0, 0),
-        (0, grid.q_padded - grid.q_seq if inputs.shape[2] > 1 else 0),
-        (0, grid.kv_padded - grid.kv_seq if inputs.shape[3] > 1 else 0),
-    )
-    return jnp.pad(inputs, pads)
+    d_out = first.q_sum(_rows_from_kernel(d_out, pair_spec))
+    return d_out.astype(out.dtype), first.q_sum(_rows_from_kernel(d_lse, pair_spec))
 
 
 def ring_backward(spec, ops: Operands, out, lse, dout, dlse, *, want: Wanted, pass_fn: Callable) -> Grads:
@@ -377,19 +390,19 @@ def ring_backward(spec, ops: Operands, out, lse, dout, dlse, *, want: Wanted, pa
     ``pass_fn`` is ``backward`` or its dense twin.
     """
     ring, pair_spec = spec.ring, dataclasses.replace(spec, ring=None)
-    kv_heads = ops.k.shape[2]
-    acc_dtype = _core.compute_dtype(ops.q.dtype)
-    kv_local = ops.k.shape[1]
+    kv_heads, kv_local = ops.k.shape[2], ops.k.shape[1]
+    acc_dtype = _acc(ops)
+    first = _pair(ring, ops, 0)
+    queries = _query_side(first, pair_spec, ops)
+    rows = [_rows_to_kernel(x, first, pair_spec, kv_heads) for x in (out, lse, dout, dlse)]
 
     def visit(t, kv, home):
         """Adds the pair with K/V shard ``me - t`` into ``home`` (dQ, dbias); returns it and that shard's dK/dV."""
-        pair = _pair(ring, spec, ops, (lax.axis_index(ring.axis) - t) % ring.shards)
+        pair = _pair(ring, ops, _source(ring, t))
         dkv_zero = (jnp.zeros(ops.k.shape, acc_dtype), jnp.zeros(ops.v.shape, acc_dtype))
 
         def compute():
-            rows = [_rows_to_kernel(x, pair, pair_spec, kv_heads) for x in (out, lse, dout, dlse)]
-            grads = pass_fn(pair_spec, _pair_inputs(pair, pair_spec, ops, kv), *rows, want=want)
-            dq = pair.q_sum(_rows_from_kernel(grads.q, pair_spec).astype(acc_dtype))
+            grads = pass_fn(pair_spec, _pair_operands(pair, pair_spec, ops, queries, kv), *rows, want=want)
             dk = pair.kv_sum(grads.k[:, : pair.kv_chunk].astype(acc_dtype))
             dv = pair.kv_sum(grads.v[:, : pair.kv_chunk].astype(acc_dtype))
             dq_home, dbias_home = home
@@ -403,14 +416,14 @@ def ring_backward(spec, ops: Operands, out, lse, dout, dlse, *, want: Wanted, pa
                     dbias_home = lax.dynamic_update_slice_in_dim(dbias_home, current + d, start, axis=3)
                 else:
                     dbias_home = dbias_home + d
-            return (dq_home + dq, dbias_home), (dk, dv)
+            return (dq_home + grads.q.astype(acc_dtype), dbias_home), (dk, dv)
 
         return lax.cond(pair.visible(ops.opts), compute, lambda: (home, dkv_zero))
 
     dbias0 = None if not want.bias else jnp.zeros((ops.q.shape[0], *ops.bias.shape[1:]), acc_dtype)
-    home = (jnp.zeros(ops.q.shape, acc_dtype), dbias0)
-    kv = _kv_payload(ops)
-    home, (dk, dv) = visit(0, kv, home)  # the local pair: its dK/dV never leave
+    home = (jnp.zeros(queries.q.shape, acc_dtype), dbias0)
+    local = _kv_payload(ops)
+    dk = dv = 0
     if ring.shards > 1:
 
         def step(t, carry):
@@ -419,12 +432,21 @@ def ring_backward(spec, ops: Operands, out, lse, dout, dlse, *, want: Wanted, pa
             home, dkv = visit(t, kv, home)
             return after, _send(ring, jax.tree.map(jnp.add, travelling, dkv)), home
 
-        # Shard me - t is met at step t; its dK/dV accumulator starts on its first visit (t = 1, no transfer)
-        # and reaches home with the last step's transfer: P - 1 K/V and P - 1 dK/dV transfers.
-        travelling = jax.tree.map(jnp.zeros_like, (dk, dv))
-        kv, travelling, home = lax.fori_loop(1, ring.shards - 1, step, (_send(ring, kv), travelling, home))
+        # Shard me - t is met at step t; its dK/dV accumulator starts on its first visit (t = 1, no
+        # transfer) and reaches home with the last step's transfer: P - 1 K/V and P - 1 dK/dV transfers.
+        # The local pair comes last, so its dK/dV are not held through the loop.
+        travelling = (jnp.zeros(ops.k.shape, acc_dtype), jnp.zeros(ops.v.shape, acc_dtype))
+        kv, travelling, home = lax.fori_loop(1, ring.shards - 1, step, (_send(ring, local), travelling, home))
         home, dkv = visit(ring.shards - 1, kv, home)
-        arrived = _send(ring, jax.tree.map(jnp.add, travelling, dkv))
-        dk, dv = dk + arrived[0], dv + arrived[1]
+        dk, dv = _send(ring, jax.tree.map(jnp.add, travelling, dkv))
+    home, (dk_local, dv_local) = visit(0, local, home)
     dq, dbias = home
-    return Grads(dq.astype(ops.q.dtype), dk.astype(ops.k.dtype), dv.astype(ops.v.dtype), dbias, None, ())
+    dq = first.q_sum(_rows_from_kernel(dq, pair_spec))
+    return Grads(
+        dq.astype(ops.q.dtype),
+        (dk + dk_local).astype(ops.k.dtype),
+        (dv + dv_local).astype(ops.v.dtype),
+        dbias,
+        None,
+        (),
+    )
