@@ -97,7 +97,7 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
     static = StaticOptions(
         scale=_core.default_scale(dim) if call.scale is None else float(call.scale),
         is_causal=bool(call.is_causal),
-        local_window_size=_window(call.local_window_size),
+        local_window_size=window_pair(call.local_window_size),
         logits_soft_cap=None if call.logits_soft_cap is None else float(call.logits_soft_cap),
         score_mod=score_mod,
         mask_mod=mask_mod,
@@ -209,7 +209,7 @@ def _logits_operand(name, x, logits_shape, check_dtype):
     return full.reshape(math.prod(batch_shape), *full.shape[-3:])
 
 
-def _window(local_window_size) -> tuple[int, int] | None:
+def window_pair(local_window_size) -> tuple[int, int] | None:
     if local_window_size is None:
         return None
 

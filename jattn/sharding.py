@@ -154,3 +154,58 @@ def unzigzag(x: Array, num_shards: int, axis: int = 1) -> Array:
         True
     """
     return _permute_chunks(x, num_shards, axis, np.argsort(_zigzag_order(num_shards)), "unzigzag")
+
+
+def visited_blocks_per_device(
+    q_seq: int,
+    kv_seq: int,
+    num_shards: int,
+    *,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    layout: Literal["contiguous", "zigzag"] = "contiguous",
+    block_q: int = 512,
+    block_kv: int = 512,
+) -> np.ndarray:
+    """The work of each device in a ring pass: the (query block, key block) pairs its kernels visit.
+
+    Counted with the kernel's own block geometry, so it is what a sequence-parallel
+    call computes (forward and backward alike); with a causal mask the contiguous
+    layout gives device ``i`` about ``2i + 1`` units and zigzag gives every device
+    the same (below: 8 chunks of one block each, the 36 causal block pairs split 9 a device).
+
+    Args:
+        q_seq, kv_seq: the whole sequences' lengths.
+        num_shards: the number of devices on the sequence axis.
+        is_causal, local_window_size: the masks, as for ``dot_product_attention``.
+        layout: ``"contiguous"`` or ``"zigzag"`` (see :class:`SequenceParallel`).
+        block_q, block_kv: the kernel's block sizes.
+
+    Returns:
+        int ``(num_shards,)``: visited block pairs per device.
+
+    Raises:
+        ValueError: sequences that do not split into ``num_shards`` (zigzag: ``2 * num_shards``)
+            equal parts, an unknown layout, a bad window or block size.
+
+    Example:
+        >>> import jattn
+        >>> work = jattn.sharding.visited_blocks_per_device(4096, 4096, 4, is_causal=True, layout="zigzag")
+        >>> work.tolist(), float(work.max() / work.mean())
+        ([9, 9, 9, 9], 1.0)
+    """
+    from ._blockwise._pairs import Ring, visited_blocks
+    from ._options import StaticOptions
+    from ._prepare import window_pair
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    for name, value in (("num_shards", num_shards), ("block_q", block_q), ("block_kv", block_kv)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int; got {value!r}")
+    chunks = 2 if layout == "zigzag" else 1
+    for name, n in (("q_seq", q_seq), ("kv_seq", kv_seq)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % (num_shards * chunks):
+            raise ValueError(f"{name} must be a positive multiple of {num_shards * chunks}; got {n!r}")
+    static = StaticOptions(scale=1.0, is_causal=bool(is_causal), local_window_size=window_pair(local_window_size))
+    return visited_blocks(static, Ring("sequence", num_shards, chunks), q_seq, kv_seq, block_q, block_kv)

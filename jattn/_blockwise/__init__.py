@@ -32,7 +32,7 @@ from ._autodiff import attention
 from ._blockmath import KernelSpec
 from ._geometry import Grid, fitted_block
 from ._layout import Operands, can_fold_batch, fold_batch, from_kernel_layout, to_kernel_layout, unfold_batch
-from ._ring import Ring
+from ._pairs import Ring
 
 
 def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int) -> tuple[Array, Array]:
