@@ -121,19 +121,31 @@ def test_blockwise_names_the_symbolic_length_and_the_way_around_it():
 def test_64_bit_ids_compare_in_their_own_dtype(implementation, blocks):
     q = normal((1, 6, 2, 3))
     ids = jnp.array([[0, 0, 0, 2**32, 2**32, 2**32]], jnp.int64)  # int32 would wrap both to segment 0
-    out = attention(implementation, blocks, query_segment_ids=ids, key_value_segment_ids=ids)(q, q, q)
-    first = jattn.dot_product_attention(q[:, :3], q[:, :3], q[:, :3], implementation="reference")
-    second = jattn.dot_product_attention(q[:, 3:], q[:, 3:], q[:, 3:], implementation="reference")
-    np.testing.assert_allclose(out, jnp.concatenate([first, second], axis=1), atol=1e-12)
+
+    @jax.jit
+    def out_and_expected(q, ids):
+        out = attention(implementation, blocks, query_segment_ids=ids, key_value_segment_ids=ids)(q, q, q)
+        first = jattn.dot_product_attention(q[:, :3], q[:, :3], q[:, :3], implementation="reference")
+        second = jattn.dot_product_attention(q[:, 3:], q[:, 3:], q[:, 3:], implementation="reference")
+        return out, jnp.concatenate([first, second], axis=1)
+
+    out, expected = out_and_expected(q, ids)
+    np.testing.assert_allclose(out, expected, atol=1e-12)
 
 
 @pytest.mark.parametrize(("implementation", "blocks"), [*OWN, ALL[3]], ids=[*OWN_IDS, "xla"])
 def test_64_bit_lengths_clip_to_the_sequence_and_never_wrap(implementation, blocks):
     q = normal((2, 5, 2, 3))
     lengths = jnp.array([2**32 + 2, -(2**33)], jnp.int64)  # past the end: every key; negative: none
-    out = attention(implementation, blocks, key_value_seq_lengths=lengths)(q, q, q)
+
+    @jax.jit
+    def out_and_first_unmasked(q, lengths):
+        out = attention(implementation, blocks, key_value_seq_lengths=lengths)(q, q, q)
+        return out, jattn.dot_product_attention(q[0], q[0], q[0])
+
+    out, first_unmasked = out_and_first_unmasked(q, lengths)
     atol = 1e-6 if implementation == "xla" else 1e-12  # jax.nn runs float64 softmax in float32
-    np.testing.assert_allclose(out[0], jattn.dot_product_attention(q[0], q[0], q[0]), atol=atol)
+    np.testing.assert_allclose(out[0], first_unmasked, atol=atol)
     if implementation != "xla":  # jax.nn: mean(V) on rows that see no key
         np.testing.assert_array_equal(np.asarray(out[1]), 0.0)
 
@@ -158,16 +170,20 @@ def test_a_bias_row_of_minus_inf_sees_no_key(implementation, blocks):
         assert np.isfinite(np.asarray(x)).all()
     np.testing.assert_array_equal(np.asarray(out[0, 3]), 0.0)
     np.testing.assert_array_equal(np.asarray(dq[0, 3]), 0.0)
-    finite = jnp.where(jnp.isinf(bias), 0.0, bias)  # column 4 of example 1: hidden like a mask
-    expected = jattn.dot_product_attention(q, q, q, finite, mask=~jnp.isinf(bias), implementation="reference")
-    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+    @jax.jit
+    def expected(q, bias):
+        finite = jnp.where(jnp.isinf(bias), 0.0, bias)  # column 4 of example 1: hidden like a mask
+        return jattn.dot_product_attention(q, q, q, finite, mask=~jnp.isinf(bias), implementation="reference")
+
+    np.testing.assert_allclose(out, expected(q, bias), atol=1e-12)
 
 
 def test_nan_in_the_bias_still_propagates():
     q = normal((1, 5, 2, 3))
     bias = jnp.zeros((1, 1, 5, 5)).at[0, 0, 2, 1].set(jnp.nan)
     for implementation, blocks in OWN:
-        out = attention(implementation, blocks)(q, q, q, bias)
+        out = jax.jit(attention(implementation, blocks))(q, q, q, bias)
         assert np.isnan(np.asarray(out[0, 2])).all() and np.isfinite(np.asarray(out[0, jnp.array([0, 1, 3, 4])])).all()
 
 
