@@ -20,6 +20,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jattn import _api, _checks, _dispatch, masks
 from jattn._prepare import CallOptions
+from jattn.sharding import SequenceParallel
 
 from ._cache import CacheMethods, decode_step
 from ._keras import KerasMethods
@@ -82,6 +83,12 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         bias_init: bias initializer.
         implementation: passed to ``jattn.dot_product_attention`` (``None`` =
             fastest that honours the options).
+        sequence_parallel: a ``jattn.sharding.SequenceParallel`` passed to
+            ``jattn.dot_product_attention``. Not needed on ``Explicit`` mesh axes:
+            activations sharded along the sequence keep that sharding through
+            the (local) projections and the attention runs sequence-parallel by
+            itself. The KV-cache decode step and the weights/dropout path run
+            on gathered sequences.
         local_window_size: sliding window ``(left, right)`` or one int, as in
             ``jattn.dot_product_attention`` (Gemma's local layers).
         logits_soft_cap: tanh soft cap of the logits (Gemma 2).
@@ -101,6 +108,7 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         ValueError: a non-positive size, ``in_features`` not divisible by
             ``num_heads`` without ``head_dim``, ``num_heads % num_kv_heads != 0``,
             or ``dropout_rate`` outside ``[0, 1)``.
+        TypeError: a ``sequence_parallel`` that is not a ``SequenceParallel``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -132,6 +140,7 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         kernel_init: nnx.Initializer = default_kernel_init,
         bias_init: nnx.Initializer = default_bias_init,
         implementation: str | None = None,
+        sequence_parallel: SequenceParallel | None = None,
         local_window_size: int | tuple[int, int] | None = None,
         logits_soft_cap: float | None = None,
         score_mod: Callable | None = None,
@@ -166,6 +175,11 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.implementation = _dispatch.check_implementation(implementation)
+        if sequence_parallel is not None and not isinstance(sequence_parallel, SequenceParallel):
+            raise TypeError(
+                f"sequence_parallel must be a jattn.sharding.SequenceParallel or None; got {sequence_parallel!r}"
+            )
+        self.sequence_parallel = sequence_parallel
         self.attention_config = AttentionConfig(local_window_size, logits_soft_cap, score_mod, mask_mod)
 
         def projection(in_shape, out_shape):
@@ -320,7 +334,10 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
             dropout_key = self._dropout_key(rngs) if dropping else None
             context, weights = _weights_path(query, key, value, call, dropout_key, dropout_rate=self.dropout_rate)
         else:
-            context = _fast_path(query, key, value, call, implementation=self.implementation)
+            parallel = None if cache is not None else self.sequence_parallel  # decoding stays on one device
+            context = _fast_path(
+                query, key, value, call, implementation=self.implementation, sequence_parallel=parallel
+            )
         out = self.out(context, dtype)
         if past_end is not None:
             out = jnp.where(past_end[:, :, None], jnp.asarray(jnp.nan, out.dtype), out)
@@ -342,9 +359,9 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
             self.deterministic = deterministic
 
 
-@functools.partial(jax.jit, static_argnames=("implementation",))
-def _fast_path(query, key, value, call: CallOptions, *, implementation):
-    return _api.attend(query, key, value, call, implementation=implementation)
+@functools.partial(jax.jit, static_argnames=("implementation", "sequence_parallel"))
+def _fast_path(query, key, value, call: CallOptions, *, implementation, sequence_parallel):
+    return _api.attend(query, key, value, call, implementation=implementation, sequence_parallel=sequence_parallel)
 
 
 @functools.partial(jax.jit, static_argnames=("dropout_rate",))

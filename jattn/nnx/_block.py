@@ -11,6 +11,7 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
 from jattn import _checks
+from jattn.sharding import SequenceParallel
 
 from . import _keras
 from ._attention import MultiHeadAttention, default_bias_init, default_kernel_init
@@ -49,6 +50,7 @@ class AttentionBlock(nnx.Module):
         kernel_init: attention kernel initializer.
         bias_init: attention bias initializer.
         implementation: passed to ``jattn.dot_product_attention``.
+        sequence_parallel: passed to the attention (see ``MultiHeadAttention``).
         local_window_size: sliding window of the attention (Gemma's local layers).
         logits_soft_cap: tanh soft cap of the logits (Gemma 2).
         score_mod: the attention's ``score_mod`` (see :class:`MultiHeadAttention`).
@@ -87,6 +89,7 @@ class AttentionBlock(nnx.Module):
         kernel_init: nnx.Initializer = default_kernel_init,
         bias_init: nnx.Initializer = default_bias_init,
         implementation: str | None = None,
+        sequence_parallel: SequenceParallel | None = None,
         local_window_size: int | tuple[int, int] | None = None,
         logits_soft_cap: float | None = None,
         score_mod: Callable | None = None,
@@ -108,6 +111,7 @@ class AttentionBlock(nnx.Module):
             kernel_init=kernel_init,
             bias_init=bias_init,
             implementation=implementation,
+            sequence_parallel=sequence_parallel,
             local_window_size=local_window_size,
             logits_soft_cap=logits_soft_cap,
             score_mod=score_mod,
@@ -199,12 +203,14 @@ class AttentionBlock(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         implementation: str | None = None,
+        sequence_parallel: SequenceParallel | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> AttentionBlock:
         """A block with the weights of a Keras ``MultiHeadAttention`` and ``LayerNormalization``.
 
         Each source is a built layer or its ``get_weights()`` list; the LayerNorm
         epsilon is taken from the layer (Keras's default ``1e-3`` for a list).
+        ``implementation`` and ``sequence_parallel`` are passed to the block.
 
         Raises:
             ValueError: see :meth:`MultiHeadAttention.from_keras`, and a
@@ -234,6 +240,7 @@ class AttentionBlock(nnx.Module):
             dtype=dtype,
             param_dtype=param_dtype,
             implementation=implementation,
+            sequence_parallel=sequence_parallel,
             rngs=nnx.Rngs(0) if rngs is None else rngs,
         )
         block.load_keras_weights(attention, layer_norm)
