@@ -266,7 +266,9 @@ def auto_implementation(
     * on other non-CPU backends, ``"xla"`` wherever jax.nn is exact;
     * on CPU, ``"xla"`` for small exact float32/bfloat16 problems
       (``q_seq * kv_seq <= 128**2``), ``"reference"`` for tiny ones
-      (``q_seq * kv_seq <= 64**2`` over at most 1024 keys), else ``"blockwise"``.
+      (``q_seq * kv_seq <= 64**2`` over at most 1024 keys), else ``"blockwise"``;
+    * ``"blockwise"`` (sequence-parallel) when the query's sequence axis is
+      sharded over an ``Explicit`` mesh axis (see :mod:`jattn.sharding`).
 
     The thresholds are measurements from ``bench/`` (see ``jattn._dispatch``).
 
@@ -303,7 +305,8 @@ def auto_implementation(
 
     def trace(query, key, value, bias, mask, arrays):
         prepared = prepare(query, key, value, CallOptions(bias=bias, mask=mask, **arrays, **static))
-        chosen.append(_dispatch.choose(_dispatch.problem(prepared, backend)))
+        sequence_parallel = _sequence_parallel.plan(prepared.inputs, None) is not None
+        chosen.append("blockwise" if sequence_parallel else _dispatch.choose(_dispatch.problem(prepared, backend)))
 
     jax.eval_shape(trace, query, key, value, bias, mask, arrays)
     return chosen[0]

@@ -145,6 +145,12 @@ SCRIPT = textwrap.dedent(
         assert "all-gather" not in text
     record("auto-axes-ring", auto_check)
 
+    def auto_rule_check():  # tiny problems pick "xla" or "reference" on one device; sharded ones go blockwise
+        small = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32, sharding=NamedSharding(mesh, P(None, "seq")))
+        assert jattn.auto_implementation(small, small, small, backend="cpu") == "blockwise"
+        assert jattn.auto_implementation(small.update(sharding=None), small, small, backend="cpu") == "xla"
+    record("auto-rule-sharded", auto_rule_check)
+
     # fwd+bwd at N=32768, 8 heads, dim 64 (compiled, not run): per-device memory against one device, and
     # communication: exactly P - 1 K/V transfers forward, P - 1 K/V + P - 1 dK/dV backward, no all-gather.
     def memory_and_transfers_check():
@@ -241,7 +247,7 @@ def test_other_crosses_and_a_hessian_vector_product(eight_devices_slow, case):
 
 
 @eight_cpu_devices
-@pytest.mark.parametrize("case", ["auto-axes-ring", "nnx-sequence-sharded"])
+@pytest.mark.parametrize("case", ["auto-axes-ring", "auto-rule-sharded", "nnx-sequence-sharded"])
 def test_auto_axes_and_modules(eight_devices, case):
     assert eight_devices[case] == "ok", eight_devices[case]
 
