@@ -4,17 +4,13 @@ The multi-device checks run in one subprocess with 8 CPU devices (JAX fixes
 the device count at start-up); the rest run here.
 """
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conformance.devices import run_on_cpu_devices
 
 import jattn
 from jattn.sharding import SequenceParallel, unzigzag, visited_blocks_per_device, zigzag
@@ -202,30 +198,16 @@ SLOW_CASES = [
 ]
 
 
-def _run_on_eight_devices(tier: str) -> dict:
-    root = pathlib.Path(jattn.__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, tier], env=env, capture_output=True, text=True, timeout=300, cwd=root
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
-    return json.loads(line.removeprefix("RESULTS "))
-
-
 @pytest.fixture(scope="session")  # once per worker
 def eight_devices():
     """Runs the multi-device checks on 8 CPU devices in one subprocess (under a minute)."""
-    return _run_on_eight_devices("default")
+    return run_on_cpu_devices(SCRIPT, 8, "default")
 
 
 @pytest.fixture(scope="session")
 def eight_devices_slow():
     """The slow tier's multi-device checks: the remaining strategy x layout x options crosses, an HVP."""
-    return _run_on_eight_devices("slow")
+    return run_on_cpu_devices(SCRIPT, 8, "slow")
 
 
 # One subprocess for all of them: under pytest-xdist the group keeps them on one worker.

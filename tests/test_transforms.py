@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +12,7 @@ import numpy as np
 import pytest
 from conformance import cases
 from conformance.cases import DELEGATING
+from conformance.devices import run_on_cpu_devices
 
 import jattn
 
@@ -235,21 +232,7 @@ SHARDABLE = [p.values[0] for p in IMPLEMENTATIONS if p.values[0] != "cudnn"]
 @pytest.fixture(scope="session")  # once per worker, however pytest-xdist orders the tests
 def sharded_results():
     """Runs every implementation on a 2x2 CPU mesh (auto and explicit axes) in one subprocess."""
-    root = pathlib.Path(jattn.__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT, json.dumps([SHARDABLE, sorted(DELEGATING)])],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
-    return json.loads(line.removeprefix("RESULTS "))
+    return run_on_cpu_devices(SHARDED_SCRIPT, 4, json.dumps([SHARDABLE, sorted(DELEGATING)]))
 
 
 # One subprocess for all of them: under pytest-xdist the group keeps them on one worker.
