@@ -168,7 +168,8 @@ SCRIPT = textwrap.dedent(
         assert "all-gather" not in found, found
     record("memory-and-transfers", memory_and_transfers_check)
 
-    # NNX: sequence-sharded activations through MultiHeadAttention (projections local, attention ring).
+    # NNX: activations split over batch ("data") and sequence ("seq") through MultiHeadAttention: the
+    # projections are local, the attention a ring over "seq" per batch shard.
     def nnx_check():
         from flax import nnx
         from jattn import nnx as jnnx
@@ -176,8 +177,9 @@ SCRIPT = textwrap.dedent(
         x = jnp.asarray(rng.standard_normal((B, N, 16)), jnp.float32)
         f = nnx.jit(lambda m, x: m(x, is_causal=True))
         expected = f(mha, x)
-        got = f(mha, jax.device_put(x, NamedSharding(mesh, P(None, "seq"))))
-        assert got.sharding.spec[:2] == (None, "seq"), got.sharding
+        grid = jax.make_mesh((2, D // 2), ("data", "seq"))
+        got = f(mha, jax.device_put(x, NamedSharding(grid, P("data", "seq"))))
+        assert got.sharding.spec[:2] == ("data", "seq"), got.sharding
         np.testing.assert_allclose(got, expected, atol=2e-6)
     record("nnx-sequence-sharded", nnx_check)
     print("RESULTS", json.dumps(results))

@@ -81,10 +81,12 @@ def ring_forward(spec, ops: Operands, pass_fn: Callable) -> tuple[Array, Array]:
         return _send(ring, kv), visit(t, kv, acc)  # the next shard's transfer does not wait for this one
 
     rows = queries.q.shape[:4]
-    empty = (jnp.zeros((*rows, ops.v.shape[-1]), ops.v.dtype), jnp.full(rows, _core.masked_value(_acc(ops))))
+    # The output accumulates in the softmax dtype: each pair's output (in v's dtype) is merged once.
+    empty = (jnp.zeros((*rows, ops.v.shape[-1]), _acc(ops)), jnp.full(rows, _core.masked_value(_acc(ops))))
     kv, acc = lax.fori_loop(0, ring.shards - 1, step, (kv_payload(ops), empty))
     out, lse = visit(ring.shards - 1, kv, acc)
-    return merge_chunks(first, rows_from_kernel(out, pair_spec), rows_from_kernel(lse, pair_spec))
+    out, lse = merge_chunks(first, rows_from_kernel(out, pair_spec), rows_from_kernel(lse, pair_spec))
+    return out.astype(ops.v.dtype), lse
 
 
 def _acc(ops: Operands):
