@@ -6,6 +6,7 @@ Examples::
     python -m bench                               # full preset (the README's)
     python -m bench --suite attention --seq 1024 4096 --dtype bfloat16 --impl 'jattn:*' 'jax.nn:*'
     python -m bench --list                        # suites and implementation labels
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m bench --suite parallel --seq 8192 32768
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--module-seq", type=int, help="sequence length of the module suite")
     p.add_argument("--decode-max-length", type=int, help="KV-cache positions of the decode suite")
     p.add_argument("--decode-fill", nargs="+", type=int, help="cache fills of the decode suite")
+    p.add_argument("--parallel-timed-seq", type=int, help="longest sequence the parallel suite times")
     p.add_argument("--name", help="results file stem (default: <date>-<backend>-<preset>)")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-plot", action="store_true")
@@ -72,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "module_seq": args.module_seq,
         "decode_max_length": args.decode_max_length,
         "decode_fills": args.decode_fill,
+        "parallel_timed_seq": args.parallel_timed_seq,
     }
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(cfg, **given)

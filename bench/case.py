@@ -18,11 +18,22 @@ class Unavailable(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class JaxTarget:
-    """A JAX function to compile with ``jax.jit`` and call on ``args``."""
+    """A JAX function to compile with ``jax.jit`` and call on ``args``.
+
+    Attributes:
+        fn, args: what is compiled and timed.
+        notes: free-form remarks, listed under the results table.
+        compiled_metrics: reads figures from the compiled program (memory,
+            collectives) into the record's ``metrics``; None = none.
+        timed: False compiles only (no call, no time): ``args`` may then be
+            ``jax.ShapeDtypeStruct`` s, for shapes too slow to run here.
+    """
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     notes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    compiled_metrics: Callable[[Any], Mapping[str, Any]] | None = None
+    timed: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

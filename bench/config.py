@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-SUITE_NAMES = ("matmul", "attention", "seed", "module", "decode", "flex")
+SUITE_NAMES = ("matmul", "attention", "seed", "module", "decode", "flex", "parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,10 @@ class BenchConfig:
         flex_seq: sequence length of the ``flex`` suite's ALiBi cases.
         flex_doc_seq, flex_docs: length and number of packed documents of its
             document-mask cases.
+        parallel_timed_seq: the ``parallel`` suite times its cases up to this
+            sequence length; longer ones are compiled only (memory, collectives
+            and visited blocks need no run; one fwd+bwd call at 32768 takes
+            minutes on a CPU). Raise it on accelerators.
         backward_factor: FLOP convention for the backward (see ``bench.flops``).
     """
 
@@ -76,6 +80,7 @@ class BenchConfig:
     flex_seq: int = 4096
     flex_doc_seq: int = 8192
     flex_docs: int = 8
+    parallel_timed_seq: int = 8192
     backward_factor: float = 2.5
 
     def wants(self, impl: str) -> bool:

@@ -76,6 +76,13 @@ def performance_section(doc: dict[str, Any], *, plot: str | None = None) -> str:
         + table.render_markdown(table.result_rows(doc["results"]))
         + "\n\n</details>",
     ]
+    parallel = table.parallel_rows(doc["results"])
+    if parallel[1]:
+        parts += [
+            "### Sequence parallel: per-device memory, work and traffic against one device",
+            table.render_markdown(parallel),
+            " ".join(table.parallel_notes(doc)),
+        ]
     failures = table.failure_rows(doc["results"])
     if failures[1]:
         parts += ["Cases that did not run here:", table.render_markdown(failures)]

@@ -66,6 +66,7 @@ def run_case(case: Case, *, repeats: int, warmup: int) -> dict[str, Any]:
         "status": "ok",
         "error": None,
         "notes": {},
+        "metrics": {},
     }
     try:
         target = case.build()
@@ -116,8 +117,9 @@ def add_derived(results: list[dict]) -> dict[str, float]:
         peak = roof.get(r["params"].get("dtype"))
         r["roofline_pct"] = 100 * r["gflops"] / peak if r["gflops"] and peak and r["suite"] != "matmul" else None
         r["ratios"] = {}
-        if r["status"] == "ok" and not r["peer"]:
-            r["ratios"] = {p["impl"]: r["median_s"] / p["median_s"] for p in peers.get(group_key(r), [])}
+        if r["status"] == "ok" and not r["peer"] and r["median_s"]:  # compiled-only cases have no time
+            timed_peers = (p for p in peers.get(group_key(r), []) if p["median_s"])
+            r["ratios"] = {p["impl"]: r["median_s"] / p["median_s"] for p in timed_peers}
     return roof
 
 

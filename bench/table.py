@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,6 +97,63 @@ def attention_pivot(results: Sequence[dict[str, Any]]) -> Table:
     return headers, [[label, *(cells.get(i, "-") for i in impls)] for label, cells in rows.items()]
 
 
+PARALLEL_HEADERS = [
+    "impl", "case", "mem/device", "mem vs 1", "visited max", "mean", "max/mean", "moved/device", "collectives",
+    "median", "time vs 1",
+]  # fmt: skip
+
+
+def parallel_rows(results: Sequence[dict[str, Any]]) -> Table:
+    """The ``parallel`` suite's per-device figures, one row per case (see ``bench/suites/parallel.py``).
+
+    ``mem vs 1`` and ``time vs 1`` divide by the single-device case (the peer)
+    of the same shape in the same run; ``-`` where it or a figure is missing.
+    """
+    records = [r for r in results if r["suite"] == "parallel" and r["status"] == "ok"]
+    peers = {_params_key(r): r for r in records if r["peer"]}
+    rows = []
+    for r in records:
+        m = r.get("metrics") or {}
+        single = (peers.get(_params_key(r)) or {}).get("metrics") or {}
+        mem, single_mem = m.get("memory_bytes"), single.get("memory_bytes")
+        rows.append(
+            [
+                r["impl"] + (" (peer)" if r["peer"] else ""),
+                r["label"],
+                fmt_bytes(mem),
+                "-" if r["peer"] or not mem or not single_mem else f"{mem / single_mem:.2f}x",
+                fmt_number(m.get("visited_max"), ".0f"),
+                fmt_number(m.get("visited_mean"), ".1f"),
+                fmt_number(m.get("visited_imbalance"), ".2f"),
+                fmt_bytes(m.get("bytes_moved")),
+                fmt_number(m.get("collective_count")),
+                fmt_time(r["median_s"]),
+                fmt_number(next(iter(r["ratios"].values()), None), ".2f"),
+            ]
+        )
+    return PARALLEL_HEADERS, rows
+
+
+def parallel_notes(doc: dict[str, Any]) -> list[str]:
+    """What the parallel table's columns are, and what its times are worth on this backend."""
+    lines = [
+        "Per device: mem = argument + temp bytes of the compiled call; visited = block pairs its kernels visit; "
+        "moved = the result bytes of its `collectives` executions per call (bench/hlo.py). 'vs 1' = over the "
+        "single-device blockwise call (peer); no time: compiled only "
+        f"(seq > {doc['config'].get('parallel_timed_seq')})."
+    ]
+    if doc["meta"]["backend"] == "cpu":
+        lines.append(
+            "CPU devices are simulated (--xla_force_host_platform_device_count) and share the host's cores: "
+            "times are not a scaling figure (on real multi-accelerator machines they are)."
+        )
+    return lines
+
+
+def _params_key(record: dict[str, Any]) -> str:
+    return json.dumps(record["params"], sort_keys=True)
+
+
 def _is_peer(records: Sequence[dict[str, Any]], impl: str) -> bool:
     return any(r["impl"] == impl and r["peer"] for r in records)
 
@@ -127,6 +185,9 @@ def summary(doc: dict[str, Any]) -> str:
         f"jax {meta['versions']['jax']}, preset {doc['config']['preset']}",
         render_text(result_rows(doc["results"])),
     ]
+    parallel = parallel_rows(doc["results"])
+    if parallel[1]:
+        parts += ["Sequence parallel:", render_text(parallel), "\n".join(parallel_notes(doc))]
     failures = failure_rows(doc["results"])
     if failures[1]:
         parts += ["Not run:", render_text(failures)]

@@ -122,8 +122,12 @@ def test_run_case_records_errors_and_unavailable():
 
 def test_measure_fields():
     out = measure(JaxTarget(lambda x: x * 2, (jax.numpy.ones(3),)), repeats=2, warmup=0)
-    assert set(out) == {"compile_s", "temp_bytes", "times_s", "median_s", "min_s", "max_s", "repeats"}
-    assert len(out["times_s"]) == 2 and out["compile_s"] > 0
+    assert set(out) == {"compile_s", "temp_bytes", "metrics", "times_s", "median_s", "min_s", "max_s", "repeats"}
+    assert len(out["times_s"]) == 2 and out["compile_s"] > 0 and out["metrics"] == {}
+    shape = jax.ShapeDtypeStruct((3,), jax.numpy.float32)
+    only = measure(JaxTarget(lambda x: x * 2, (shape,), compiled_metrics=lambda c: {"n": 1}, timed=False), repeats=1,
+                   warmup=0)  # fmt: skip
+    assert only["metrics"] == {"n": 1} and only["times_s"] == [] and only["median_s"] is None and only["repeats"] == 0
     py = measure(PythonTarget(sum, ([1, 2],)), repeats=1, warmup=0)
     assert py["compile_s"] is None and py["temp_bytes"] is None
     with pytest.raises(ValueError, match="repeats must be >= 1"):
@@ -281,3 +285,46 @@ def test_smoke_table_plot_and_report(smoke, tmp_path):
     section = readme.read_text()
     assert "## Performance" in section and f"quick {jax.default_backend().upper()} run" in section
     assert "smoke.png)" in section and "| case | jattn:reference | jax.nn:xla (peer) |" in section
+
+
+def test_parallel_suite_cases_and_one_tiny_case():
+    from bench.suites import parallel as parallel_suite
+
+    cfg = BenchConfig(seq_lengths=(32, 64), heads=2, dim=4, modes=("fwd", "jvp"), causal=(True,), parallel_timed_seq=32)
+    cases = list(parallel_suite.cases(cfg))
+    devices = jax.device_count()
+    if devices < 2:  # the default here: one case that says why, recorded as unavailable
+        [case] = cases
+        record = runner.run_case(case, repeats=1, warmup=0)
+        assert record["status"] == "unavailable" and "2 or more devices" in record["error"]
+    else:  # jvp is not a parallel mode; the single device first in each group, as the peer
+        assert [(c.impl, c.params["seq"], c.peer) for c in cases[:5]] == [
+            ("jattn:blockwise", 32, True), ("jattn:ring", 32, False), ("jattn:ring+zigzag", 32, False),
+            ("jattn:all_gather", 32, False), ("jattn:all_gather+zigzag", 32, False),
+        ]  # fmt: skip
+        assert len(cases) == 10 and {c.params["devices"] for c in cases} == {devices}
+    # one tiny case of each kind on a one-device mesh (it runs anywhere): a timed ring, a compiled-only peer
+    params = {"mode": "fwd", "causal": True, "batch": 1, "seq": 32, "kv_seq": 32, "heads": 2, "kv_heads": 2,
+              "dim": 4, "dtype": "float32", "devices": 1}  # fmt: skip
+
+    def build(impl, *, timed):
+        return lambda: parallel_suite.build(impl, params, timed=timed)
+
+    peer = Case("parallel", "jattn:blockwise", "x", params, 1, build("jattn:blockwise", timed=False), peer=True)
+    mine = Case("parallel", "jattn:ring+zigzag", "x", params, 1, build("jattn:ring+zigzag", timed=True))
+    results = [runner.run_case(c, repeats=1, warmup=0) for c in (peer, mine)]
+    runner.add_derived(results)
+    for r in results:
+        assert r["status"] == "ok", r["error"]
+        m = r["metrics"]
+        assert m["memory_bytes"] == m["argument_bytes"] + m["temp_bytes"] > 0
+        assert m["argument_bytes"] == 3 * 32 * 2 * 4 * 4  # q, k, v of (1, 32, 2, 4) float32
+        assert m["collective_count"] == 0 and m["bytes_moved"] == 0  # one device: nothing to move
+        assert m["visited_max"] == m["visited_mean"] and m["visited_imbalance"] == 1
+    # one block on one device; zigzag cuts it in two chunks of 16: causal chunk pairs (0, 0), (1, 0), (1, 1)
+    assert (results[0]["metrics"]["visited_max"], results[1]["metrics"]["visited_max"]) == (1, 3)
+    assert results[0]["median_s"] is None and results[0]["times_s"] == []  # compiled only
+    assert results[1]["median_s"] > 0 and results[1]["ratios"] == {}  # no timed peer, no ratio
+    headers, rows = table.parallel_rows(results)
+    assert [row[headers.index("median")] == "-" for row in rows] == [True, False]
+    assert rows[1][headers.index("mem vs 1")].endswith("x")

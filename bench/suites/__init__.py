@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from ..case import Case
 from ..config import BenchConfig
-from . import attention, decode, flex, matmul, module, seed
+from . import attention, decode, flex, matmul, module, parallel, seed
 
 SUITES: dict[str, Callable[[BenchConfig], Iterable[Case]]] = {
     "matmul": matmul.cases,
@@ -19,4 +19,5 @@ SUITES: dict[str, Callable[[BenchConfig], Iterable[Case]]] = {
     "module": module.cases,
     "decode": decode.cases,
     "flex": flex.cases,
+    "parallel": parallel.cases,
 }
