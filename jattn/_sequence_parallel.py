@@ -10,6 +10,7 @@ mesh axes stay split as in ``_sharding.per_shard``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
 from ._blockwise import Ring, blockwise_attention, ring_attention
-from ._blockwise._pairs import chunk_starts
+from ._blockwise._pairs import chunk_start, splits_for
 from ._options import AttentionInputs
 from ._sharding import axes_size, explicit_mesh, spec_of
 from .sharding import SequenceParallel, unzigzag
@@ -146,6 +147,9 @@ def run(plan: Plan, inputs: AttentionInputs, *, block_q: int, block_kv: int) -> 
     if plan.explicit:
         inputs = jax.tree.map(lambda x, s: jax.sharding.reshard(x, NamedSharding(plan.mesh, s)), inputs, specs)
     ring = Ring(seq, plan.shards, plan.chunks)
+    if plan.strategy == "ring":  # each ring step's kernel calls on block-sized pieces (see splits_for)
+        local_q, local_kv = query.shape[1] // plan.shards, inputs.key.shape[1] // plan.shards
+        ring = dataclasses.replace(ring, splits=splits_for(local_q, local_kv, plan.chunks, block_q))
     body = ring_attention if plan.strategy == "ring" else _all_gather_attention
     kernel = functools.partial(body, ring=ring, block_q=block_q, block_kv=block_kv)
     out_specs = (P(batch_axes, seq, head_axes, None), P(batch_axes, seq, head_axes))
@@ -158,63 +162,51 @@ def run(plan: Plan, inputs: AttentionInputs, *, block_q: int, block_kv: int) -> 
 
 
 def _all_gather_attention(inputs: AttentionInputs, *, ring: Ring, block_q: int, block_kv: int):
-    """One device's queries over the whole K/V, gathered (inside the ``shard_map``)."""
+    """One device's queries over the whole K/V, gathered (inside the ``shard_map``).
+
+    With the zigzag layout the two local chunks run one after the other (``lax.map``) over the same
+    gathered K/V, each at its own position.
+    """
     query, key, value, bias, mask, opts = inputs
     arrays, static = opts.arrays, opts.static
     n = ring.chunks
-    batch, q_local = query.shape[:2]
-    q_chunk = q_local // n
+    q_chunk = query.shape[1] // n
 
     def gather(x):  # (batch, kv_local, ...) -> (batch, kv_seq, ...) in position order
+        if x is None:
+            return None
         x = lax.all_gather(x, ring.axis, axis=1, tiled=True)
         return x if n == 1 else unzigzag(x, ring.shards, axis=1)
 
     def columns(x):  # a dense bias or mask: its columns in position order
         return x if x is None or n == 1 or x.shape[3] == 1 else unzigzag(x, ring.shards, axis=3)
 
-    def examples(x):  # (batch, q_local, ...) -> (batch * n, q_chunk, ...): one example per local chunk
-        return x.reshape(batch * n, q_chunk, *x.shape[2:])
-
-    def logits_rows(x):  # (batch|1, heads|1, q_local|1, kv|1) -> (batch * n | 1, heads|1, q_chunk|1, kv|1)
-        if x is None or n == 1:
+    def rows(x, c, axis):  # chunk c of the local query rows (a broadcast axis stays whole)
+        if x is None or n == 1 or x.shape[axis] == 1:
             return x
-        if x.shape[2] > 1:
-            b, h, _, tk = x.shape
-            x = jnp.broadcast_to(x.reshape(b, h, n, q_chunk, tk).transpose(0, 2, 1, 3, 4), (batch, n, h, q_chunk, tk))
-            return x.reshape(batch * n, h, q_chunk, tk)
-        return x if x.shape[0] == 1 else jnp.repeat(x, n, axis=0)
+        return lax.dynamic_slice_in_dim(x, c * q_chunk, q_chunk, axis)
 
+    k, v, kv_ids = gather(key), gather(value), gather(arrays.kv_segment_ids)
+    bias, mask = columns(bias), columns(mask)
     me = lax.axis_index(ring.axis)
-    starts = jnp.stack(chunk_starts(ring, me, q_chunk)).astype(jnp.int32)  # (n,)
-    q0 = jnp.tile(starts, batch)
 
-    def per_chunk(x):  # (batch,) -> (batch * n,)
-        return x if x is None or n == 1 else jnp.repeat(x, n)
-
-    offset = None
-    if static.is_causal or static.local_window_size is not None:
-        offset = q0 + (0 if arrays.q_offset is None else per_chunk(arrays.q_offset))
-    kv_ids = None if arrays.kv_segment_ids is None else gather(arrays.kv_segment_ids)
-    local = AttentionInputs(
-        examples(query),
-        per_chunk_kv(gather(key), n),
-        per_chunk_kv(gather(value), n),
-        logits_rows(columns(bias)),
-        logits_rows(columns(mask)),
-        opts.with_arrays(
+    def one(c):
+        q0 = jnp.asarray(chunk_start(ring, me, c, q_chunk), jnp.int32)
+        offset = None
+        if static.is_causal or static.local_window_size is not None:
+            offset = q0 + (0 if arrays.q_offset is None else arrays.q_offset) + jnp.zeros(query.shape[:1], jnp.int32)
+        chunk = opts.with_arrays(
             arrays._replace(
-                q_length=None if arrays.q_length is None else jnp.clip(per_chunk(arrays.q_length) - q0, 0, q_chunk),
-                kv_length=per_chunk(arrays.kv_length),
-                q_segment_ids=None if arrays.q_segment_ids is None else examples(arrays.q_segment_ids),
-                kv_segment_ids=None if kv_ids is None else per_chunk_kv(kv_ids, n),
-                q_offset=None if offset is None else offset.astype(jnp.int32),
+                q_length=None if arrays.q_length is None else jnp.clip(arrays.q_length - q0, 0, q_chunk),
+                q_segment_ids=rows(arrays.q_segment_ids, c, 1),
+                kv_segment_ids=kv_ids,
+                q_offset=offset,
             )
-        ),
-    )
-    out, lse = blockwise_attention(local, block_q=block_q, block_kv=block_kv)
-    return out.reshape(batch, q_local, *out.shape[2:]), lse.reshape(batch, q_local, *lse.shape[2:])
+        )
+        local = AttentionInputs(rows(query, c, 1), k, v, rows(bias, c, 2), rows(mask, c, 2), chunk)
+        return blockwise_attention(local, block_q=block_q, block_kv=block_kv)
 
-
-def per_chunk_kv(x: Array, n: int) -> Array:
-    """K/V-side arrays repeated for each of an example's ``n`` query chunks."""
-    return x if n == 1 else jnp.repeat(x, n, axis=0)
+    if n == 1:
+        return one(0)
+    out, lse = lax.map(one, jnp.arange(n, dtype=jnp.int32))  # (n, batch, q_chunk, ...)
+    return tuple(jnp.moveaxis(x, 0, 1).reshape(x.shape[1], n * q_chunk, *x.shape[3:]) for x in (out, lse))

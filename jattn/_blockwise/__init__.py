@@ -76,7 +76,7 @@ def ring_attention(inputs: AttentionInputs, ring: Ring, *, block_q: int, block_k
     bias or mask holds the local query rows and every key column); returns the
     local ``(out, lse)``, differentiable in every mode.
     """
-    q_chunk, kv_chunk = inputs.query.shape[1] // ring.chunks, inputs.key.shape[1] // ring.chunks
+    q_chunk, kv_chunk = inputs.query.shape[1] // ring.parts, inputs.key.shape[1] // ring.parts
     grid = Grid(q_chunk, kv_chunk, fitted_block(q_chunk, block_q), fitted_block(kv_chunk, block_kv))
     spec = KernelSpec(inputs.opts.static, grid, ring)
     return attention(spec, Operands(*inputs))
