@@ -1,10 +1,17 @@
-"""Collectives in a compiled program: how many run and how many bytes each device sends.
+"""Collectives in a compiled program: how many run and how many bytes each device receives.
 
 Reads XLA's optimized HLO text (``jax.jit(f).lower(...).compile().as_text()``):
 every collective op is counted once per execution, so an op inside a ``while``
 loop whose trip count XLA knows (``known_trip_count``) counts that many times,
 nested loops multiplying. Asynchronous pairs (``collective-permute-start`` /
 ``-done``) count once, at the start.
+
+Bytes received per device, from the op's result and its group of ``g`` devices:
+a collective-permute receives its result; an all-gather the ``g - 1`` pieces
+of its result that other devices hold; a reduce-scatter ``g - 1`` partial
+results the size of its result; an all-to-all ``(g - 1) / g`` of its result; an
+all-reduce ``2 (g - 1) / g`` of it (a ring all-reduce: reduce-scatter, then
+all-gather).
 """
 
 from __future__ import annotations
@@ -26,11 +33,34 @@ _SHAPE = re.compile(r"(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "bf16": 2}
 
 
+_GROUPS = re.compile(r"replica_groups=(\{\{[\d,]*\}|\[(\d+),(\d+)\])")
+
+
 @dataclasses.dataclass(frozen=True)
 class Collective:
     kind: str
-    bytes: int  # per device per execution (the op's result: what each device receives)
+    bytes: int  # received per device per execution (see the module docstring)
     count: int  # executions per run of the program
+
+
+def _group_size(line: str) -> int:
+    """Devices per replica group (``{{0,1,2,3}}`` or the iota form ``[groups,size]<=[...]``); 1 if absent."""
+    match = _GROUPS.search(line)
+    if match is None:
+        return 1
+    if match.group(2) is not None:
+        return int(match.group(3))
+    return len([d for d in match.group(1).strip("{}").split(",") if d])
+
+
+def _received(kind: str, result_bytes: int, group: int) -> int:
+    if kind == "collective-permute":
+        return result_bytes
+    if kind == "all-gather" or kind == "all-to-all":
+        return result_bytes * (group - 1) // max(group, 1)
+    if kind == "reduce-scatter":
+        return result_bytes * (group - 1)
+    return 2 * result_bytes * (group - 1) // max(group, 1)  # all-reduce
 
 
 def _bytes(shape_text: str) -> int:
@@ -63,7 +93,8 @@ def collectives(hlo_text: str) -> list[Collective]:
         for line in bodies.get(computation, ()):
             op = _OP.search(line)
             if op and "-done" not in line.split("=")[1].split("(")[0]:
-                out.append(Collective(op.group(2), _bytes(op.group(1)), times))
+                kind = op.group(2)
+                out.append(Collective(kind, _received(kind, _bytes(op.group(1)), _group_size(line)), times))
             loop = _WHILE.search(line)
             if loop:
                 trip = _TRIP.search(line)
@@ -84,7 +115,7 @@ def collectives(hlo_text: str) -> list[Collective]:
 
 
 def summary(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Per kind: executions per run and bytes each device receives per run."""
+    """Per kind: executions per run and bytes each device receives per run (see the module docstring)."""
     out: dict[str, dict[str, int]] = {}
     for c in collectives(hlo_text):
         entry = out.setdefault(c.kind, {"count": 0, "bytes": 0})
