@@ -138,7 +138,7 @@ def parallel_notes(doc: dict[str, Any]) -> list[str]:
     """What the parallel table's columns are, and what its times are worth on this backend."""
     lines = [
         "Per device: mem = argument + temp bytes of the compiled call; visited = block pairs its kernels visit; "
-        "moved = the result bytes of its `collectives` executions per call (bench/hlo.py). 'vs 1' = over the "
+        "moved = bytes it receives in its `collectives` executions per call (bench/hlo.py). 'vs 1' = over the "
         "single-device blockwise call (peer); no time: compiled only "
         f"(seq > {doc['config'].get('parallel_timed_seq')})."
     ]

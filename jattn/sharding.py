@@ -49,9 +49,13 @@ class SequenceParallel:
         strategy: ``"ring"``, ``"all_gather"`` or ``"auto"``: all-gather K/V
             when the whole K/V is no bigger than one device's query shard
             (``kv_seq * kv_heads * (dim + v_dim) <= q_seq / P * heads * dim``:
-            grouped-query or short K/V), else ring. Both move the same bytes;
-            the ring holds one K/V shard at a time and overlaps each transfer
-            with the previous shard's compute.
+            grouped-query or short K/V), else ring. Forward, both bring each
+            device the other ``P - 1`` K/V shards; the ring holds one at a time
+            and overlaps each transfer with the previous shard's compute. The
+            ring's backward passes K/V round again with their dK/dV (``6 (P - 1)``
+            shard transfers for fwd+bwd against all-gather's ``4 (P - 1)``:
+            gathered K/V kept, dK/dV reduce-scattered) and still never holds more
+            than one K/V shard.
         layout: ``"contiguous"`` (device ``i`` holds positions ``[i L, (i+1) L)``)
             or ``"zigzag"`` (the sequence in ``2 P`` chunks, device ``i`` holding
             chunks ``i`` and ``2P - 1 - i``, see :func:`zigzag`): every
