@@ -151,8 +151,10 @@ SCRIPT = textwrap.dedent(
     # communication: exactly P - 1 K/V transfers forward, P - 1 K/V + P - 1 dK/dV backward, no all-gather.
     def memory_and_transfers_check():
         n = 32768
-        loss = lambda sp: lambda q, k, v: jnp.sum(jattn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="blockwise", sequence_parallel=sp))
+        # A loss whose cotangent depends on the output, as in training (jnp.sum's constant cotangent is
+        # materialized by XLA while the forward ring runs: 1.52x, see the README).
+        loss = lambda sp: lambda q, k, v: jnp.sum(jnp.sin(jattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="blockwise", sequence_parallel=sp)))
         def compiled(sp, spec):
             return jax.jit(jax.grad(loss(sp), argnums=(0, 1, 2))).lower(spec, spec, spec).compile()
         def total(c):
@@ -245,12 +247,10 @@ def test_ring_moves_p_minus_1_shards_each_way_and_never_gathers(eight_devices):
 
 @eight_cpu_devices
 def test_ring_memory_per_device(eight_devices):
-    """fwd+bwd at N=32768 on 8 devices: per-device args + temp against the single-device total / 8.
-
-    The issue's target is 1.5; the ring measures 1.52 (see the README): this guards the figure.
-    """
+    """fwd+bwd at N=32768 on 8 devices: per-device args + temp at most 1.5x the single-device total / 8
+    (1.16 measured; a plain ``jnp.sum`` loss gives 1.52, see the README)."""
     assert eight_devices["memory-and-transfers"] == "ok", eight_devices["memory-and-transfers"]
-    assert eight_devices["memory-ratio"] <= 1.6, eight_devices["memory-ratio"]
+    assert eight_devices["memory-ratio"] <= 1.5, eight_devices["memory-ratio"]
 
 
 # ---------------------------------------------------------------- one device
