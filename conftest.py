@@ -11,9 +11,13 @@ in about a third of the time of its MLIR fusion emitters (the blockwise order-2
 the temp-memory figures of the memory tests do not. A user's own XLA_FLAGS win.
 
 Tests also compile many identical programs (the same case through several
-checks), so a run shares JAX's compilation cache between its pytest-xdist
-workers: a fresh directory per run (never reused by a later run), in the
-system's temp folder.
+checks), so each pytest-xdist worker keeps JAX's persistent compilation cache:
+a fresh directory per run *and per worker*, in the system's temp folder. It was
+once shared by a run's workers, and JAX writes an entry in place (not
+atomically): a worker that read an entry another was still writing got a
+truncated file, JAX warned (zlib "incomplete or truncated stream") and
+``filterwarnings = error`` failed the test. A worker only ever reads what it
+wrote itself, so no entry is read while being written.
 """
 
 import os
@@ -32,6 +36,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())  # the same in every worker of a run
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"jattn-tests-{_RUN}"))
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")  # gw0, gw1, ... : one cache each
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"jattn-tests-{_RUN}-{_WORKER}"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
