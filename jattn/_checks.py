@@ -90,3 +90,15 @@ def check_static_bool(name: str, x) -> None:
     """Raises TypeError unless ``x`` is a Python (or NumPy) bool: a static option, not an array."""
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be a Python bool; got {type(x).__name__}")
+
+
+def check_positive_int(name: str, value, *, allow_none: bool = False) -> None:
+    """Raises ValueError unless ``value`` is a positive Python int (bool excluded), or None if ``allow_none``.
+
+    The one owner of this rule: block sizes, head counts, shard counts and cache lengths all call it.
+    """
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        expected = "a positive int or None" if allow_none else "a positive int"
+        raise ValueError(f"{name} must be {expected}; got {value!r}")

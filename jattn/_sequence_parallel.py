@@ -21,8 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
-from ._blockwise import Ring, blockwise_attention, ring_attention
-from ._blockwise._pairs import chunk_start, splits_for
+from ._blockwise import Ring, blockwise_attention, chunk_start, ring_attention, splits_for
 from ._options import AttentionInputs
 from ._sharding import axes_size, explicit_mesh, spec_of
 from .sharding import SequenceParallel, unzigzag

@@ -9,6 +9,29 @@ import jax.numpy as jnp
 
 SKIP, FULL, PARTIAL = 0, 1, 2
 
+DEFAULT_BLOCK_SIZES: dict[str, int] = {"cpu": 512, "gpu": 512, "tpu": 512}
+"""The blockwise kernel's default query and key/value block size per backend (``block_q=None`` /
+``block_kv=None`` pick it; the actual block is then fitted to the sequence, see :func:`fitted_block`).
+CPU: 512 is the size every row of the README's Performance table (``bench/results/README.json``) ran
+with; no committed ``bench/`` sweep over block sizes has chosen another. GPU and TPU: no ``bench/`` run
+there yet, so they start from the CPU value."""
+
+FALLBACK_BLOCK_SIZE = 512
+"""The block size on a backend missing from :data:`DEFAULT_BLOCK_SIZES`."""
+
+
+def default_block_size(backend: str | None = None) -> int:
+    """The default block size of ``backend`` (default: JAX's default backend); see :data:`DEFAULT_BLOCK_SIZES`.
+
+    >>> default_block_size("cpu")
+    512
+    """
+    if backend is None:
+        import jax  # a local import: _tiling is imported by masks, before any backend is needed
+
+        backend = jax.default_backend()
+    return DEFAULT_BLOCK_SIZES.get(backend, FALLBACK_BLOCK_SIZE)
+
 
 @dataclasses.dataclass(frozen=True)
 class Grid:

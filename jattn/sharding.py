@@ -198,7 +198,7 @@ def visited_blocks_per_device(
         >>> work.tolist(), float(work.max() / work.mean())
         ([9, 9, 9, 9], 1.0)
     """
-    from ._blockwise._pairs import Ring, visited_blocks
+    from ._blockwise import Ring, visited_blocks
     from ._options import StaticOptions
     from ._prepare import window_pair
 

@@ -32,7 +32,16 @@ from ._autodiff import attention
 from ._blockmath import KernelSpec
 from ._geometry import Grid, fitted_block
 from ._layout import Operands, can_fold_batch, fold_batch, from_kernel_layout, to_kernel_layout, unfold_batch
-from ._pairs import Ring
+from ._pairs import Ring, chunk_start, splits_for, visited_blocks
+
+__all__ = [  # what the rest of jattn may import from this package (nothing imports its modules)
+    "Ring",
+    "blockwise_attention",
+    "chunk_start",
+    "ring_attention",
+    "splits_for",
+    "visited_blocks",
+]
 
 
 def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int) -> tuple[Array, Array]:
