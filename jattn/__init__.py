@@ -22,10 +22,12 @@ from ._core import context as context
 from ._core import scores as scores
 from ._core import softmax as softmax
 from ._dispatch import IMPLEMENTATIONS as IMPLEMENTATIONS
+from ._tiling import DEFAULT_BLOCK_SIZES as DEFAULT_BLOCK_SIZES
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_BLOCK_SIZES",
     "IMPLEMENTATIONS",
     "attention",
     "auto_implementation",

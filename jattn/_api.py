@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from . import _core, _dispatch, _sequence_parallel, masks
+from . import _checks, _core, _dispatch, masks
 from ._dispatch import Implementation
-from ._prepare import CallOptions, prepare
+from ._options import CallOptions, Execution, option_names
+from ._prepare import prepare
 from ._reference import WeightsHook, reference_attention
-from .sharding import SequenceParallel
+from ._sequence_parallel import SequenceParallel
 
 
 def dot_product_attention(
@@ -36,8 +37,8 @@ def dot_product_attention(
     sinks: Float[ArrayLike, " heads"] | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int | None = None,
+    block_kv: int | None = None,
     sequence_parallel: SequenceParallel | None = None,
 ) -> (
     Float[Array, "*batch q_seq heads v_dim"]
@@ -108,7 +109,8 @@ def dot_product_attention(
             inputs) and returned in the input dtype, as ``jax.nn`` does; it
             carries no derivative (as in ``jax.nn``). A row that sees no key
             gets the dtype's lowest finite value.
-        block_q: query block size of the blockwise kernel, clipped to q_seq.
+        block_q: query block size of the blockwise kernel; None: the backend's
+            default (``jattn.DEFAULT_BLOCK_SIZES``, 512 everywhere today), clipped to q_seq.
             When that does not divide q_seq, the largest divisor of q_seq that
             is at least half of it is used instead, if any, so nothing is padded.
         block_kv: key/value block size of the blockwise kernel, clipped and
@@ -190,40 +192,29 @@ def attend(
     *,
     implementation: Implementation | None = None,
     return_residual: bool = False,
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int | None = None,
+    block_kv: int | None = None,
     sequence_parallel: SequenceParallel | None = None,
 ):
     """``dot_product_attention`` with its options as one record (what ``jattn.nnx`` calls)."""
-    prepared = prepare(query, key, value, call)
-    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-            raise ValueError(f"{name} must be a positive int; got {block!r}")
-    if sequence_parallel is not None and not isinstance(sequence_parallel, SequenceParallel):
-        raise TypeError(
-            f"sequence_parallel must be a jattn.sharding.SequenceParallel or None; got {sequence_parallel!r}"
-        )
-    _dispatch.check_implementation(implementation)
-    plan = None
-    if implementation in (None, "blockwise"):
-        plan = _sequence_parallel.plan(prepared.inputs, sequence_parallel)
-    elif sequence_parallel is not None:
-        raise ValueError(f"sequence_parallel runs the blockwise kernel; got implementation={implementation!r}")
-    if implementation is None:
-        implementation = "blockwise" if plan is not None else _dispatch.choose(_dispatch.problem(prepared))
+    execution = Execution(implementation, block_q, block_kv, sequence_parallel, return_residual)
+    return run_prepared(prepare(query, key, value, call), execution)
+
+
+def run_prepared(prepared, execution: Execution):
+    """A checked call, run as ``execution`` says: the output, and the log-sum-exp if asked for."""
+    _checks.check_positive_int("block_q", execution.block_q, allow_none=True)
+    _checks.check_positive_int("block_kv", execution.block_kv, allow_none=True)
+    sp = execution.sequence_parallel
+    if sp is not None and not isinstance(sp, SequenceParallel):
+        raise TypeError(f"sequence_parallel must be a jattn.sharding.SequenceParallel or None; got {sp!r}")
+    where = _dispatch.route(prepared, execution)
     if _dispatch.is_empty(prepared.inputs):  # nothing to attend over, or nothing asks: jattn's rule everywhere
         out, lse = _dispatch.empty_result(prepared.inputs)
     else:
-        out, lse = _dispatch.run(
-            prepared,
-            implementation,
-            return_residual=return_residual,
-            block_q=block_q,
-            block_kv=block_kv,
-            sequence_plan=plan,
-        )
+        out, lse = _dispatch.run_route(prepared, where, execution)
     out = prepared.restore(out)
-    if not return_residual:
+    if not execution.return_residual:
         return out
     return out, prepared.restore(_core.residual(lse, out.dtype))
 
@@ -296,23 +287,17 @@ def auto_implementation(
         ...                           q.update(dtype=jnp.bfloat16), backend="gpu")
         'cudnn'
     """
-    arrays = {k: v for k, v in options.items() if k in _ARRAY_OPTIONS}
-    static = {k: v for k, v in options.items() if k not in _ARRAY_OPTIONS}
-    unknown = set(static) - _STATIC_OPTIONS
+    array_names = set(option_names(static=False)) - {"bias", "mask"}
+    unknown = set(options) - array_names - set(option_names(static=True))
     if unknown:
         raise TypeError(f"auto_implementation got unexpected options {sorted(unknown)}")
+    arrays = {k: v for k, v in options.items() if k in array_names}
+    static = {k: v for k, v in options.items() if k not in array_names}
     chosen = []
 
     def trace(query, key, value, bias, mask, arrays):
         prepared = prepare(query, key, value, CallOptions(bias=bias, mask=mask, **arrays, **static))
-        sequence_parallel = _sequence_parallel.plan(prepared.inputs, None) is not None
-        chosen.append("blockwise" if sequence_parallel else _dispatch.choose(_dispatch.problem(prepared, backend)))
+        chosen.append(_dispatch.route(prepared, Execution(), backend).implementation)
 
     jax.eval_shape(trace, query, key, value, bias, mask, arrays)
     return chosen[0]
-
-
-_ARRAY_OPTIONS = frozenset(
-    {"query_seq_lengths", "key_value_seq_lengths", "query_segment_ids", "key_value_segment_ids", "sinks", "block_mask"}
-)
-_STATIC_OPTIONS = frozenset({"scale", "is_causal", "local_window_size", "logits_soft_cap", "score_mod", "mask_mod"})

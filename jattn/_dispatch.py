@@ -1,9 +1,13 @@
 """Which implementation runs a call (the auto rule), and running it.
 
-The rule is a pure function of :class:`Problem` — backend, dtype, shapes and
-which options are used — so its tests pass the backend explicitly and run on
-any machine. Its thresholds are measurements: each names the ``bench/`` run
-and case that set it.
+:func:`route` is the one place a call's implementation is decided, for
+``dot_product_attention`` and ``auto_implementation`` alike: a sequence-parallel
+plan, an explicit ``implementation=`` checked against the capability table
+(``_capabilities``), or the auto rule :func:`choose`. The rule is a pure function
+of :class:`CallSignature` — backend, dtype, shapes and the capability-table
+features the call uses — so its tests pass the backend explicitly and run on any
+machine. It only considers implementations that honour every feature exactly;
+its thresholds are measurements, each naming the ``bench/`` run and case that set it.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _checks, _core, _sequence_parallel, masks
+from . import _capabilities, _checks, _core
 from ._blockwise import blockwise_attention
-from ._options import AttentionInputs
+from ._jax_nn import jax_nn_attention
+from ._options import AttentionInputs, Execution
 from ._prepare import Prepared
 from ._reference import reference_attention
-from ._sharding import run_sharded
+from ._sequence_parallel import SequencePlan, plan_sequence_parallel, run_per_shard, run_sequence_parallel
+from ._tiling import default_block_size
 
 IMPLEMENTATIONS: tuple[str, ...] = ("reference", "blockwise", "xla", "cudnn")
 """The names ``dot_product_attention(..., implementation=)`` takes (besides None, the auto rule)."""
@@ -40,14 +46,19 @@ REFERENCE_MAX_KV = 1024
 past ``key_value_seq_lengths``: ``bench/results/auto-rule-cpu.json``, ``decode`` cases (one query over a
 4096-key cache filled to 64: blockwise faster; over 1024 keys the dense reference was faster)."""
 
+XLA_EXACT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+"""Dtypes in which auto delegates to jax.nn (float64: jax.nn's softmax runs in float32, see the table's
+``float64`` row; float16: jax.nn's CPU path is not checked against jattn's in the conformance suite)."""
+
 CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 CUDNN_MAX_HEAD_DIM = 128  # jax.nn's cuDNN flash attention: head dim <= 128 (256 from Hopper), a multiple of 8
 
 
-class Problem(NamedTuple):
+class CallSignature(NamedTuple):
     """What the auto rule looks at: everything static about a call.
 
-    ``q_seq`` and ``kv_seq`` are None when symbolic (``jax.export`` with a symbolic sequence length).
+    ``q_seq`` and ``kv_seq`` are None when symbolic (``jax.export`` with a symbolic sequence length);
+    ``features`` are the capability-table features the call uses (``_capabilities.features_of``).
     """
 
     backend: str
@@ -56,77 +67,94 @@ class Problem(NamedTuple):
     kv_seq: int | None
     dim: int
     v_dim: int
-    exact_with_jax_nn: bool  # jax.nn supports every option and no query row can see no key
-    cudnn_options: bool  # the options are ones jax.nn's cuDNN path takes (no right-hand window, bias on even lengths)
+    features: frozenset[str] = frozenset()
 
 
-def problem(prepared: Prepared, backend: str | None = None) -> Problem:
-    """The :class:`Problem` of a checked call on ``backend`` (default: JAX's default backend)."""
-    query, key, value, bias, mask, opts = prepared.inputs
-    q_seq, kv_seq, dim, v_dim = query.shape[1], key.shape[1], query.shape[-1], value.shape[-1]
-    static, arrays = opts.static, opts.arrays
+def signature_of(inputs: AttentionInputs, backend: str | None = None) -> CallSignature:
+    """The :class:`CallSignature` of a checked call on ``backend`` (default: JAX's default backend)."""
+    query, key, value = inputs.query, inputs.key, inputs.value
+    q_seq, kv_seq = query.shape[1], key.shape[1]
     concrete = _checks.is_concrete(q_seq) and _checks.is_concrete(kv_seq)
-    lacking = mask is not None or v_dim != dim or static.logits_soft_cap is not None or not concrete
-    lacking = lacking or _own_options(opts) != []
-    # Causal rows always see key 0; a window leaves row i its own key while q_seq <= kv_seq. A bias row
-    # of -inf sees no key either: jax.nn gives NaN there, so a bias rules jax.nn out.
-    empty_rows = any(a is not None for a in arrays) or bias is not None
-    empty_rows = empty_rows or (concrete and static.local_window_size is not None and q_seq > kv_seq)
-    window = static.local_window_size
-    cudnn_options = concrete and (window is None or window[1] == 0 or static.is_causal)
-    return Problem(
+    return CallSignature(
         backend=backend or jax.default_backend(),
         dtype=jnp.dtype(query.dtype),
         q_seq=q_seq if concrete else None,
         kv_seq=kv_seq if concrete else None,
-        dim=dim,
-        v_dim=v_dim,
-        exact_with_jax_nn=not lacking and not empty_rows,
-        cudnn_options=cudnn_options,
+        dim=query.shape[-1],
+        v_dim=value.shape[-1],
+        features=frozenset(_capabilities.features_of(inputs)),
     )
 
 
-def choose(p: Problem) -> Implementation:
+def choose(s: CallSignature) -> Implementation:
     """The implementation ``implementation=None`` picks (documented rule).
 
-    * On GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) wherever it computes
-      exactly what jattn does: float16/bfloat16, head dim at most 128 and a
-      multiple of 8, options it takes, and no query row that could see no key.
-    * On backends other than CPU, ``"xla"`` wherever jax.nn is exact: no
-      ``bench/`` run there yet shows the blockwise loop beating XLA.
-    * On CPU, ``"xla"`` for small exact problems (``XLA_MAX_LOGITS``) in
-      float32 or bfloat16 (jax.nn runs float64 softmax in float32).
+    Only implementations that honour every feature of the call exactly (the
+    capability table) are considered; among them:
+
+    * On GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) in float16/bfloat16
+      with a head dim of at most 128 and a multiple of 8.
+    * On backends other than CPU, ``"xla"``: no ``bench/`` run there yet shows
+      the blockwise loop beating XLA.
+    * On CPU, ``"xla"`` for small problems (``XLA_MAX_LOGITS``) in float32 or
+      bfloat16.
     * Otherwise ``"reference"`` for tiny problems (``REFERENCE_MAX_LOGITS``)
-      over at most ``REFERENCE_MAX_KV`` keys, else ``"blockwise"``: it honours
-      every option and skips blocks no query sees.
+      over at most ``REFERENCE_MAX_KV`` keys or where the blockwise kernel
+      cannot run (a symbolic sequence length), else ``"blockwise"``: it skips
+      blocks no query sees.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from jattn._dispatch import Problem, choose
-        >>> cpu = Problem("cpu", jnp.dtype(jnp.float32), 4096, 4096, 64, 64, True, True)
+        >>> from jattn._dispatch import CallSignature, choose
+        >>> cpu = CallSignature("cpu", jnp.dtype(jnp.float32), 4096, 4096, 64, 64)
         >>> choose(cpu), choose(cpu._replace(q_seq=8, kv_seq=8)), choose(cpu._replace(backend="gpu"))
         ('blockwise', 'xla', 'xla')
+        >>> choose(cpu._replace(backend="gpu", features=frozenset({"sinks"})))
+        'blockwise'
     """
-    if p.q_seq is None:  # a symbolic sequence length: the blockwise kernel needs concrete block counts
-        return "reference"
-    if p.backend == "gpu" and p.exact_with_jax_nn and _cudnn_supports(p):
+    features = dict.fromkeys(s.features, "")
+
+    def exact(implementation: str) -> bool:
+        return not _capabilities.lacking(implementation, features, exactly=True)
+
+    if s.backend == "gpu" and exact("cudnn") and _cudnn_supports(s):
         return "cudnn"
-    exact_dtype = p.dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-    if p.exact_with_jax_nn and exact_dtype and (p.backend != "cpu" or p.q_seq * p.kv_seq <= XLA_MAX_LOGITS):
+    small = s.q_seq is not None and s.q_seq * s.kv_seq <= XLA_MAX_LOGITS
+    if exact("xla") and s.q_seq is not None and s.dtype in XLA_EXACT_DTYPES and (s.backend != "cpu" or small):
         return "xla"
-    if p.q_seq * p.kv_seq <= REFERENCE_MAX_LOGITS and p.kv_seq <= REFERENCE_MAX_KV:
+    if not exact("blockwise"):
+        return "reference"
+    if s.q_seq * s.kv_seq <= REFERENCE_MAX_LOGITS and s.kv_seq <= REFERENCE_MAX_KV:
         return "reference"
     return "blockwise"
 
 
-def _cudnn_supports(p: Problem) -> bool:
-    return (
-        p.dtype in CUDNN_DTYPES
-        and p.dim == p.v_dim
-        and p.dim <= CUDNN_MAX_HEAD_DIM
-        and p.dim % 8 == 0
-        and p.cudnn_options
-    )
+def _cudnn_supports(s: CallSignature) -> bool:
+    """jax.nn's cuDNN kernel's dtype and head-size limits (its option limits are in the capability table)."""
+    return s.dtype in CUDNN_DTYPES and s.dim == s.v_dim and s.dim <= CUDNN_MAX_HEAD_DIM and s.dim % 8 == 0
+
+
+class Route(NamedTuple):
+    """Where a checked call runs: an implementation, and the sequence-parallel plan when it has one."""
+
+    implementation: Implementation
+    sequence_plan: SequencePlan | None = None
+
+
+def route(prepared: Prepared, execution: Execution, backend: str | None = None) -> Route:
+    """The one decision of which implementation runs a call (raises for what cannot be honoured)."""
+    implementation = check_implementation(execution.implementation)
+    sp = execution.sequence_parallel
+    if sp is not None and implementation is not None:
+        _capabilities.check_supported(implementation, {_capabilities.SEQUENCE_PARALLEL: "sequence_parallel"})
+    if implementation in (None, "blockwise"):
+        plan = plan_sequence_parallel(prepared.inputs, sp)
+        if plan is not None:
+            return Route("blockwise", plan)
+    if implementation is None:
+        return Route(choose(signature_of(prepared.inputs, backend)))
+    _capabilities.check_supported(implementation, _capabilities.features_of(prepared.inputs))
+    return Route(implementation)
 
 
 def is_empty(inputs: AttentionInputs) -> bool:
@@ -144,28 +172,22 @@ def empty_result(inputs: AttentionInputs) -> tuple[Array, Array]:
     return out, jnp.full((batch, q_seq, heads), _core.masked_value(acc))
 
 
-def run(
-    prepared: Prepared,
-    implementation: str,
-    *,
-    return_residual: bool,
-    block_q: int,
-    block_kv: int,
-    sequence_plan: _sequence_parallel.Plan | None = None,
-) -> tuple[Array, Array]:
-    """Runs a checked call on one implementation: 4-D ``(out, lse)``."""
-    match implementation:
-        case "reference":
+def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[Array, Array]:
+    """Runs a checked call where :func:`route` sent it: 4-D ``(out, lse)``."""
+    block_q = execution.block_q or default_block_size()
+    block_kv = execution.block_kv or default_block_size()
+    match where:
+        case Route("reference"):
             out, lse, _ = reference_attention(prepared.inputs)
-        case "blockwise" if sequence_plan is not None:
-            out, lse = _sequence_parallel.run(sequence_plan, prepared.inputs, block_q=block_q, block_kv=block_kv)
-        case "blockwise":
+        case Route("blockwise", None):
             kernel = functools.partial(blockwise_attention, block_q=block_q, block_kv=block_kv)
-            out, lse = run_sharded(kernel, prepared.inputs)
-        case "xla" | "cudnn":
-            out, lse = _jax_nn(prepared.inputs, implementation, return_residual)
+            out, lse = run_per_shard(kernel, prepared.inputs)
+        case Route("blockwise", plan):
+            out, lse = run_sequence_parallel(plan, prepared.inputs, block_q=block_q, block_kv=block_kv)
+        case Route("xla" | "cudnn" as delegate):
+            out, lse = jax_nn_attention(prepared.inputs, delegate, return_residual=execution.return_residual)
         case _:
-            check_implementation(implementation)
+            raise AssertionError(f"no implementation {where}")  # route() only returns known names
     return out, jax.lax.stop_gradient(lse)
 
 
@@ -174,68 +196,3 @@ def check_implementation(implementation):
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {(None, *IMPLEMENTATIONS)}; got {implementation!r}")
     return implementation
-
-
-def _shifted_mask(is_causal, window, offsets, q_seq: int, kv_seq: int) -> Array:
-    """Causal and window masks at each example's query offset, dense ``(batch, 1, q_seq, kv_seq)``."""
-
-    def one(offset):
-        mods = [masks.Causal(offset)] if is_causal else []
-        if window is not None:
-            mods.append(masks.SlidingWindow(*window, offset))
-        return masks.materialize(masks.and_masks(*mods), q_seq, kv_seq)
-
-    return jax.vmap(one)(offsets)[:, None]
-
-
-def _own_options(opts) -> list[str]:
-    """The options jax.nn.dot_product_attention does not have."""
-    static, arrays, shared = opts.static, opts.arrays, opts.shared
-    named = {
-        "query_segment_ids/key_value_segment_ids": arrays.q_segment_ids is not None,
-        "logits_soft_cap": static.logits_soft_cap is not None,
-        "score_mod": static.score_mod is not None,
-        "mask_mod": static.mask_mod is not None,
-        "sinks": shared.sinks is not None,
-    }
-    return [name for name, used in named.items() if used]
-
-
-def _jax_nn(inputs: AttentionInputs, implementation: str, return_residual: bool) -> tuple[Array, Array]:
-    """Delegates to ``jax.nn.dot_product_attention`` after refusing what it lacks."""
-    query, key, value, bias, mask, opts = inputs
-    unsupported = _own_options(opts)
-    if value.shape[-1] != query.shape[-1]:
-        unsupported.append(f"v_dim != dim ({value.shape[-1]} != {query.shape[-1]})")
-    if unsupported:
-        raise ValueError(
-            f"implementation={implementation!r} (jax.nn.dot_product_attention) does not support "
-            f"{', '.join(unsupported)}; use implementation='reference' or None"
-        )
-    is_causal, window = opts.static.is_causal, opts.static.local_window_size
-    if opts.arrays.q_offset is not None and (is_causal or window is not None):
-        # jax.nn has no query offset (a decode step): the shifted causal/window mask goes in as a dense one.
-        dense = _shifted_mask(is_causal, window, opts.arrays.q_offset, query.shape[1], key.shape[1])
-        mask = dense if mask is None else mask & dense
-        is_causal, window = False, None
-    # jax.nn mixes int32 lengths with default-int positions; keep that working under strict promotion.
-    with jax.numpy_dtype_promotion("standard"):
-        result = jax.nn.dot_product_attention(
-            query,
-            key,
-            value,
-            bias,
-            mask,
-            scale=opts.static.scale,
-            is_causal=is_causal,
-            query_seq_lengths=opts.arrays.q_length,
-            key_value_seq_lengths=opts.arrays.kv_length,
-            local_window_size=window,
-            implementation=implementation,
-            return_residual=return_residual,
-        )
-    if not return_residual:  # the log-sum-exp costs an extra pass: ask only when wanted
-        return result, jnp.zeros(result.shape[:-1], _core.compute_dtype(query.dtype))
-    out, lse = result
-    # jax.nn gives the log-sum-exp in the input dtype; jattn's is in the softmax dtype.
-    return out, lse.astype(_core.compute_dtype(query.dtype))

@@ -12,9 +12,10 @@ predicate.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from jaxtyping import Array
 
 from . import masks
@@ -88,6 +89,81 @@ class AttentionOptions:
         if arrays.q_segment_ids is not None:
             mods.append(masks.Segments(arrays.q_segment_ids, arrays.kv_segment_ids))
         return masks.and_masks(*mods) if mods else None
+
+
+_SEGMENT_IDS = "query_segment_ids/key_value_segment_ids"  # given together: one capability column
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CallOptions:
+    """The options of one call as given (arrays unchecked); see ``dot_product_attention`` for each.
+
+    The one list of a call's options: the names ``dot_product_attention`` and ``auto_implementation``
+    take, the capability table's columns (``_capabilities``) and the static/array split all derive from
+    these fields (:func:`option_names`). ``metadata["internal"]`` marks a field no public signature has.
+    """
+
+    bias: Any = None
+    mask: Any = None
+    query_seq_lengths: Any = None
+    key_value_seq_lengths: Any = None
+    query_segment_ids: Any = dataclasses.field(default=None, metadata=dict(group=_SEGMENT_IDS))
+    key_value_segment_ids: Any = dataclasses.field(default=None, metadata=dict(group=_SEGMENT_IDS))
+    sinks: Any = None
+    block_mask: Any = None
+    query_offset: Any = dataclasses.field(default=None, metadata=dict(internal=True))  # (batch,) position of query 0:
+    # a KV-cache decode step (jattn.nnx)
+    scale: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+    is_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    local_window_size: Any = dataclasses.field(default=None, metadata=dict(static=True))
+    logits_soft_cap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+    score_mod: Any = dataclasses.field(default=None, metadata=dict(static=True))
+    mask_mod: Any = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def replace(self, **changes) -> CallOptions:
+        return dataclasses.replace(self, **changes)
+
+
+def option_names(*, static: bool | None = None, internal: bool = False) -> tuple[str, ...]:
+    """The fields of :class:`CallOptions`: all, only the static (hashable) ones or only the array ones.
+
+    >>> option_names(static=True)
+    ('scale', 'is_causal', 'local_window_size', 'logits_soft_cap', 'score_mod', 'mask_mod')
+    """
+    return tuple(
+        f.name
+        for f in dataclasses.fields(CallOptions)
+        if (static is None or f.metadata.get("static", False) == static)
+        and (internal or not f.metadata.get("internal", False))
+    )
+
+
+def window_pair(local_window_size) -> tuple[int, int] | None:
+    if local_window_size is None:
+        return None
+
+    def is_size(w):
+        return isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_)) and w >= 0
+
+    window = (local_window_size,) * 2 if is_size(local_window_size) else local_window_size
+    ok = isinstance(window, tuple) and len(window) == 2 and all(is_size(w) for w in window)
+    if not ok:
+        raise ValueError(
+            f"local_window_size must be a non-negative int or a (left, right) tuple of them; got {local_window_size!r}"
+        )
+    return int(window[0]), int(window[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a call runs, as opposed to what it computes (:class:`CallOptions`): one value through dispatch."""
+
+    implementation: str | None = None  # None: the auto rule
+    block_q: int | None = None  # None: the backend's default (``_tiling.DEFAULT_BLOCK_SIZES``)
+    block_kv: int | None = None
+    sequence_parallel: Any = None  # a jattn.sharding.SequenceParallel, or None
+    return_residual: bool = False
 
 
 class AttentionInputs(NamedTuple):

@@ -10,42 +10,23 @@ errors.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array
 
 from . import _checks, _core, _mods, masks
-from ._options import AttentionInputs, AttentionOptions, ExampleArrays, SharedArrays, StaticOptions
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class CallOptions:
-    """The options of one call as given (arrays unchecked); see ``dot_product_attention`` for each."""
-
-    bias: Any = None
-    mask: Any = None
-    query_seq_lengths: Any = None
-    key_value_seq_lengths: Any = None
-    query_segment_ids: Any = None
-    key_value_segment_ids: Any = None
-    sinks: Any = None
-    block_mask: Any = None
-    query_offset: Any = None  # (batch,) absolute position of query 0: a KV-cache decode step (jattn.nnx)
-    scale: float | None = dataclasses.field(default=None, metadata=dict(static=True))
-    is_causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    local_window_size: Any = dataclasses.field(default=None, metadata=dict(static=True))
-    logits_soft_cap: float | None = dataclasses.field(default=None, metadata=dict(static=True))
-    score_mod: Any = dataclasses.field(default=None, metadata=dict(static=True))
-    mask_mod: Any = dataclasses.field(default=None, metadata=dict(static=True))
-
-    def replace(self, **changes) -> CallOptions:
-        return dataclasses.replace(self, **changes)
+from ._options import (
+    AttentionInputs,
+    AttentionOptions,
+    CallOptions,
+    ExampleArrays,
+    SharedArrays,
+    StaticOptions,
+    window_pair,
+)
 
 
 class Prepared(NamedTuple):
@@ -207,22 +188,6 @@ def _logits_operand(name, x, logits_shape, check_dtype):
     if lead != batch_shape:
         full = jnp.broadcast_to(full, (*batch_shape, *full.shape[-3:]))
     return full.reshape(math.prod(batch_shape), *full.shape[-3:])
-
-
-def window_pair(local_window_size) -> tuple[int, int] | None:
-    if local_window_size is None:
-        return None
-
-    def is_size(w):
-        return isinstance(w, (int, np.integer)) and not isinstance(w, (bool, np.bool_)) and w >= 0
-
-    window = (local_window_size,) * 2 if is_size(local_window_size) else local_window_size
-    ok = isinstance(window, tuple) and len(window) == 2 and all(is_size(w) for w in window)
-    if not ok:
-        raise ValueError(
-            f"local_window_size must be a non-negative int or a (left, right) tuple of them; got {local_window_size!r}"
-        )
-    return int(window[0]), int(window[1])
 
 
 def _lengths(name, lengths, batch_shape, seq) -> Array | None:

@@ -46,8 +46,7 @@ def alibi_slopes(heads: int) -> Float[Array, " heads"]:
         >>> print(score_mods.alibi_slopes(4))
         [0.25     0.0625   0.015625 0.00390625]
     """
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int; got {heads!r}")
+    _checks.check_positive_int("heads", heads)
 
     def powers(n):
         start = 2.0 ** (-8.0 / n)
@@ -112,8 +111,7 @@ def relative_position_bias(
         [0.0, 1.0, 5.0, 2.0]
     """
     for name, value in (("num_buckets", num_buckets), ("max_distance", max_distance)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
+        _checks.check_positive_int(name, value)
     table = jnp.asarray(table)
     _checks.check_floating("table", table)
     _checks.check_rank("table", table, (2,), "(num_buckets, heads)")

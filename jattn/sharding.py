@@ -24,89 +24,17 @@ Example (8 CPU devices: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``):
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array
 
-STRATEGIES = ("auto", "ring", "all_gather")
-LAYOUTS = ("contiguous", "zigzag")
+from ._sequence_parallel import LAYOUTS as LAYOUTS
+from ._sequence_parallel import STRATEGIES as STRATEGIES
+from ._sequence_parallel import SequenceParallel as SequenceParallel
+from ._sequence_parallel import _zigzag
 
-
-@dataclasses.dataclass(frozen=True)
-class SequenceParallel:
-    """How ``dot_product_attention(..., sequence_parallel=)`` splits the work over a sharded sequence.
-
-    Args:
-        axis: the mesh axis name the sequence (axis 1 of query, key and value)
-            is sharded over. ``None``: the query's sharding says (``Explicit``
-            axes only).
-        mesh: the mesh, for ``Auto`` axes; ``None``: the query's ``Explicit``
-            sharding's mesh, else the one set with ``jax.set_mesh``.
-        strategy: ``"ring"``, ``"all_gather"`` or ``"auto"``: all-gather K/V
-            when the whole K/V is no bigger than one device's query shard
-            (``kv_seq * kv_heads * (dim + v_dim) <= q_seq / P * heads * dim``:
-            grouped-query or short K/V), else ring. Forward, both bring each
-            device the other ``P - 1`` K/V shards; the ring holds one at a time
-            and overlaps each transfer with the previous shard's compute. The
-            ring's backward passes K/V round again with their dK/dV (``6 (P - 1)``
-            shard transfers for fwd+bwd against all-gather's ``4 (P - 1)``:
-            gathered K/V kept, dK/dV reduce-scattered) and still never holds more
-            than one K/V shard.
-        layout: ``"contiguous"`` (device ``i`` holds positions ``[i L, (i+1) L)``)
-            or ``"zigzag"`` (the sequence in ``2 P`` chunks, device ``i`` holding
-            chunks ``i`` and ``2P - 1 - i``, see :func:`zigzag`): every
-            sequence-indexed input (query, key, value, segment ids, the
-            sequence axes of mask and bias) is then in that order, and so is
-            the output. Lengths and causal/window masks stay in positions.
-
-    Example:
-        >>> import jattn
-        >>> jattn.sharding.SequenceParallel(axis="seq", strategy="ring", layout="zigzag")
-        SequenceParallel(axis='seq', mesh=None, strategy='ring', layout='zigzag')
-    """
-
-    axis: str | None = None
-    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
-    strategy: Literal["auto", "ring", "all_gather"] = "auto"
-    layout: Literal["contiguous", "zigzag"] = "contiguous"
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}; got {self.layout!r}")
-        if self.axis is not None and not isinstance(self.axis, str):
-            raise TypeError(f"axis must be a mesh axis name (str) or None; got {self.axis!r}")
-
-
-def _zigzag_order(num_shards: int) -> np.ndarray:
-    """Chunk order of the zigzag layout: shard ``i`` holds chunks ``i`` and ``2P - 1 - i``."""
-    return np.array([c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)])
-
-
-def _permute_chunks(x: Array, num_shards: int, axis: int, order: np.ndarray, name: str) -> Array:
-    x = jnp.asarray(x)
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive int; got {num_shards!r}")
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for an array of rank {x.ndim}")
-    axis %= x.ndim
-    n = x.shape[axis]
-    if n % (2 * num_shards):
-        raise ValueError(
-            f"{name}: the sequence axis ({n}) must divide into 2 * num_shards = {2 * num_shards} equal chunks"
-        )
-    chunks = x.reshape(*x.shape[:axis], 2 * num_shards, n // (2 * num_shards), *x.shape[axis + 1 :])
-    index = (slice(None),) * axis + (jnp.asarray(order),)
-    sharding = getattr(jax.typeof(chunks), "sharding", None)
-    if getattr(sharding, "mesh", None) is not None and any(a is not None for a in sharding.spec):
-        # Sharded over explicit mesh axes: say where the result lives (XLA moves the chunks between devices).
-        return chunks.at[index].get(out_sharding=sharding).reshape(x.shape, out_sharding=jax.typeof(x).sharding)
-    return chunks[index].reshape(x.shape)
+__all__ = ["LAYOUTS", "STRATEGIES", "SequenceParallel", "unzigzag", "visited_blocks_per_device", "zigzag"]
 
 
 def zigzag(x: Array, num_shards: int, axis: int = 1) -> Array:
@@ -133,7 +61,7 @@ def zigzag(x: Array, num_shards: int, axis: int = 1) -> Array:
         >>> jattn.sharding.zigzag(jnp.arange(8), 2, axis=0).tolist()
         [0, 1, 6, 7, 2, 3, 4, 5]
     """
-    return _permute_chunks(x, num_shards, axis, _zigzag_order(num_shards), "zigzag")
+    return _zigzag.zigzag(x, num_shards, axis)
 
 
 def unzigzag(x: Array, num_shards: int, axis: int = 1) -> Array:
@@ -157,7 +85,7 @@ def unzigzag(x: Array, num_shards: int, axis: int = 1) -> Array:
         >>> bool((jattn.sharding.unzigzag(jattn.sharding.zigzag(x, 3, axis=0), 3, axis=0) == x).all())
         True
     """
-    return _permute_chunks(x, num_shards, axis, np.argsort(_zigzag_order(num_shards)), "unzigzag")
+    return _zigzag.unzigzag(x, num_shards, axis)
 
 
 def visited_blocks_per_device(
@@ -168,8 +96,8 @@ def visited_blocks_per_device(
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,
     layout: Literal["contiguous", "zigzag"] = "contiguous",
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int | None = None,
+    block_kv: int | None = None,
 ) -> np.ndarray:
     """The work of each device in a ring pass: the (query block, key block) pairs its kernels visit.
 
@@ -183,7 +111,8 @@ def visited_blocks_per_device(
         num_shards: the number of devices on the sequence axis.
         is_causal, local_window_size: the masks, as for ``dot_product_attention``.
         layout: ``"contiguous"`` or ``"zigzag"`` (see :class:`SequenceParallel`).
-        block_q, block_kv: the kernel's block sizes.
+        block_q, block_kv: the kernel's block sizes (None: the backend's default,
+            ``jattn.DEFAULT_BLOCK_SIZES``).
 
     Returns:
         int ``(num_shards,)``: visited block pairs per device.
@@ -198,18 +127,13 @@ def visited_blocks_per_device(
         >>> work.tolist(), float(work.max() / work.mean())
         ([9, 9, 9, 9], 1.0)
     """
-    from ._blockwise import Ring, visited_blocks
-    from ._options import StaticOptions
-    from ._prepare import window_pair
-
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
-    for name, value in (("num_shards", num_shards), ("block_q", block_q), ("block_kv", block_kv)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-    chunks = 2 if layout == "zigzag" else 1
-    for name, n in (("q_seq", q_seq), ("kv_seq", kv_seq)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % (num_shards * chunks):
-            raise ValueError(f"{name} must be a positive multiple of {num_shards * chunks}; got {n!r}")
-    static = StaticOptions(scale=1.0, is_causal=bool(is_causal), local_window_size=window_pair(local_window_size))
-    return visited_blocks(static, Ring("sequence", num_shards, chunks), q_seq, kv_seq, block_q, block_kv)
+    return _zigzag.visited_blocks_per_device(
+        q_seq,
+        kv_seq,
+        num_shards,
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        layout=layout,
+        block_q=block_q,
+        block_kv=block_kv,
+    )

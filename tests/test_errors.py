@@ -124,7 +124,7 @@ CATALOGUE = [
           lambda q, k, v, a, b: dpa(q, k, v, query_segment_ids=a, key_value_segment_ids=b, implementation="xla"),
           (Q, K, V, z(2, 5, dtype=I32), z(2, 7, dtype=I32)), ValueError,
           r"implementation='xla' \(jax.nn.dot_product_attention\) does not support "
-          r"query_segment_ids/key_value_segment_ids; use implementation='reference' or None"),
+          r"query_segment_ids/key_value_segment_ids; use implementation='reference', 'blockwise' or None"),
     entry("xla_soft_cap", dpa, (Q, K, V), ValueError,
           r"implementation='xla' .*does not support logits_soft_cap", logits_soft_cap=5.0, implementation="xla"),
     entry("xla_v_dim", dpa, (Q, K, z(2, 7, 2, 3)), ValueError,

@@ -316,7 +316,7 @@ _x = jnp.ones((1, 6, 2, 4), jnp.float32)
         (
             dict(sequence_parallel=SequenceParallel(axis="seq"), implementation="reference"),
             ValueError,
-            "runs the blockwise kernel",
+            "does not support sequence_parallel; use implementation='blockwise' or None",
         ),
     ],
 )

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Int
 
-from .. import _mods
-from .._tiling import SKIP, Grid, fitted_block, kinds_of
+from .. import _checks, _mods
+from .._tiling import SKIP, Grid, default_block_size, fitted_block, kinds_of
 from ._combine import MaskMod
 
 
@@ -60,7 +60,14 @@ class BlockMask:
 
 
 def block_mask(
-    mask_mod: MaskMod, batch: int, heads: int, q_seq: int, kv_seq: int, *, block_q: int = 512, block_kv: int = 512
+    mask_mod: MaskMod,
+    batch: int,
+    heads: int,
+    q_seq: int,
+    kv_seq: int,
+    *,
+    block_q: int | None = None,
+    block_kv: int | None = None,
 ) -> BlockMask:
     """Summarizes ``mask_mod`` per (query block, key block) for the blockwise kernel.
 
@@ -75,8 +82,8 @@ def block_mask(
         heads: heads it is evaluated for; 1 for a predicate that ignores the head.
         q_seq: query positions.
         kv_seq: key/value positions.
-        block_q: query block size asked for.
-        block_kv: key/value block size asked for.
+        block_q: query block size asked for; None: the kernel's default (``jattn.DEFAULT_BLOCK_SIZES``).
+        block_kv: key/value block size asked for; None: likewise.
 
     Returns:
         A :class:`BlockMask`.
@@ -94,11 +101,10 @@ def block_mask(
         (4, (1, 4, 4))
     """
     for name, value in (("batch", batch), ("heads", heads), ("q_seq", q_seq), ("kv_seq", kv_seq)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
-    for name, value in (("block_q", block_q), ("block_kv", block_kv)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int; got {value!r}")
+        _checks.check_positive_int(name, value)
+    _checks.check_positive_int("block_q", block_q, allow_none=True)
+    _checks.check_positive_int("block_kv", block_kv, allow_none=True)
+    block_q, block_kv = block_q or default_block_size(), block_kv or default_block_size()
     grid = Grid(q_seq, kv_seq, fitted_block(q_seq, block_q), fitted_block(kv_seq, block_kv))
     mod, consts = _mods.convert(mask_mod, "mask")
     return block_mask_of(mod, consts, batch, heads, grid)

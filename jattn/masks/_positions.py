@@ -221,7 +221,7 @@ def chunked(size: int) -> Chunked:
          [0 0 1 0]
          [0 0 1 1]]
     """
-    _check_positive("size", size)
+    _checks.check_positive_int("size", size)
     return Chunked(size)
 
 
@@ -239,10 +239,5 @@ def dilated(stride: int) -> Dilated:
          [1 0 1 0]
          [0 1 0 1]]
     """
-    _check_positive("stride", stride)
+    _checks.check_positive_int("stride", stride)
     return Dilated(stride)
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")

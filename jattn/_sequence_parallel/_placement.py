@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
-from ._options import AttentionInputs
+from .._options import AttentionInputs
 
 Kernel = Callable[[AttentionInputs], tuple[Array, Array]]
 """``kernel(inputs) -> (out, lse)`` on normalized 4-D inputs."""
@@ -39,9 +39,9 @@ def explicit_mesh(*arrays) -> jax.sharding.Mesh | None:
     return None
 
 
-def run_sharded(kernel: Kernel, inputs: AttentionInputs) -> tuple[Array, Array]:
+def run_per_shard(kernel: Kernel, inputs: AttentionInputs) -> tuple[Array, Array]:
     """``kernel`` on the inputs: directly, or per shard when an input is sharded over explicit axes
-    (a sequence-parallel call does not come here: see ``_sequence_parallel``)."""
+    (a sequence-parallel call does not come here: see ``_plan``)."""
     mesh = explicit_mesh(*jax.tree.leaves(inputs))
     if mesh is None:
         return kernel(inputs)

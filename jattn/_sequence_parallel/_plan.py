@@ -1,11 +1,11 @@
 """Sequence-parallel attention: a ``shard_map`` over the mesh axis the sequence is split along.
 
-:func:`plan` decides whether a blockwise call runs sequence-parallel (the
+:func:`plan_sequence_parallel` decides whether a blockwise call runs sequence-parallel (the
 query's sequence axis sharded over an ``Explicit`` mesh axis, or a
-``jattn.sharding.SequenceParallel`` given) and how; :func:`run` runs it. The
+``jattn.sharding.SequenceParallel`` given) and how; :func:`run_sequence_parallel` runs it. The
 query keeps its shard; K/V either travel round the ring (``_blockwise._ring``)
 or are gathered whole on every device. Batch and head axes sharded over other
-mesh axes stay split as in ``_sharding.per_shard``.
+mesh axes stay split as in ``_placement.per_shard``.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
-from ._blockwise import Ring, blockwise_attention, chunk_start, ring_attention, splits_for
-from ._options import AttentionInputs
-from ._sharding import axes_size, explicit_mesh, spec_of
-from .sharding import SequenceParallel, unzigzag
+from .. import _capabilities
+from .._blockwise import Ring, blockwise_attention, chunk_start, ring_attention, splits_for
+from .._options import AttentionInputs
+from ._config import SequenceParallel
+from ._placement import axes_size, explicit_mesh, spec_of
+from ._zigzag import unzigzag
 
 
-class Plan(NamedTuple):
+class SequencePlan(NamedTuple):
     """A resolved sequence-parallel call (static)."""
 
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
@@ -40,16 +42,6 @@ class Plan(NamedTuple):
     explicit: bool
 
 
-def _unsupported(inputs: AttentionInputs) -> list[str]:
-    opts = inputs.opts
-    named = {
-        "score_mod": opts.static.score_mod is not None,
-        "mask_mod": opts.static.mask_mod is not None,
-        "sinks": opts.shared.sinks is not None,
-    }
-    return [name for name, used in named.items() if used]
-
-
 def choose_strategy(inputs: AttentionInputs, shards: int) -> str:
     """All-gather K/V when the whole K/V is no bigger than one device's query shard, else ring."""
     query, key, value = inputs.query, inputs.key, inputs.value
@@ -58,12 +50,12 @@ def choose_strategy(inputs: AttentionInputs, shards: int) -> str:
     return "all_gather" if kv_size <= q_shard else "ring"
 
 
-def plan(inputs: AttentionInputs, sp: SequenceParallel | None) -> Plan | None:
+def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None) -> SequencePlan | None:
     """How a blockwise call runs sequence-parallel, or None (it runs as before).
 
     Without ``sp`` only a query whose sequence axis is sharded over an explicit
     mesh axis qualifies, and a call it cannot split (a score_mod, mask_mod or
-    sinks; lengths that do not divide) is left to ``_sharding`` (gathered).
+    sinks; lengths that do not divide) is left to ``_placement`` (gathered).
     With ``sp`` those raise ValueError.
     """
     query, key = inputs.query, inputs.key
@@ -73,9 +65,11 @@ def plan(inputs: AttentionInputs, sp: SequenceParallel | None) -> Plan | None:
         return None
     asked = sp is not None  # asked for: what cannot be split raises; found on the query: it is gathered
     sp = sp or SequenceParallel()
-    unsupported = _unsupported(inputs)
-    if unsupported:
-        return _decline(asked, f"sequence-parallel attention does not support {', '.join(unsupported)} yet")
+    features = _capabilities.features_of(inputs)
+    if _capabilities.lacking("sequence_parallel", features):
+        if asked:
+            _capabilities.check_supported("sequence_parallel", features)
+        return None
     axis = sp.axis or seq_axes
     if isinstance(axis, tuple):
         if len(axis) != 1:
@@ -114,7 +108,7 @@ def plan(inputs: AttentionInputs, sp: SequenceParallel | None) -> Plan | None:
             batch_axes = None
         if head_axes is not None and key.shape[2] % axes_size(mesh, head_axes):
             head_axes = None
-    return Plan(mesh, axis, shards, strategy, chunks, batch_axes, head_axes, explicit)
+    return SequencePlan(mesh, axis, shards, strategy, chunks, batch_axes, head_axes, explicit)
 
 
 def _decline(strict: bool, message: str) -> None:
@@ -124,7 +118,9 @@ def _decline(strict: bool, message: str) -> None:
     return None
 
 
-def run(plan: Plan, inputs: AttentionInputs, *, block_q: int, block_kv: int) -> tuple[Array, Array]:
+def run_sequence_parallel(
+    plan: SequencePlan, inputs: AttentionInputs, *, block_q: int, block_kv: int
+) -> tuple[Array, Array]:
     """``(out, lse)`` of a planned call, laid out like the query (sequence shards in place)."""
     batch_axes, head_axes, seq = plan.batch_axes, plan.head_axes, plan.axis
 
