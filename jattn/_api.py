@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from . import _checks, _core, _dispatch, masks
+from . import _checks, _dispatch, _numerics, masks
 from ._dispatch import Implementation
 from ._options import CallOptions, Execution, option_names
 from ._prepare import prepare
@@ -216,7 +216,7 @@ def run_prepared(prepared, execution: Execution):
     out = prepared.restore(out)
     if not execution.return_residual:
         return out
-    return out, prepared.restore(_core.residual(lse, out.dtype))
+    return out, prepared.restore(_numerics.residual(lse, out.dtype))
 
 
 def attend_with_weights(
@@ -295,9 +295,9 @@ def auto_implementation(
     static = {k: v for k, v in options.items() if k not in array_names}
     chosen = []
 
-    def trace(query, key, value, bias, mask, arrays):
-        prepared = prepare(query, key, value, CallOptions(bias=bias, mask=mask, **arrays, **static))
+    def trace(qkv, bias, mask, arrays):
+        prepared = prepare(*qkv, CallOptions(bias=bias, mask=mask, **arrays, **static))
         chosen.append(_dispatch.route(prepared, Execution(), backend).implementation)
 
-    jax.eval_shape(trace, query, key, value, bias, mask, arrays)
+    jax.eval_shape(trace, (query, key, value), bias, mask, arrays)
     return chosen[0]

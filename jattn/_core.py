@@ -10,57 +10,35 @@ work on a single example with no batch or head axes; batching comes from
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float
 
 from . import _checks
+from ._numerics import (
+    check_scale,
+    check_soft_cap,
+    compute_dtype,
+    default_scale,
+    logits,
+    masked_value,
+    residual,
+    softmax_with_lse,
+    weighted_sum,
+)
 
-
-def compute_dtype(dtype) -> jnp.dtype:
-    """The dtype softmax runs in: float64 stays, everything else uses float32."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
-
-
-def masked_value(dtype) -> Array:
-    """A finite stand-in for -inf: masked logits never turn into NaN or Inf."""
-    return jnp.asarray(jnp.finfo(dtype).min, dtype)
-
-
-def residual(lse: Array, dtype) -> Array:
-    """The log-sum-exp handed back by ``return_residual``: in the input dtype, as ``jax.nn`` does.
-
-    It is computed in the softmax dtype; a row that sees no key holds the
-    masking sentinel there, which is clipped to ``dtype``'s lowest finite value
-    so that the cast cannot overflow to -inf.
-    """
-    return jnp.maximum(lse, jnp.asarray(jnp.finfo(dtype).min, lse.dtype)).astype(dtype)
-
-
-def default_scale(dim: int) -> float:
-    return 1.0 / math.sqrt(dim)
-
-
-def _is_real_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
-
-
-def check_scale(scale: float | None) -> None:
-    if scale is not None and not _is_real_number(scale):
-        raise TypeError(f"scale must be a Python float or None; got {type(scale).__name__}")
-
-
-def check_soft_cap(logits_soft_cap: float | None) -> None:
-    if logits_soft_cap is None:
-        return
-    if not _is_real_number(logits_soft_cap):
-        raise TypeError(f"logits_soft_cap must be a positive float or None; got {logits_soft_cap!r}")
-    if not 0 < logits_soft_cap < math.inf:
-        raise ValueError(f"logits_soft_cap must be a positive finite float or None; got {logits_soft_cap!r}")
+__all__ = [  # the numerics are re-exported for the modules that read them through _core
+    "check_scale",
+    "check_soft_cap",
+    "compute_dtype",
+    "default_scale",
+    "logits",
+    "masked_value",
+    "residual",
+    "softmax_with_lse",
+    "weighted_sum",
+]
 
 
 def _check_qk(q, k) -> None:
@@ -70,48 +48,6 @@ def _check_qk(q, k) -> None:
     _checks.check_rank("q", q, (1, 2), "(q_seq, dim) or (dim,)")
     _checks.check_rank("k", k, (2,), "(kv_seq, dim)")
     _checks.check_equal("k", k.shape[-1], q.shape[-1], "the last axis (dim) of k, as in q")
-
-
-def logits(q: Array, k: Array, *, scale: float, logits_soft_cap: float | None = None) -> Array:
-    """Scaled (and optionally tanh-capped) q·k in the softmax compute dtype; no checks."""
-    acc = compute_dtype(q.dtype)
-    x = jnp.einsum("...d,kd->...k", q, k, preferred_element_type=acc)
-    x = x * jnp.asarray(scale, acc)
-    if logits_soft_cap is not None:
-        # Gemma 2 style capping keeps |logit| < cap; applied before bias and masks.
-        cap = jnp.asarray(logits_soft_cap, acc)
-        x = cap * jnp.tanh(x / cap)
-    return x
-
-
-def softmax_with_lse(x: Array, mask: Array | None, axis: int = -1, sink: Array | None = None) -> tuple[Array, Array]:
-    """Masked softmax of ``x`` and its log-sum-exp, in ``x``'s dtype; no checks.
-
-    Masked entries become a finite large negative *before* any arithmetic, so
-    no ``inf - inf`` or ``0 * inf`` ever appears, in values or in gradients. A
-    logit of ``-inf`` (e.g. from a bias) hides its entry like the mask does. A
-    row with no visible entry has weights 0 and log-sum-exp equal to the
-    dtype's lowest finite value. NaN logits stay visible, so NaN propagates.
-    A ``sink`` (a scalar logit, an attention sink) joins the denominator only:
-    the weights then sum to less than one, and a row with no visible entry has
-    log-sum-exp ``sink``.
-    """
-    finite = x != -jnp.inf
-    visible = finite if mask is None else mask & finite
-    x = jnp.where(visible, x, masked_value(x.dtype))
-    # Softmax is invariant to the shift, so its gradient can be stopped.
-    shift = jnp.max(x, axis=axis, keepdims=True)
-    if sink is not None:
-        shift = jnp.maximum(shift, sink.astype(x.dtype))
-    shift = jax.lax.stop_gradient(shift)
-    e = jnp.where(visible, jnp.exp(x - shift), 0)
-    total = jnp.sum(e, axis=axis, keepdims=True)
-    if sink is not None:
-        total = total + jnp.exp(sink.astype(x.dtype) - shift)
-    visible = total > 0
-    weights = e / jnp.where(visible, total, 1)
-    lse = jnp.where(visible, shift + jnp.log(jnp.where(visible, total, 1)), masked_value(x.dtype))
-    return weights, jnp.squeeze(lse, axis)
 
 
 def scores(
@@ -231,11 +167,6 @@ def context(
     _checks.check_rank("v", v, (2,), "(kv_seq, v_dim)")
     _checks.check_equal("v", v.shape[0], weights.shape[-1], "the first axis (kv_seq) of v, as in weights")
     return weighted_sum(weights, v)
-
-
-def weighted_sum(weights: Array, v: Array) -> Array:
-    out = jnp.einsum("...k,kd->...d", weights, v, preferred_element_type=compute_dtype(v.dtype))
-    return out.astype(v.dtype)
 
 
 def attention(

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _capabilities, _checks, _core
+from . import _capabilities, _checks, _numerics
 from ._blockwise import blockwise_attention
 from ._jax_nn import jax_nn_attention
 from ._options import AttentionInputs, Execution
@@ -168,8 +168,8 @@ def empty_result(inputs: AttentionInputs) -> tuple[Array, Array]:
     """jattn's answer when :func:`is_empty`: zeros (no query sees a key), the masking sentinel as log-sum-exp."""
     batch, q_seq, heads, _ = inputs.query.shape
     out = jnp.zeros((batch, q_seq, heads, inputs.value.shape[-1]), inputs.value.dtype)
-    acc = _core.compute_dtype(inputs.query.dtype)
-    return out, jnp.full((batch, q_seq, heads), _core.masked_value(acc))
+    acc = _numerics.compute_dtype(inputs.query.dtype)
+    return out, jnp.full((batch, q_seq, heads), _numerics.masked_value(acc))
 
 
 def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[Array, Array]:

@@ -94,15 +94,18 @@ def sample(size: int, max_elements: int | None, rng: np.random.Generator) -> np.
     return np.sort(rng.choice(size, max_elements, replace=False))
 
 
-def compare(check, name, actual, expected, atol, rtol) -> Mismatch:
+def compare(check, name, actual, expected, *, atol, rtol) -> Mismatch:
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     flat_idx = np.arange(actual.size)
-    return worst_element(check, name, actual.reshape(-1), expected.reshape(-1), flat_idx, actual.shape, atol, rtol)
+    flat = actual.reshape(-1), expected.reshape(-1)
+    return worst_element(check, name, *flat, at=(flat_idx, actual.shape), atol=atol, rtol=rtol)
 
 
-def worst_element(check, name, actual, expected, flat_idx, shape, atol, rtol) -> Mismatch:
-    """The element with the largest error relative to its tolerance."""
+def worst_element(check, name, actual, expected, *, at, atol, rtol) -> Mismatch:
+    """The element with the largest error relative to its tolerance; ``at = (flat_idx, shape)`` says where
+    each compared element sits in the full array."""
+    flat_idx, shape = at
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     if actual.size == 0:

@@ -45,7 +45,7 @@ class Problem:
     rng: np.random.Generator
 
     @staticmethod
-    def make(fn, args, reference, argnums, eps, atol, rtol, seed) -> Problem:
+    def make(fn, args, reference, argnums, *, eps, atol, rtol, seed) -> Problem:
         arrays = [None if a is None else jnp.asarray(a) for a in args]
         argnums = _argnums(arrays, argnums)
         names = _gradcheck.argument_names(fn, len(arrays))
@@ -100,7 +100,7 @@ class Problem:
         return [leaf for leaf, c in zip(leaves, self.cotangents, strict=True) if c is not None]
 
     def compare(self, check, name, actual, expected) -> Mismatch:
-        return _gradcheck.compare(check, name, actual, expected, self.atol, self.rtol)
+        return _gradcheck.compare(check, name, actual, expected, atol=self.atol, rtol=self.rtol)
 
     def output_label(self, n: int, count: int) -> str:
         return "output" if count == 1 else f"output {n}"
@@ -146,7 +146,11 @@ def reverse_checks(p: Problem, order: int, max_elements: int | None) -> list[Mis
     differences = _gradcheck.central_differences(loss, p.primals, samples, p.eps)
     for name, g, flat_idx, fd in zip(p.names, grads, samples, differences, strict=True):
         actual = np.asarray(g).reshape(-1)[flat_idx]
-        worst.append(_gradcheck.worst_element(FINITE_DIFFERENCES, name, actual, fd, flat_idx, g.shape, p.atol, p.rtol))
+        worst.append(
+            _gradcheck.worst_element(
+                FINITE_DIFFERENCES, name, actual, fd, at=(flat_idx, g.shape), atol=p.atol, rtol=p.rtol
+            )
+        )
     if p.reference is not None:
         worst += _reference_outputs(p)
         ref_grads = jax.jit(jax.grad(p.loss(p.reference), argnums=p.all_args))(*p.primals)

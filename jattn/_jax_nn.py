@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _core, masks
+from . import _numerics, masks
 from ._options import AttentionInputs
 
 
@@ -52,7 +52,7 @@ def jax_nn_attention(inputs: AttentionInputs, implementation: str, *, return_res
             return_residual=return_residual,
         )
     if not return_residual:  # the log-sum-exp costs an extra pass: ask only when wanted
-        return result, jnp.zeros(result.shape[:-1], _core.compute_dtype(query.dtype))
+        return result, jnp.zeros(result.shape[:-1], _numerics.compute_dtype(query.dtype))
     out, lse = result
     # jax.nn gives the log-sum-exp in the input dtype; jattn's is in the softmax dtype.
-    return out, lse.astype(_core.compute_dtype(query.dtype))
+    return out, lse.astype(_numerics.compute_dtype(query.dtype))

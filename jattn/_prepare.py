@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _checks, _core, _mods, masks
+from . import _checks, _mods, _numerics, masks
 from ._options import (
     AttentionInputs,
     AttentionOptions,
@@ -70,13 +70,13 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
     logits_shape = (*batch_shape, heads, q_seq, kv_seq)
     bias = _logits_operand("bias", call.bias, logits_shape, _checks.check_floating)
     mask = _logits_operand("mask", call.mask, logits_shape, _checks.check_bool)
-    _core.check_scale(call.scale)
-    _core.check_soft_cap(call.logits_soft_cap)
+    _numerics.check_scale(call.scale)
+    _numerics.check_soft_cap(call.logits_soft_cap)
     _checks.check_static_bool("is_causal", call.is_causal)
-    score_mod, score_consts = _mod("score_mod", call.score_mod, _core.compute_dtype(query.dtype))
+    score_mod, score_consts = _mod("score_mod", call.score_mod, _numerics.compute_dtype(query.dtype))
     mask_mod, mask_consts = _mod("mask_mod", call.mask_mod)
     static = StaticOptions(
-        scale=_core.default_scale(dim) if call.scale is None else float(call.scale),
+        scale=_numerics.default_scale(dim) if call.scale is None else float(call.scale),
         is_causal=bool(call.is_causal),
         local_window_size=window_pair(call.local_window_size),
         logits_soft_cap=None if call.logits_soft_cap is None else float(call.logits_soft_cap),

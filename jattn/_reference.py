@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import _core, _mods, masks
+from . import _core, _mods, _numerics, masks
 from ._options import AttentionInputs
 
 WeightsHook = Callable[[Float[Array, "batch heads q_seq kv_seq"]], Float[Array, "batch heads q_seq kv_seq"]]
@@ -88,7 +88,8 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
     sinks = None if shared.sinks is None else shared.sinks.reshape(kv_heads, groups)
     layout = _mods.Layout("qs", groups)
 
-    def one_example(example, q, k, bias, mask, arrays):
+    def one_example(example, q, k, logit_ops, arrays):
+        bias, mask = logit_ops  # (kv_heads|1, groups|1, q_seq|1, kv_seq|1) each, or None
         opts_b = opts.with_arrays(arrays)  # this example's per-example arrays
         # The predicate is closed over, not passed through vmap: it is no JAX type.
         mask_mod = opts_b.mask_mod()
@@ -99,7 +100,8 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
             head = (kv_head, group)
             return dict(example=example, q_start=q_start, kv_start=0, head=head, **kw)
 
-        def one_head(kv_head, group, q, k, bias, mask):
+        def one_head(kv_head, group, q, k, logit_ops):
+            bias, mask = logit_ops
             if structured is not None:
                 mask = structured if mask is None else structured & mask
             if static.mask_mod is not None:
@@ -131,8 +133,8 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
         def one_kv_head(kv_head, q, k, bias, mask):
             bias, bias_axis = _leading_axis(bias)
             mask, mask_axis = _leading_axis(mask)
-            return jax.vmap(one_head, in_axes=(None, 0, 1, None, bias_axis, mask_axis))(
-                kv_head, _indices_along(q, 1), q, k, bias, mask
+            return jax.vmap(one_head, in_axes=(None, 0, 1, None, (bias_axis, mask_axis)))(
+                kv_head, _indices_along(q, 1), q, k, (bias, mask)
             )
 
         bias, bias_axis = _leading_axis(bias)
@@ -141,14 +143,12 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
 
     bias, bias_axis = _leading_axis(_grouped(bias, kv_heads, groups))
     mask, mask_axis = _leading_axis(_grouped(mask, kv_heads, groups))
-    f = jax.vmap(one_example, in_axes=(0, 0, 0, bias_axis, mask_axis, 0))
-    weights, lse, seen = f(
-        _indices_along(q, 0), q, key, bias, mask, opts.arrays
-    )  # (batch, K, G, q_seq, kv_seq), (.. q_seq)
+    f = jax.vmap(one_example, in_axes=(0, 0, 0, (bias_axis, mask_axis), 0))
+    weights, lse, seen = f(_indices_along(q, 0), q, key, (bias, mask), opts.arrays)  # (batch, K, G, T, S), (.., T)
     weights = weights.astype(value.dtype).reshape(batch, heads, q_seq, kv_seq)
 
     def weighted_sum(w, v, seen):
-        return _core.weighted_sum(w, jnp.where(seen[:, None], v, jnp.zeros((), v.dtype)))
+        return _numerics.weighted_sum(w, jnp.where(seen[:, None], v, jnp.zeros((), v.dtype)))
 
     used = weights if weights_hook is None else weights_hook(weights)
     context = jax.vmap(weighted_sum, in_axes=(0, None, 0))  # groups share one value head

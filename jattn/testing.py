@@ -185,7 +185,9 @@ def check_attention_grads(
         raise ValueError(f"eps must be a positive float; got {eps!r}")
     modes = tuple(m for m in MODES if m in modes)
     with jax.enable_x64(True):
-        problem = Problem.make(fn, args, reference, argnums, float(eps), float(atol), float(rtol), seed)
+        problem = Problem.make(
+            fn, args, reference, argnums, eps=float(eps), atol=float(atol), rtol=float(rtol), seed=seed
+        )
         worst = []
         if "rev" in modes:
             worst += reverse_checks(problem, order, max_elements)
