@@ -1,0 +1,116 @@
+"""The capability table is the one owner of "can this implementation run this call?"."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import jattn
+from jattn import _capabilities, _dispatch
+from jattn._capabilities import CAPABILITIES, FEATURES, Support
+from jattn._options import CallOptions, option_names
+from jattn._prepare import prepare
+
+README = pathlib.Path(__file__).parent.parent / "README.md"
+
+
+def test_readme_table_is_the_generated_one():
+    text = README.read_text()
+    found = re.search(r"<!-- capabilities:start -->\n(.*?)\n<!-- capabilities:end -->", text, re.S)
+    assert found, "README lost its capability table markers"
+    assert found.group(1) == _capabilities.markdown_table()
+
+
+def test_every_call_option_is_a_column():
+    columns = set(_capabilities.OPTIONS)
+    for name in option_names(internal=True):
+        group = next(f for f in CallOptions.__dataclass_fields__.values() if f.name == name).metadata.get("group")
+        assert (group or name) in columns, name
+
+
+def test_option_names_split_static_from_arrays():
+    static, arrays = set(option_names(static=True)), set(option_names(static=False))
+    assert not static & arrays
+    assert static | arrays == set(option_names())
+    assert "query_offset" not in arrays and "query_offset" in option_names(static=False, internal=True)
+
+
+def test_table_rows_name_known_implementations_and_features():
+    assert set(CAPABILITIES) == {*jattn.IMPLEMENTATIONS, "sequence_parallel"}
+    for row in CAPABILITIES.values():
+        assert set(row) <= set(FEATURES)
+
+
+_Q = jax.ShapeDtypeStruct((2, 5, 4, 8), jnp.float32)
+_V3 = jax.ShapeDtypeStruct((2, 5, 4, 3), jnp.float32)
+_IDS = jax.ShapeDtypeStruct((2, 5), jnp.int32)
+_LEN = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+# One call per feature the table has (the properties and each option).
+_CALLS = {
+    "bias": dict(bias=jax.ShapeDtypeStruct((2, 4, 5, 5), jnp.float32)),
+    "mask": dict(mask=jax.ShapeDtypeStruct((2, 4, 5, 5), jnp.bool_)),
+    "query_seq_lengths": dict(query_seq_lengths=_LEN),
+    "key_value_seq_lengths": dict(key_value_seq_lengths=_LEN),
+    "query_segment_ids/key_value_segment_ids": dict(query_segment_ids=_IDS, key_value_segment_ids=_IDS),
+    "sinks": dict(sinks=jax.ShapeDtypeStruct((4,), jnp.float32)),
+    "is_causal": dict(is_causal=True),
+    "local_window_size": dict(local_window_size=(2, 0)),
+    "logits_soft_cap": dict(logits_soft_cap=5.0),
+    "score_mod": dict(score_mod=lambda s, b, h, i, j: s),
+    "mask_mod": dict(mask_mod=lambda b, h, i, j: i >= j),
+    _capabilities.V_DIM: dict(value=_V3),
+    _capabilities.ONE_SIDED_WINDOW_ONLY: dict(local_window_size=(1, 1)),
+    _capabilities.FLOAT64: dict(dtype=jnp.float64),
+}
+
+
+def _features(feature):
+    """The features of a call that uses ``feature`` (x64 is on in the suite, see conftest)."""
+    kwargs = dict(_CALLS[feature])
+    value = kwargs.pop("value", _Q)
+    dtype = kwargs.pop("dtype", jnp.float32)
+    arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.ShapeDtypeStruct)}
+    static = {k: v for k, v in kwargs.items() if k not in arrays}
+    seen = []
+
+    def trace(q, v, arrays):
+        seen.append(_capabilities.features_of(prepare(q, q, v, CallOptions(**arrays, **static)).inputs))
+
+    jax.eval_shape(trace, _Q.update(dtype=dtype), value.update(dtype=dtype), arrays)
+    return seen[0]
+
+
+@pytest.mark.parametrize("feature", list(_CALLS))
+def test_a_call_using_a_feature_reports_it(feature):
+    assert feature in _features(feature)
+
+
+@pytest.mark.parametrize("feature", list(_CALLS))
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_auto_only_picks_implementations_that_honour_the_call_exactly(feature, backend):
+    signature = _dispatch.CallSignature(
+        backend, jnp.dtype(jnp.bfloat16), 5, 5, 8, 8, frozenset(_features(feature))
+    )  # bf16 head dim 8: cuDNN-eligible on GPU, so only the table can keep it out
+    chosen = _dispatch.choose(signature)
+    assert _capabilities.support(chosen, feature) is Support.YES
+
+
+@pytest.mark.parametrize("implementation", list(jattn.IMPLEMENTATIONS))
+@pytest.mark.parametrize("feature", [f for f in _CALLS if f in _capabilities.OPTIONS or f == _capabilities.V_DIM])
+def test_an_explicit_implementation_refuses_exactly_the_options_its_row_says_no_to(implementation, feature):
+    features = _features(feature)
+    if _capabilities.support(implementation, feature) is Support.NO:
+        with pytest.raises(ValueError, match=rf"implementation='{implementation}' .*does not support"):
+            _capabilities.check_supported(implementation, features)
+    else:
+        assert feature not in _capabilities.lacking(implementation, features)
+
+
+def test_the_error_names_the_implementations_that_can():
+    with pytest.raises(
+        ValueError, match=r"does not support sinks; use implementation='reference', 'blockwise' or None"
+    ):
+        _capabilities.check_supported("xla", {"sinks": "sinks"})
