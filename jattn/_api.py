@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from . import _checks, _dispatch, _numerics, masks
+from . import _checks, _dispatch, _numerics
 from ._dispatch import Implementation
 from ._options import CallOptions, Execution, option_names
 from ._prepare import prepare
 from ._reference import WeightsHook, reference_attention
 from ._sequence_parallel import SequenceParallel
+from .masks import _block_mask
 
 
 def dot_product_attention(
@@ -33,7 +34,7 @@ def dot_product_attention(
     logits_soft_cap: float | None = None,
     score_mod: Callable[..., Array] | None = None,
     mask_mod: Callable[..., Array] | None = None,
-    block_mask: masks.BlockMask | None = None,
+    block_mask: _block_mask.BlockMask | None = None,
     sinks: Float[ArrayLike, " heads"] | None = None,
     implementation: Implementation | None = None,
     return_residual: bool = False,

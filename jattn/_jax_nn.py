@@ -9,18 +9,19 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _numerics, masks
+from . import _numerics
 from ._options import AttentionInputs
+from .masks import _combine, _positions
 
 
 def _shifted_mask(is_causal, window, offsets, q_seq: int, kv_seq: int) -> Array:
     """Causal and window masks at each example's query offset, dense ``(batch, 1, q_seq, kv_seq)``."""
 
     def one(offset):
-        mods = [masks.Causal(offset)] if is_causal else []
+        mods = [_positions.Causal(offset)] if is_causal else []
         if window is not None:
-            mods.append(masks.SlidingWindow(*window, offset))
-        return masks.materialize(masks.and_masks(*mods), q_seq, kv_seq)
+            mods.append(_positions.SlidingWindow(*window, offset))
+        return _combine.materialize(_combine.and_masks(*mods), q_seq, kv_seq)
 
     return jax.vmap(one)(offsets)[:, None]
 

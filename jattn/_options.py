@@ -18,8 +18,8 @@ import jax
 import numpy as np
 from jaxtyping import Array
 
-from . import masks
 from ._mods import ConvertedMod
+from .masks import _block_mask, _combine, _positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +65,13 @@ class AttentionOptions:
     static: StaticOptions = dataclasses.field(metadata=dict(static=True))
     arrays: ExampleArrays = dataclasses.field(default_factory=ExampleArrays)
     shared: SharedArrays = dataclasses.field(default_factory=SharedArrays)
-    block_mask: masks.BlockMask | None = None  # the mask_mod's block summary (blockwise kernel only)
+    block_mask: _block_mask.BlockMask | None = None  # the mask_mod's block summary (blockwise kernel only)
 
     def with_arrays(self, arrays: ExampleArrays) -> AttentionOptions:
         """The same static options over other per-example arrays (e.g. one shard's)."""
         return dataclasses.replace(self, arrays=arrays)
 
-    def mask_mod(self) -> masks.MaskMod | None:
+    def mask_mod(self) -> _combine.MaskMod | None:
         """The position predicate of one example (``arrays`` already sliced to it), or None.
 
         Causal and window masks see the query at its absolute position ``q_idx + q_offset``;
@@ -81,14 +81,14 @@ class AttentionOptions:
         offset = 0 if arrays.q_offset is None else arrays.q_offset
         mods = []
         if static.is_causal:
-            mods.append(masks.Causal(offset))
+            mods.append(_positions.Causal(offset))
         if static.local_window_size is not None:
-            mods.append(masks.SlidingWindow(*static.local_window_size, offset))
+            mods.append(_positions.SlidingWindow(*static.local_window_size, offset))
         if arrays.q_length is not None or arrays.kv_length is not None:
-            mods.append(masks.Lengths(arrays.q_length, arrays.kv_length))
+            mods.append(_positions.Lengths(arrays.q_length, arrays.kv_length))
         if arrays.q_segment_ids is not None:
-            mods.append(masks.Segments(arrays.q_segment_ids, arrays.kv_segment_ids))
-        return masks.and_masks(*mods) if mods else None
+            mods.append(_positions.Segments(arrays.q_segment_ids, arrays.kv_segment_ids))
+        return _combine.and_masks(*mods) if mods else None
 
 
 _SEGMENT_IDS = "query_segment_ids/key_value_segment_ids"  # given together: one capability column

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _checks, _mods, _numerics, masks
+from . import _checks, _mods, _numerics
 from ._options import (
     AttentionInputs,
     AttentionOptions,
@@ -27,6 +27,7 @@ from ._options import (
     StaticOptions,
     window_pair,
 )
+from .masks._block_mask import BlockMask
 
 
 class Prepared(NamedTuple):
@@ -88,7 +89,7 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
         score_consts=tuple(c[None] for c in score_consts),
         mask_consts=tuple(c[None] for c in mask_consts),
     )
-    block_mask = _block_mask(call.block_mask, call.mask_mod, batch_shape, q_seq, kv_seq)
+    block_mask = _checked_block_mask(call.block_mask, call.mask_mod, batch_shape, q_seq, kv_seq)
     q_ids = _segment_ids("query_segment_ids", call.query_segment_ids, batch_shape, q_seq)
     kv_ids = _segment_ids("key_value_segment_ids", call.key_value_segment_ids, batch_shape, kv_seq)
     if (q_ids is None) != (kv_ids is None):
@@ -128,11 +129,11 @@ def _sinks(sinks, heads: int) -> Array | None:
     return sinks[None]
 
 
-def _block_mask(mask, mask_mod, batch_shape, q_seq, kv_seq):
+def _checked_block_mask(mask, mask_mod, batch_shape, q_seq, kv_seq):
     """A ``masks.BlockMask`` checked against the call: built for these lengths and for 1 or every example."""
     if mask is None:
         return None
-    if not isinstance(mask, masks.BlockMask):
+    if not isinstance(mask, BlockMask):
         raise TypeError(
             f"block_mask must be a jattn.masks.BlockMask (masks.block_mask(...)); got {type(mask).__name__}"
         )

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import _core, _mods, _numerics, masks
+from . import _core, _mods, _numerics
 from ._options import AttentionInputs
+from .masks import _combine
 
 WeightsHook = Callable[[Float[Array, "batch heads q_seq kv_seq"]], Float[Array, "batch heads q_seq kv_seq"]]
 """Applied to the weights (in the value dtype) before the weighted sum, e.g. dropout."""
@@ -93,7 +94,7 @@ def reference_attention(inputs: AttentionInputs, *, weights_hook: WeightsHook | 
         opts_b = opts.with_arrays(arrays)  # this example's per-example arrays
         # The predicate is closed over, not passed through vmap: it is no JAX type.
         mask_mod = opts_b.mask_mod()
-        structured = None if mask_mod is None else masks.materialize(mask_mod, q_seq, kv_seq)
+        structured = None if mask_mod is None else _combine.materialize(mask_mod, q_seq, kv_seq)
         q_start = 0 if arrays.q_offset is None else arrays.q_offset
 
         def at(kv_head, group, **kw):  # a user mod on this head's (q_seq, kv_seq) positions

@@ -1,5 +1,6 @@
 """The public surface: every exported name imports; `import jattn` does not pull in flax."""
 
+import ast
 import pathlib
 import re
 import subprocess
@@ -18,7 +19,9 @@ def test_every_public_name_imports():
 def test_public_functions_have_docstrings_with_examples():
     for name in jattn.__all__:
         obj = getattr(jattn, name)
-        if isinstance(obj, (tuple, dict)):  # a constant (IMPLEMENTATIONS, DEFAULT_BLOCK_SIZES), documented where defined
+        if isinstance(
+            obj, (tuple, dict)
+        ):  # a constant (IMPLEMENTATIONS, DEFAULT_BLOCK_SIZES), documented where defined
             continue
         assert obj.__doc__ and ">>>" in obj.__doc__, name
 
@@ -41,3 +44,35 @@ def test_nothing_outside_the_package_imports_a_private_jattn_name():
 def test_import_does_not_import_flax():
     code = "import sys, jattn; sys.exit(1 if any(m == 'flax' or m.startswith('flax.') for m in sys.modules) else 0)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_private_modules_never_import_public_ones():
+    """Layers point one way: jattn's private modules import private ones only (jattn.nnx, a client of the
+    public API above the core, is exempt); a public module only re-exports or calls private code."""
+    package = pathlib.Path(jattn.__file__).resolve().parent
+    public = {"jattn.masks", "jattn.score_mods", "jattn.sharding", "jattn.testing", "jattn.nnx"}
+    offenders = []
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        if parts[:2] == ("jattn", "nnx") or not any(p.startswith("_") and p != "__init__" for p in parts):
+            continue
+        module = ".".join(p for p in parts if p != "__init__")
+        here = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
+                target = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+                # `from .masks import _combine` names a private module inside a public package: allowed.
+                private_only = all(a.name.startswith("_") for a in node.names)
+                names = [target] if node.module and not private_only else []
+                names += [f"{target}.{a.name}" for a in node.names if not node.module]
+                names += [f"{target}.{a.name}" for a in node.names if node.module and a.name in _SUBMODULES]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            offenders += [f"{module} imports {n}" for n in names if n in public]
+    assert not offenders, offenders
+
+
+_SUBMODULES = {"masks", "score_mods", "sharding", "testing", "nnx"}

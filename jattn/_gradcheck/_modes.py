@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _gradcheck
-from ._gradcheck import Mismatch
+from . import _compare as _gradcheck
+from ._compare import Mismatch
 
 FINITE_DIFFERENCES = "finite differences"
 REFERENCE_GRADIENT = "reference autodiff"
