@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from . import plot, runner, table
 
-    doc = runner.run(cfg, progress=not args.no_progress, argv=argv)
+    doc = runner.run_benchmarks(cfg, progress=not args.no_progress, argv=argv)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = args.name or f"{stamp}-{doc['meta']['backend']}-{cfg.preset}"
     args.out_dir.mkdir(parents=True, exist_ok=True)

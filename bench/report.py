@@ -50,7 +50,7 @@ def performance_section(doc: dict[str, Any], *, plot: str | None = None) -> str:
     """The Markdown between the perf markers.
 
     Args:
-        doc: a results document from ``bench.runner.run``.
+        doc: a results document from ``bench.runner.run_benchmarks``.
         plot: path of the PNG relative to README, or None for no image.
     """
     cfg = doc["config"]

@@ -132,7 +132,7 @@ def select_cases(cfg: BenchConfig) -> list[Case]:
     return [case for suite in order for case in SUITES[suite](cfg)]
 
 
-def run(cfg: BenchConfig, *, progress: bool = True, argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run_benchmarks(cfg: BenchConfig, *, progress: bool = True, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs every selected case and returns the results document (what goes to JSON).
 
     Args:

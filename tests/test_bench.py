@@ -236,7 +236,7 @@ def smoke(tmp_path_factory):
     small = {"matmul_sizes": (8,), "module_features": 8, "module_heads": 2, "seed_sizes": (("single", 2, 3),),
              "decode_max_length": 8, "decode_fills": (4,)}  # fmt: skip
     cfg = dataclasses.replace(cfg, **small)
-    doc = runner.run(cfg, progress=False, argv=argv)
+    doc = runner.run_benchmarks(cfg, progress=False, argv=argv)
     path = out / "smoke.json"
     path.write_text(json.dumps(doc))
     return path, json.loads(path.read_text())
