@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from . import _checks, _mods, _numerics
+from ._mesh import align_batch
 from ._options import (
     AttentionInputs,
     AttentionOptions,
@@ -104,6 +105,9 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
         kv_segment_ids=kv_ids,
         q_offset=_query_offset(call.query_offset, batch_shape),
     )
+    # Per-example arrays split over the batch like the query (explicit meshes), so vmaps map them together.
+    arrays = jax.tree.map(lambda x: align_batch(x, query, batch), arrays)
+    bias, mask = align_batch(bias, query, batch), align_batch(mask, query, batch)
     opts = AttentionOptions(static, arrays, shared, block_mask)
     return Prepared(AttentionInputs(query, key, value, bias, mask, opts), batch_shape)
 

@@ -14,7 +14,6 @@ is gathered first, and so is everything for a call with a ``score_mod``,
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -22,21 +21,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
+from .._mesh import axes_size, explicit_mesh, spec_of
 from .._options import AttentionInputs
 
 Kernel = Callable[[AttentionInputs], tuple[Array, Array]]
 """``kernel(inputs) -> (out, lse)`` on normalized 4-D inputs."""
-
-
-def explicit_mesh(*arrays) -> jax.sharding.Mesh | None:
-    """The mesh of the first array sharded over an explicit mesh axis, or None."""
-    for x in arrays:
-        sharding = None if x is None else getattr(jax.typeof(x), "sharding", None)
-        mesh = getattr(sharding, "mesh", None)
-        explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
-        if explicit and any(a is not None for a in sharding.spec):
-            return mesh
-    return None
 
 
 def run_per_shard(kernel: Kernel, inputs: AttentionInputs) -> tuple[Array, Array]:
@@ -46,16 +35,6 @@ def run_per_shard(kernel: Kernel, inputs: AttentionInputs) -> tuple[Array, Array
     if mesh is None:
         return kernel(inputs)
     return per_shard(kernel, mesh, inputs)
-
-
-def spec_of(x) -> tuple:
-    spec = tuple(jax.typeof(x).sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
-
-
-def axes_size(mesh, axes) -> int:
-    names = axes if isinstance(axes, tuple) else (axes,)
-    return functools.reduce(lambda n, name: n * mesh.shape[name], names, 1)
 
 
 def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Array]:
@@ -72,7 +51,7 @@ def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Arr
     # indices and the arrays they capture whole, so those calls run unsplit (correct, not parallel).
     static = opts.static
     if static.score_mod is not None or static.mask_mod is not None or opts.shared.sinks is not None:
-        batch_axes = head_axes = None
+        return _replicated(kernel, mesh, inputs)
 
     def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1)
         return P(batch_axes if x.shape[0] > 1 else None, head_axes if x.shape[1] > 1 else None, None, None)
@@ -87,6 +66,18 @@ def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Arr
     out_specs = (P(batch_axes, None, head_axes, None), P(batch_axes, None, head_axes))
     out, lse = jax.shard_map(kernel, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=False)(inputs)
     # Back to the query's batch, sequence and head layout (v_dim need not split like dim).
+    like_query = spec_of(query)[:3]
+    out = jax.sharding.reshard(out, NamedSharding(mesh, P(*like_query, None)))
+    lse = jax.sharding.reshard(lse, NamedSharding(mesh, P(*like_query)))
+    return out, lse
+
+
+def _replicated(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Array]:
+    """``kernel`` on inputs gathered whole on every device (no ``shard_map``: a user mod's jaxpr is then
+    traced and lowered under the same explicit mesh), back in the query's layout."""
+    query = inputs.query
+    inputs = jax.tree.map(lambda x: jax.sharding.reshard(x, NamedSharding(mesh, P())), inputs)
+    out, lse = kernel(inputs)
     like_query = spec_of(query)[:3]
     out = jax.sharding.reshard(out, NamedSharding(mesh, P(*like_query, None)))
     lse = jax.sharding.reshard(lse, NamedSharding(mesh, P(*like_query)))

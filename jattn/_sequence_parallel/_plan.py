@@ -23,9 +23,9 @@ from jaxtyping import Array
 
 from .. import _capabilities
 from .._blockwise import Ring, blockwise_attention, chunk_start, ring_attention, splits_for
+from .._mesh import axes_size, explicit_mesh, spec_of
 from .._options import AttentionInputs
 from ._config import SequenceParallel
-from ._placement import axes_size, explicit_mesh, spec_of
 from ._zigzag import unzigzag
 
 
