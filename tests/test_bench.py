@@ -7,6 +7,12 @@ only checks that every field is there and every case was accounted for.
 import dataclasses
 import doctest
 import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -216,6 +222,18 @@ def test_flex_suite_runs_and_compares_with_its_peers():
     assert results[1]["ratios"].keys() == {"jattn:blockwise"}
     assert results[6]["ratios"].keys() == {"jax.nn:xla+dense_mask"}
     assert results[6]["notes"]["visited_blocks"] == 1  # 64 positions fit one (512-position) block
+    for case in cases[4:]:  # masks are arguments, as in a model: never a (seq, seq) constant for XLA to fold
+        target = case.build()
+        hlo = jax.jit(target.fn).lower(*target.args).compile().as_text()
+        assert _largest_constant(hlo) < 64 * 64, case.impl
+
+
+def _largest_constant(hlo: str) -> int:
+    """Elements of the largest array constant in an HLO module's text."""
+    sizes = [1]
+    for dims in re.findall(r"= \w+\[([\d,]*)\]\S* constant\(", hlo):
+        sizes.append(math.prod(int(d) for d in dims.split(",") if d))
+    return max(sizes)
 
 
 def test_seed_numpy_doctests():
@@ -328,3 +346,18 @@ def test_parallel_suite_cases_and_one_tiny_case():
     headers, rows = table.parallel_rows(results)
     assert [row[headers.index("median")] == "-" for row in rows] == [True, False]
     assert rows[1][headers.index("mem vs 1")].endswith("x")
+
+
+def test_quick_flex_cases_log_no_xla_errors_or_warnings(tmp_path):
+    """`python -m bench --quick` must not print what a user reads as a crash: no XLA error/warning log line
+    (e.g. the slow constant-folding alarm a mask closed over as a constant set off) and no Python warning."""
+    argv = ["--quick", "--suite", "flex", "--repeats", "1", "--warmup", "0", "--no-plot", "--no-progress",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    root = pathlib.Path(bench.__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONWARNINGS": "default", "TF_CPP_MIN_LOG_LEVEL": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *argv], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [line for line in result.stderr.splitlines() if re.match(r"^[EW]\d{4} |.*Warning\b", line)]
+    assert not logged, logged

@@ -69,8 +69,8 @@ def attention_fn(impl: str, *, causal: bool, kv_fill: int | None = None) -> Call
 
 
 def forward_backward(f: Callable) -> Callable:
-    """Gradients of ``sum(f(q, k, v))`` (summed in float32) with respect to q, k and v."""
-    return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    """Gradients of ``sum(f(q, k, v, *rest))`` (summed in float32) with respect to q, k and v."""
+    return jax.grad(lambda q, k, v, *rest: jnp.sum(f(q, k, v, *rest).astype(jnp.float32)), argnums=(0, 1, 2))
 
 
 def forward_mode(f: Callable) -> Callable:
@@ -110,7 +110,9 @@ def torch_target(q, k, v, *, causal: bool, mode: str) -> PythonTarget:
     dtype = getattr(torch, str(q.dtype))
 
     def to_torch(x):  # (batch, seq, heads, dim) -> (batch, heads, seq, dim)
-        t = torch.from_numpy(np.asarray(x, np.float32)).to(device=device, dtype=dtype)
+        t = torch.from_numpy(np.array(x, np.float32)).to(
+            device=device, dtype=dtype
+        )  # a writable copy: torch warns on views
         return t.transpose(1, 2).contiguous().requires_grad_(mode == "fwd+bwd")
 
     tq, tk, tv = map(to_torch, (q, k, v))
