@@ -22,6 +22,7 @@ from jaxtyping import Array
 from . import _capabilities, _checks, _numerics
 from ._blockwise import blockwise_attention
 from ._jax_nn import jax_nn_attention
+from ._mesh import like_query, whole_sequences
 from ._options import AttentionInputs, Execution
 from ._prepare import Prepared
 from ._reference import reference_attention
@@ -178,14 +179,17 @@ def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[A
     block_kv = execution.block_kv or default_block_size()
     match where:
         case Route("reference"):
-            out, lse, _ = reference_attention(prepared.inputs)
+            out, lse, _ = reference_attention(whole_sequences(prepared.inputs))
+            out, lse = like_query(out, prepared.inputs.query), like_query(lse, prepared.inputs.query)
         case Route("blockwise", None):
             kernel = functools.partial(blockwise_attention, block_q=block_q, block_kv=block_kv)
             out, lse = run_per_shard(kernel, prepared.inputs)
         case Route("blockwise", plan):
             out, lse = run_sequence_parallel(plan, prepared.inputs, block_q=block_q, block_kv=block_kv)
         case Route("xla" | "cudnn" as delegate):
-            out, lse = jax_nn_attention(prepared.inputs, delegate, return_residual=execution.return_residual)
+            inputs = whole_sequences(prepared.inputs)
+            out, lse = jax_nn_attention(inputs, delegate, return_residual=execution.return_residual)
+            out, lse = like_query(out, prepared.inputs.query), like_query(lse, prepared.inputs.query)
         case _:
             raise AssertionError(f"no implementation {where}")  # route() only returns known names
     return out, jax.lax.stop_gradient(lse)

@@ -51,3 +51,38 @@ def align_batch(x, like, batch: int):
     if spec[0] == want:
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, P(want, *spec[1:])))
+
+
+def whole_sequences(inputs):
+    """``AttentionInputs`` whose sequence and feature axes are gathered on every device of an explicit mesh
+    (batch and head axes stay split), for paths that contract over them with plain ``jnp`` ops (the reference,
+    jax.nn): q and k both split along their sequences would make ``q @ k.T`` split twice over one axis."""
+    mesh = explicit_mesh(*jax.tree.leaves(inputs))
+    if mesh is None:
+        return inputs
+    batch_axes, head_axes = spec_of(inputs.query)[0], spec_of(inputs.query)[2]
+    kv_heads = inputs.key.shape[2]
+    if head_axes is not None and kv_heads % axes_size(mesh, head_axes):
+        head_axes = None  # query heads split like kv heads only in whole GQA groups
+
+    def keep(x, axes):  # the batch (and head) axes of x as the query has them, everything else whole
+        if x is None or (explicit_mesh(x) is None and all(a is None for a in axes)):
+            return x
+        wanted = tuple(a if n > 1 else None for a, n in zip(axes, x.shape, strict=True))
+        return jax.sharding.reshard(x, NamedSharding(mesh, P(*wanted)))
+
+    qkv_axes = (batch_axes, None, head_axes, None)
+    logits_axes = (batch_axes, head_axes, None, None)
+    opts = jax.tree.map(lambda x: keep(x, (batch_axes,) + (None,) * (x.ndim - 1)), inputs.opts)
+    query, key, value = (keep(x, qkv_axes) for x in inputs[:3])
+    return type(inputs)(query, key, value, keep(inputs.bias, logits_axes), keep(inputs.mask, logits_axes), opts)
+
+
+def like_query(x, query):
+    """``x`` (``(batch, q_seq, heads, ...)``, e.g. an output or log-sum-exp) laid out like the query's first
+    three axes on its explicit mesh; unchanged without one."""
+    mesh = explicit_mesh(query)
+    if mesh is None:
+        return x
+    spec = spec_of(query)[:3] + (None,) * (x.ndim - 3)
+    return jax.sharding.reshard(x, NamedSharding(mesh, P(*spec)))
