@@ -12,7 +12,7 @@ from . import _checks, _dispatch, _numerics
 from ._dispatch import Implementation
 from ._mesh import like_query, whole_sequences
 from ._options import CallOptions, Execution, option_names
-from ._prepare import prepare
+from ._prepare import clipped_lengths, prepare
 from ._reference import WeightsHook, reference_attention
 from ._sequence_parallel import SequenceParallel
 from .masks import _block_mask
@@ -234,7 +234,8 @@ def attend_with_weights(
         out, _ = _dispatch.empty_result(prepared.inputs)
         weights = jnp.zeros((query.shape[0], query.shape[2], query.shape[1], key.shape[1]), out.dtype)
     else:
-        out, _, weights = reference_attention(whole_sequences(prepared.inputs), weights_hook=weights_hook)
+        inputs = whole_sequences(clipped_lengths(prepared.inputs))
+        out, _, weights = reference_attention(inputs, weights_hook=weights_hook)
         out = like_query(out, prepared.inputs.query)
     return prepared.restore(out), prepared.restore(weights)
 

@@ -24,7 +24,7 @@ from ._blockwise import blockwise_attention
 from ._jax_nn import jax_nn_attention
 from ._mesh import like_query, whole_sequences
 from ._options import AttentionInputs, Execution
-from ._prepare import Prepared
+from ._prepare import Prepared, clipped_lengths
 from ._reference import reference_attention
 from ._sequence_parallel import SequencePlan, plan_sequence_parallel, run_per_shard, run_sequence_parallel
 from ._tiling import default_block_size
@@ -177,15 +177,16 @@ def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[A
     """Runs a checked call where :func:`route` sent it: 4-D ``(out, lse)``."""
     block_q = execution.block_q or default_block_size()
     block_kv = execution.block_kv or default_block_size()
+    inputs = clipped_lengths(prepared.inputs)  # jattn's own kernels; the jax.nn delegate gets them as given
     match where:
         case Route("reference"):
-            out, lse, _ = reference_attention(whole_sequences(prepared.inputs))
-            out, lse = like_query(out, prepared.inputs.query), like_query(lse, prepared.inputs.query)
+            out, lse, _ = reference_attention(whole_sequences(inputs))
+            out, lse = like_query(out, inputs.query), like_query(lse, inputs.query)
         case Route("blockwise", None):
             kernel = functools.partial(blockwise_attention, block_q=block_q, block_kv=block_kv)
-            out, lse = run_per_shard(kernel, prepared.inputs)
+            out, lse = run_per_shard(kernel, inputs)
         case Route("blockwise", plan):
-            out, lse = run_sequence_parallel(plan, prepared.inputs, block_q=block_q, block_kv=block_kv)
+            out, lse = run_sequence_parallel(plan, inputs, block_q=block_q, block_kv=block_kv)
         case Route("xla" | "cudnn" as delegate):
             inputs = whole_sequences(prepared.inputs)
             out, lse = jax_nn_attention(inputs, delegate, return_residual=execution.return_residual)

@@ -198,8 +198,11 @@ def _logits_operand(name, x, logits_shape, check_dtype):
 def _lengths(name, lengths, batch_shape, seq) -> Array | None:
     """Per-example lengths ``batch_shape`` (a scalar for unbatched inputs) as int32 ``(batch,)``.
 
-    Lengths are clipped to ``[0, seq]`` in their own dtype first, so a 64-bit
-    length past the sequence never wraps around in the int32 cast.
+    int32 lengths are kept as given, so the jax.nn delegate passes on exactly the
+    caller's array (its program is then jax.nn's own); jattn's kernels read them
+    through :func:`clipped_lengths`. Wider lengths are clipped to ``[0, seq]`` in
+    their own dtype first, so a 64-bit length past the sequence never wraps
+    around in the int32 cast.
     """
     if lengths is None:
         return None
@@ -209,6 +212,8 @@ def _lengths(name, lengths, batch_shape, seq) -> Array | None:
         lengths = lengths[0]
     legend = {0: "()", 1: "(batch,)"}.get(len(batch_shape), "(*batch,)")
     _checks.check_shape(name, lengths, batch_shape, legend)
+    if lengths.dtype == jnp.int32:
+        return lengths.reshape(-1)
     zero = jnp.zeros((), lengths.dtype)
     end = jnp.asarray(seq).astype(lengths.dtype) if _fits(seq, lengths.dtype) else jnp.iinfo(lengths.dtype).max
     return jnp.clip(lengths, zero, end).reshape(-1).astype(jnp.int32)
@@ -239,3 +244,16 @@ def _common_integer_dtype(q_ids, kv_ids):
             f"got {q_ids.dtype} and {kv_ids.dtype} (promoted to {common})"
         )
     return common
+
+
+def clipped_lengths(inputs: AttentionInputs) -> AttentionInputs:
+    """``inputs`` with the lengths clipped to ``[0, q_seq]`` / ``[0, kv_seq]``: what jattn's own kernels read
+    (a block count from a length past the sequence, or a negative one, would index blocks that do not exist)."""
+    arrays = inputs.opts.arrays
+    q_seq, kv_seq = inputs.query.shape[1], inputs.key.shape[1]
+
+    def clip(x, seq):
+        return None if x is None else jnp.clip(x, 0, seq)
+
+    arrays = arrays._replace(q_length=clip(arrays.q_length, q_seq), kv_length=clip(arrays.kv_length, kv_seq))
+    return inputs._replace(opts=inputs.opts.with_arrays(arrays))
