@@ -31,6 +31,7 @@ class Support(enum.Enum):
     YES = "yes"  # computed as jattn defines it
     NO = "no"  # cannot honour: asking for it raises ValueError, auto never picks it
     DIFFERS = "differs"  # runs, with jax.nn's semantics instead of jattn's (documented); auto never picks it
+    REPAIRED = "differs, auto repairs"  # asked for by name: jax.nn's semantics; auto picks it and repairs the result
 
 
 def _option_columns() -> tuple[str, ...]:
@@ -49,6 +50,7 @@ OPTIONS: tuple[str, ...] = _option_columns()
 SYMBOLIC = "symbolic sequence length"
 V_DIM = "v_dim != dim"
 EMPTY_ROWS = "rows that may see no key"
+BIAS_ROWS = "bias rows of -inf"
 FLOAT64 = "float64"
 ONE_SIDED_WINDOW_ONLY = "window with right > 0"
 SEQUENCE_PARALLEL = "sequence_parallel"
@@ -56,8 +58,8 @@ SEQUENCE_PARALLEL = "sequence_parallel"
 PROPERTIES: Mapping[str, str] = {
     SYMBOLIC: "a symbolic q_seq or kv_seq (jax.export)",
     V_DIM: "values with their own feature size",
-    EMPTY_ROWS: "a query row can see no key (lengths, segments, bias, masks): jattn gives zeros, jax.nn mean(V) "
-    "(NaN under a -inf bias row)",
+    EMPTY_ROWS: "a query row can see no key (lengths, masks, a window): jattn gives zeros, jax.nn the mean of V",
+    BIAS_ROWS: "a bias row of -inf hides every key: jattn gives zeros, jax.nn NaN",
     FLOAT64: "float64 inputs: jattn's softmax runs in float64, jax.nn's in float32",
     ONE_SIDED_WINDOW_ONLY: "a local window that reaches right of the diagonal without is_causal",
     SEQUENCE_PARALLEL: "the sequence split over a mesh axis (ring or all-gather K/V)",
@@ -74,7 +76,8 @@ _JAX_NN_LACKS = {
     "block_mask": Support.NO,
     "sinks": Support.NO,
     V_DIM: Support.NO,
-    EMPTY_ROWS: Support.DIFFERS,
+    EMPTY_ROWS: Support.REPAIRED,  # jax.nn's output with the rows that see no key set to zero (_jax_nn)
+    BIAS_ROWS: Support.DIFFERS,
     FLOAT64: Support.DIFFERS,
     SEQUENCE_PARALLEL: Support.NO,
 }
@@ -148,9 +151,13 @@ def features_of(inputs: AttentionInputs) -> dict[str, str]:
         features[V_DIM] = f"{V_DIM} ({v_dim} != {dim})"
     # Causal rows always see key 0; a window leaves row i its own key while q_seq <= kv_seq.
     window = static.local_window_size
-    may_empty = any(a is not None for a in arrays) or bias is not None or mask is not None
-    if may_empty or (concrete and window is not None and q_seq > kv_seq) or static.mask_mod is not None:
+    lengths_or_ids = any(a is not None for a in arrays[:4])
+    # A window leaves query i its own key while q_seq <= kv_seq and queries start at position 0.
+    window_may_empty = window is not None and (arrays.q_offset is not None or not concrete or q_seq > kv_seq)
+    if lengths_or_ids or mask is not None or static.mask_mod is not None or window_may_empty:
         features[EMPTY_ROWS] = EMPTY_ROWS
+    if bias is not None:
+        features[BIAS_ROWS] = BIAS_ROWS
     if jnp.dtype(query.dtype) == jnp.float64:
         features[FLOAT64] = FLOAT64
     if window is not None and window[1] > 0 and not static.is_causal:
@@ -159,9 +166,15 @@ def features_of(inputs: AttentionInputs) -> dict[str, str]:
 
 
 def lacking(implementation: str, features: Mapping[str, str], *, exactly: bool = False) -> list[str]:
-    """The features ``implementation`` cannot honour (with ``exactly``: nor computes as jattn defines them)."""
+    """The features ``implementation`` cannot honour (with ``exactly``: nor computes as jattn defines them,
+    even with the auto rule's repair)."""
     refused = {Support.NO, Support.DIFFERS} if exactly else {Support.NO}
     return [shown for feature, shown in features.items() if support(implementation, feature) in refused]
+
+
+def repaired(implementation: str, features: Mapping[str, str]) -> bool:
+    """Whether auto, running ``implementation``, must repair its result (:attr:`Support.REPAIRED` cells)."""
+    return any(support(implementation, feature) is Support.REPAIRED for feature in features)
 
 
 def check_supported(implementation: str, features: Mapping[str, str]) -> None:
@@ -188,3 +201,16 @@ def markdown_table() -> str:
         label = f"`{feature}`" if feature in OPTIONS else PROPERTIES[feature]
         rows.append(f"| {label} | {' | '.join(support(name, feature).value for name in CAPABILITIES)} |")
     return "\n".join(rows)
+
+
+def rewrite_readme(path: str = "README.md") -> None:
+    """Regenerates the README's table between its markers:
+    ``python -c "from jattn._capabilities import rewrite_readme; rewrite_readme()"``."""
+    import pathlib
+    import re
+
+    readme = pathlib.Path(path)
+    start, end = "<!-- capabilities:start -->\n", "\n<!-- capabilities:end -->"
+    text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: start + markdown_table() + end,
+                  readme.read_text(), flags=re.S)  # fmt: skip
+    readme.write_text(text)

@@ -21,7 +21,7 @@ from jaxtyping import Array
 
 from . import _capabilities, _checks, _numerics
 from ._blockwise import blockwise_attention
-from ._jax_nn import jax_nn_attention
+from ._jax_nn import jax_nn_attention, repair_rows
 from ._mesh import like_query, whole_sequences
 from ._options import AttentionInputs, Execution
 from ._prepare import Prepared, clipped_lengths
@@ -136,10 +136,12 @@ def _cudnn_supports(s: CallSignature) -> bool:
 
 
 class Route(NamedTuple):
-    """Where a checked call runs: an implementation, and the sequence-parallel plan when it has one."""
+    """Where a checked call runs: an implementation, the sequence-parallel plan when it has one, and whether
+    the result is repaired to jattn's semantics (auto on jax.nn with rows that may see no key)."""
 
     implementation: Implementation
     sequence_plan: SequencePlan | None = None
+    repair: bool = False
 
 
 def route(prepared: Prepared, execution: Execution, backend: str | None = None) -> Route:
@@ -153,7 +155,8 @@ def route(prepared: Prepared, execution: Execution, backend: str | None = None) 
         if plan is not None:
             return Route("blockwise", plan)
     if implementation is None:
-        return Route(choose(signature_of(prepared.inputs, backend)))
+        chosen = choose(signature_of(prepared.inputs, backend))
+        return Route(chosen, repair=_capabilities.repaired(chosen, _capabilities.features_of(prepared.inputs)))
     _capabilities.check_supported(implementation, _capabilities.features_of(prepared.inputs))
     return Route(implementation)
 
@@ -187,9 +190,11 @@ def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[A
             out, lse = run_per_shard(kernel, inputs)
         case Route("blockwise", plan):
             out, lse = run_sequence_parallel(plan, inputs, block_q=block_q, block_kv=block_kv)
-        case Route("xla" | "cudnn" as delegate):
+        case Route("xla" | "cudnn" as delegate, None, repair):
             inputs = whole_sequences(prepared.inputs)
             out, lse = jax_nn_attention(inputs, delegate, return_residual=execution.return_residual)
+            if repair:
+                out, lse = repair_rows(inputs, out, lse)
             out, lse = like_query(out, prepared.inputs.query), like_query(lse, prepared.inputs.query)
         case _:
             raise AssertionError(f"no implementation {where}")  # route() only returns known names

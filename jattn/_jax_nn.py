@@ -57,3 +57,40 @@ def jax_nn_attention(inputs: AttentionInputs, implementation: str, *, return_res
     out, lse = result
     # jax.nn gives the log-sum-exp in the input dtype; jattn's is in the softmax dtype.
     return out, lse.astype(_numerics.compute_dtype(query.dtype))
+
+
+def rows_with_a_key(inputs: AttentionInputs) -> Array:
+    """``(batch, q_seq, heads|1)`` bool: the query rows that see at least one key under every mask option
+    jax.nn has (lengths, causal, window, the query offset of a decode step, a dense mask).
+
+    Closed form for the position masks (each row sees a contiguous key range ``[lo, hi]``), so it costs
+    ``O(batch * q_seq)``; a dense mask adds one ``any`` over it (jax.nn reads it whole anyway).
+    """
+    query, key, _, _, mask, opts = inputs
+    static, arrays = opts.static, opts.arrays
+    batch, q_seq, kv_seq = query.shape[0], query.shape[1], key.shape[1]
+    i = jnp.arange(q_seq, dtype=jnp.int32)[None, :]  # (1, q_seq)
+    position = i if arrays.q_offset is None else i + arrays.q_offset[:, None]
+    end = jnp.full((batch, 1), kv_seq, jnp.int32) if arrays.kv_length is None else arrays.kv_length[:, None]
+    lo, hi = jnp.zeros_like(position), jnp.clip(end, 0, kv_seq) - 1 + jnp.zeros_like(position)
+    if static.local_window_size is not None:
+        left, right = static.local_window_size
+        lo, hi = jnp.maximum(lo, position - left), jnp.minimum(hi, position + right)
+    if static.is_causal:
+        hi = jnp.minimum(hi, position)
+    rows = (lo <= hi) if arrays.q_length is None else (lo <= hi) & (i < arrays.q_length[:, None])
+    rows = jnp.broadcast_to(rows, (batch, q_seq))[:, :, None]  # (batch, q_seq, 1)
+    if mask is None:
+        return rows
+    j = jnp.arange(kv_seq, dtype=jnp.int32)[None, None, :]
+    in_range = (j >= lo[..., None]) & (j <= hi[..., None])  # (batch, q_seq, kv_seq)
+    visible = (in_range[:, None] & mask).any(-1)  # (batch, heads|1, q_seq)
+    return rows & visible.transpose(0, 2, 1)
+
+
+def repair_rows(inputs: AttentionInputs, out: Array, lse: Array) -> tuple[Array, Array]:
+    """jax.nn's ``(out, lse)`` with jattn's answer for rows that see no key: zeros (and zero gradients: the
+    select passes none to jax.nn's mean-of-V there) and the masking sentinel as log-sum-exp."""
+    rows = rows_with_a_key(inputs)
+    out = jnp.where(rows[..., None], out, jnp.zeros((), out.dtype))
+    return out, jnp.where(rows, lse, _numerics.masked_value(lse.dtype))

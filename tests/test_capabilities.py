@@ -20,7 +20,9 @@ def test_readme_table_is_the_generated_one():
     text = README.read_text()
     found = re.search(r"<!-- capabilities:start -->\n(.*?)\n<!-- capabilities:end -->", text, re.S)
     assert found, "README lost its capability table markers"
-    assert found.group(1) == _capabilities.markdown_table()
+    assert found.group(1) == _capabilities.markdown_table(), (
+        "regenerate: python -c 'from jattn._capabilities import rewrite_readme; rewrite_readme()'"
+    )
 
 
 def test_every_call_option_is_a_column():

@@ -1,0 +1,184 @@
+"""``python -m bench.auto_rule``: the measurements behind ``jattn``'s auto rule, in interleaved rounds.
+
+For each sequence length, option set, mode and dtype, the contenders — ``jax.nn``'s XLA attention (the
+peer), jattn's ``blockwise`` kernel and jattn's materialized ``reference`` — are compiled once and then
+timed round-robin (A B C A B C ...), so a noisy shared machine slows them alike. The result (medians,
+ratios to ``jax.nn`` and the crossovers the rule's thresholds are read from) is written as a small JSON
+file that is committed (``bench/results/auto-rule-<backend>.json``), and ``jattn/_dispatch.py``'s
+thresholds cite it; ``tests/test_auto_rule_evidence.py`` checks that they agree.
+
+Options: ``none``, ``causal``, ``lengths`` (``key_value_seq_lengths``, every example filled to 3/4),
+``gqa`` (2 key/value heads), ``mask`` (a boolean padding mask, 3/4 visible) and ``segments`` (two
+packed sequences; ``jax.nn`` gets the same mask dense, as a user without segment ids would pass it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .runner import machine_info
+
+RESULTS_DIR = Path(__file__).parent / "results"
+OPTIONS = ("none", "causal", "lengths", "gqa", "mask", "segments")
+CONTENDERS = ("jax.nn:xla", "jattn:blockwise", "jattn:reference")
+
+
+def _inputs(option: str, seq: int, dtype, shape: dict) -> tuple[tuple, dict, dict]:
+    """(q, k, v), jattn's keyword options and jax.nn's for one case (the same attention)."""
+    batch, heads, dim = shape["batch"], shape["heads"], shape["dim"]
+    kv_heads = 2 if option == "gqa" else heads
+    keys = jax.random.split(jax.random.key(seq), 3)
+    q = jax.random.normal(keys[0], (batch, seq, heads, dim), dtype)
+    k = jax.random.normal(keys[1], (batch, seq, kv_heads, dim), dtype)
+    v = jax.random.normal(keys[2], (batch, seq, kv_heads, dim), dtype)
+    filled = jnp.full((batch,), 3 * seq // 4, jnp.int32)
+    ids = (jnp.arange(seq) >= seq // 2).astype(jnp.int32)[None].repeat(batch, 0)
+    match option:
+        case "causal":
+            return (q, k, v), {"is_causal": True}, {"is_causal": True}
+        case "lengths":
+            return (q, k, v), {"key_value_seq_lengths": filled}, {"key_value_seq_lengths": filled}
+        case "mask":
+            mask = (jnp.arange(seq) < 3 * seq // 4)[None, None, None, :].repeat(batch, 0)
+            return (q, k, v), {"mask": mask}, {"mask": mask}
+        case "segments":
+            dense = (ids[:, :, None] == ids[:, None, :])[:, None]
+            return (q, k, v), {"query_segment_ids": ids, "key_value_segment_ids": ids}, {"mask": dense}
+    return (q, k, v), {}, {}
+
+
+def _contender(name: str, mode: str, options: dict):
+    """A jitted ``f(q, k, v, arrays)`` for one contender and mode: bool options are static, the array ones
+    arguments (closed over, XLA would fold them as constants)."""
+    library, impl = name.split(":")
+    static = {key: value for key, value in options.items() if isinstance(value, bool)}
+
+    def attend(q, k, v, arrays):
+        if library == "jax.nn":
+            with jax.numpy_dtype_promotion("standard"):
+                return jax.nn.dot_product_attention(q, k, v, **static, **arrays, implementation=impl)
+        import jattn
+
+        return jattn.dot_product_attention(q, k, v, **static, **arrays, implementation=impl)
+
+    if mode == "fwd":
+        return jax.jit(attend)
+
+    def loss(q, k, v, arrays):
+        return jnp.sum(attend(q, k, v, arrays).astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _arrays(options: dict) -> dict:
+    return {key: value for key, value in options.items() if not isinstance(value, bool)}
+
+
+def measure_group(args: tuple, contenders: dict, *, rounds: int) -> dict[str, Any]:
+    """Compiles each contender, then times them round-robin; medians and compile seconds per contender."""
+    compiled, out = {}, {}
+    for name, (fn, options) in contenders.items():
+        start = time.perf_counter()
+        try:
+            compiled[name] = (fn.lower(*args, options).compile(), options)
+            out[name] = {"compile_s": time.perf_counter() - start}
+        except Exception as e:  # e.g. jax.nn refusing an option: recorded, not fatal
+            out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    for call, options in compiled.values():
+        jax.block_until_ready(call(*args, options))  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in range(rounds):
+        for name, (call, options) in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call(*args, options))
+            times[name].append(time.perf_counter() - start)
+    for name, values in times.items():
+        out[name]["median_s"] = statistics.median(values)
+    return out
+
+
+def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool) -> list[dict]:
+    """One record per (seq, option, mode, dtype) group."""
+    records = []
+    for dtype in dtypes:
+        for option in options:
+            for mode in modes:
+                for seq in seqs:
+                    args, ours, theirs = _inputs(option, seq, jnp.dtype(dtype), shape)
+                    contenders = {}
+                    for name in CONTENDERS:
+                        if name == "jattn:reference" and seq > shape["reference_max_seq"]:
+                            continue
+                        options = theirs if name.startswith("jax.nn") else ours
+                        contenders[name] = (_contender(name, mode, options), _arrays(options))
+                    result = measure_group(args[:3], contenders, rounds=rounds)
+                    peer = result["jax.nn:xla"].get("median_s")
+                    for r in result.values():
+                        if peer and r.get("median_s"):
+                            r["vs_jax_nn"] = r["median_s"] / peer
+                    record = {"seq": seq, "option": option, "mode": mode, "dtype": dtype, "results": result}
+                    records.append(record)
+                    if progress:
+                        ratios = {n: round(r.get("vs_jax_nn", float("nan")), 2) for n, r in result.items()}
+                        print(f"{dtype:8} {option:8} {mode:7} T={seq:<5} {ratios}", flush=True)
+    return records
+
+
+def crossovers(records: list[dict]) -> dict[str, int]:
+    """The longest sequence at which ``jax.nn`` (xla) still beat the blockwise kernel by more than 5%, over
+    every option/mode/dtype jax.nn computes exactly (all but ``segments``), and the longest at which the
+    reference beat blockwise (over every option); 0 where it never did."""
+    xla_wins = [
+        r["seq"]
+        for r in records
+        if r["option"] != "segments"
+        and r["results"]["jattn:blockwise"].get("median_s", 0) > 1.05 * r["results"]["jax.nn:xla"].get("median_s", 1e9)
+    ]
+    reference_wins = [
+        r["seq"]
+        for r in records
+        if "median_s" in r["results"].get("jattn:reference", {})
+        and r["results"]["jattn:reference"]["median_s"] < r["results"]["jattn:blockwise"].get("median_s", 0)
+    ]
+    return {"xla_max_seq": max(xla_wins, default=0), "reference_max_seq": max(reference_wins, default=0)}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench.auto_rule", description=__doc__.split("\n")[0].strip("`: "))
+    p.add_argument("--seq", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
+    p.add_argument("--option", nargs="+", choices=OPTIONS, default=list(OPTIONS))
+    p.add_argument("--mode", nargs="+", choices=("fwd", "fwd+bwd"), default=["fwd", "fwd+bwd"])
+    p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=["float32", "bfloat16"])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--reference-max-seq", type=int, default=256, help="longest sequence the reference runs at")
+    p.add_argument("--out", type=Path, help="default: bench/results/auto-rule-<backend>.json")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    shape = {"batch": args.batch, "heads": 8, "dim": 64, "reference_max_seq": args.reference_max_seq}
+    records = run(args.seq, args.option, args.mode, args.dtype, shape=shape, rounds=args.rounds,
+                  progress=not args.no_progress)  # fmt: skip
+    doc = {
+        "machine": machine_info(),
+        "command": "python -m bench.auto_rule " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "shape": shape,
+        "rounds": args.rounds,
+        "crossovers": crossovers(records),
+        "records": records,
+    }
+    out = args.out or RESULTS_DIR / f"auto-rule-{jax.default_backend()}.json"
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print("crossovers:", doc["crossovers"], "->", out)
+    return doc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Auto on jax.nn with rows that may see no key: jax.nn's result, repaired to jattn's (zeros, zero gradients)."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn._jax_nn import rows_with_a_key
+from jattn._options import CallOptions
+from jattn._prepare import clipped_lengths, prepare
+from jattn.masks import _combine
+
+B, T, S, H, D = 3, 7, 5, 2, 4
+
+
+def _visible(inputs):
+    """(batch, heads|1, q_seq, kv_seq): every position mask materialized, the slow way."""
+    opts = clipped_lengths(inputs).opts
+
+    def one(arrays):
+        predicate = opts.with_arrays(arrays).mask_mod()
+        return jnp.ones((T, S), bool) if predicate is None else _combine.materialize(predicate, T, S)
+
+    dense = jax.vmap(one, axis_size=B)(opts.arrays)[:, None]
+    return dense if inputs.mask is None else dense & inputs.mask
+
+
+CONFIGS = list(itertools.product([False, True], [None, (1, 0), (0, 2)], [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize(("causal", "window", "lengths", "offset", "mask"), CONFIGS)
+def test_rows_with_a_key_is_the_any_of_the_materialized_masks(causal, window, lengths, offset, mask):
+    r = np.random.default_rng(len(str((causal, window, lengths, offset, mask))))
+    q = jnp.ones((B, T, H, D))
+    call = CallOptions(
+        is_causal=causal,
+        local_window_size=window,
+        query_seq_lengths=jnp.asarray([7, 0, 3], jnp.int32) if lengths else None,
+        key_value_seq_lengths=jnp.asarray([0, 9, 2], jnp.int32) if lengths else None,  # 9: past the sequence
+        query_offset=jnp.asarray([0, 2, -3], jnp.int32) if offset else None,
+        mask=jnp.asarray(r.random((B, H, T, S)) > 0.7) if mask else None,
+    )
+    inputs = prepare(q, q[:, :S], q[:, :S], call).inputs
+    want = _visible(inputs).any(-1).transpose(0, 2, 1)  # (batch, q_seq, heads|1)
+    got = jax.jit(rows_with_a_key)(inputs)
+    np.testing.assert_array_equal(np.broadcast_to(got, want.shape), want)
+
+
+def test_auto_on_jax_nn_gives_zeros_and_zero_gradients_where_jax_nn_gives_the_mean_of_v():
+    r = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(r.standard_normal((B, n, H, D)), jnp.float32) for n in (T, S, S))
+    lengths = jnp.asarray([5, 0, 2], jnp.int32)
+    options = dict(key_value_seq_lengths=lengths, is_causal=True)
+    assert jattn.auto_implementation(q, k, v, backend="cpu", **options) == "xla"
+
+    def loss(implementation):
+        return lambda q, k, v: jnp.sum(
+            jnp.sin(jattn.dot_product_attention(q, k, v, implementation=implementation, **options))
+        )
+
+    out = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, **options))(q, k, v)
+    with jax.numpy_dtype_promotion("standard"):  # jax.nn mixes int32 lengths with default-int positions
+        mean_of_v = jax.nn.dot_product_attention(q, k, v, **options)[1]
+    assert not jnp.any(out[1]) and jnp.any(mean_of_v)  # example 1 sees no key: jax.nn gives the mean of V
+    want = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, implementation="reference", **options))(q, k, v)
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    grads = jax.jit(jax.grad(loss(None), argnums=(0, 1, 2)))(q, k, v)
+    ref_grads = jax.jit(jax.grad(loss("reference"), argnums=(0, 1, 2)))(q, k, v)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        assert jnp.all(jnp.isfinite(g))
+        np.testing.assert_allclose(g, rg, atol=1e-5)
+    assert not jnp.any(grads[0][1])
