@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: test test-all demo bench lint clean
+.PHONY: test test-all wheel-check demo bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +16,19 @@ test: $(BIN)/python
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
-# `make test-all`: the same, plus the slow tier (exhaustive cross-product sweeps; see pyproject's markers).
+# `make test-all`: the same, plus the slow tier (exhaustive cross-product sweeps; see pyproject's markers)
+# and the wheel check below.
 test-all: $(BIN)/python
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,packaging]'
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup
+
+# `make wheel-check`: build the sdist and wheel, `twine check` them, install the wheel into a fresh
+# venv and run jattn there without flax, then jattn.nnx with the nnx extra (tests/test_packaging.py;
+# about 45 s on 2 cores, most of it pip installing jax and flax from the package index).
+wheel-check: $(BIN)/python
+	$(PIP) install -e '.[test,packaging]'
+	$(BIN)/python -m pytest -q -n 0 -s tests/test_packaging.py
 
 # `make demo`: the tutorial notebook, done with jattn.
 demo: $(BIN)/python
@@ -34,7 +42,7 @@ lint: $(BIN)/python
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache
+	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache dist build
 
 # `make bench`: the benchmark harness (full preset) on whatever backend JAX finds.
 bench: $(BIN)/python
