@@ -117,8 +117,8 @@ def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: boo
                     for name in CONTENDERS:
                         if name == "jattn:reference" and seq > shape["reference_max_seq"]:
                             continue
-                        options = theirs if name.startswith("jax.nn") else ours
-                        contenders[name] = (_contender(name, mode, options), _arrays(options))
+                        given = theirs if name.startswith("jax.nn") else ours
+                        contenders[name] = (_contender(name, mode, given), _arrays(given))
                     result = measure_group(args[:3], contenders, rounds=rounds)
                     peer = result["jax.nn:xla"].get("median_s")
                     for r in result.values():
