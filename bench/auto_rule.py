@@ -8,8 +8,9 @@ file that is committed (``bench/results/auto-rule-<backend>.json``), and ``jattn
 thresholds cite it; ``tests/test_auto_rule_evidence.py`` checks that they agree.
 
 Options: ``none``, ``causal``, ``lengths`` (``key_value_seq_lengths``, every example filled to 3/4),
-``gqa`` (2 key/value heads), ``mask`` (a boolean padding mask, 3/4 visible) and ``segments`` (two
-packed sequences; ``jax.nn`` gets the same mask dense, as a user without segment ids would pass it).
+``gqa`` (2 key/value heads), ``mask`` (a boolean padding mask, 3/4 visible), ``segments`` (two
+packed sequences; ``jax.nn`` gets the same mask dense, as a user without segment ids would pass it),
+``bias`` (a float bias) and ``soft_cap`` (``logits_soft_cap=30``; jax.nn has none, so it runs plain).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import jax.numpy as jnp
 from .runner import machine_info
 
 RESULTS_DIR = Path(__file__).parent / "results"
-OPTIONS = ("none", "causal", "lengths", "gqa", "mask", "segments")
+OPTIONS = ("none", "causal", "lengths", "gqa", "mask", "segments", "bias", "soft_cap")
+EXACT_WITH_JAX_NN = ("none", "causal", "lengths", "gqa", "mask", "segments")  # segments: as a dense mask
+OWN_OPTIONS = ("bias", "soft_cap")  # auto runs jattn's own paths (jax.nn: NaN rows under -inf bias; no soft cap)
 CONTENDERS = ("jax.nn:xla", "jattn:blockwise", "jattn:reference")
 
 
@@ -52,6 +55,11 @@ def _inputs(option: str, seq: int, dtype, shape: dict) -> tuple[tuple, dict, dic
         case "segments":
             dense = (ids[:, :, None] == ids[:, None, :])[:, None]
             return (q, k, v), {"query_segment_ids": ids, "key_value_segment_ids": ids}, {"mask": dense}
+        case "bias":
+            bias = jax.random.normal(keys[0], (batch, heads, seq, seq), dtype)
+            return (q, k, v), {"bias": bias}, {"bias": bias}
+        case "soft_cap":
+            return (q, k, v), {"logits_soft_cap": 30.0}, {}
     return (q, k, v), {}, {}
 
 
@@ -59,7 +67,7 @@ def _contender(name: str, mode: str, options: dict):
     """A jitted ``f(q, k, v, arrays)`` for one contender and mode: bool options are static, the array ones
     arguments (closed over, XLA would fold them as constants)."""
     library, impl = name.split(":")
-    static = {key: value for key, value in options.items() if isinstance(value, bool)}
+    static = {key: value for key, value in options.items() if isinstance(value, bool | float)}
 
     def attend(q, k, v, arrays):
         if library == "jax.nn":
@@ -79,7 +87,7 @@ def _contender(name: str, mode: str, options: dict):
 
 
 def _arrays(options: dict) -> dict:
-    return {key: value for key, value in options.items() if not isinstance(value, bool)}
+    return {key: value for key, value in options.items() if not isinstance(value, bool | float)}
 
 
 def measure_group(args: tuple, contenders: dict, *, rounds: int) -> dict[str, Any]:
@@ -133,22 +141,29 @@ def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: boo
 
 
 def crossovers(records: list[dict]) -> dict[str, int]:
-    """The longest sequence at which ``jax.nn`` (xla) still beat the blockwise kernel by more than 5%, over
-    every option/mode/dtype jax.nn computes exactly (all but ``segments``), and the longest at which the
-    reference beat blockwise (over every option); 0 where it never did."""
-    xla_wins = [
+    """The sequence lengths the auto rule's thresholds are read from.
+
+    * ``xla_max_seq``: the longest sequence at which the blockwise kernel was more than 5% slower than
+      ``jax.nn`` in any case jax.nn computes exactly (``EXACT_WITH_JAX_NN``): above it blockwise is within
+      5% of jax.nn or faster everywhere measured, at or below it auto delegates.
+    * ``reference_max_seq``: for the options auto cannot delegate (``OWN_OPTIONS``), the longest sequence
+      at which the materialized reference was faster than the blockwise kernel in most of the cases there.
+    """
+
+    def median(r, name):
+        return r["results"].get(name, {}).get("median_s")
+
+    slower = [
         r["seq"]
         for r in records
-        if r["option"] != "segments"
-        and r["results"]["jattn:blockwise"].get("median_s", 0) > 1.05 * r["results"]["jax.nn:xla"].get("median_s", 1e9)
+        if r["option"] in EXACT_WITH_JAX_NN and median(r, "jattn:blockwise") > 1.05 * median(r, "jax.nn:xla")
     ]
-    reference_wins = [
-        r["seq"]
-        for r in records
-        if "median_s" in r["results"].get("jattn:reference", {})
-        and r["results"]["jattn:reference"]["median_s"] < r["results"]["jattn:blockwise"].get("median_s", 0)
-    ]
-    return {"xla_max_seq": max(xla_wins, default=0), "reference_max_seq": max(reference_wins, default=0)}
+    wins: dict[int, list[bool]] = {}
+    for r in records:
+        if r["option"] in OWN_OPTIONS and median(r, "jattn:reference"):
+            wins.setdefault(r["seq"], []).append(median(r, "jattn:reference") < median(r, "jattn:blockwise"))
+    reference = [seq for seq, won in wins.items() if sum(won) > len(won) / 2]
+    return {"xla_max_seq": max(slower, default=0), "reference_max_seq": max(reference, default=0)}
 
 
 def main(argv=None) -> dict:

@@ -32,6 +32,7 @@ class Support(enum.Enum):
     NO = "no"  # cannot honour: asking for it raises ValueError, auto never picks it
     DIFFERS = "differs"  # runs, with jax.nn's semantics instead of jattn's (documented); auto never picks it
     REPAIRED = "differs, auto repairs"  # asked for by name: jax.nn's semantics; auto picks it and repairs the result
+    EMULATED = "no, auto emulates"  # asked for by name: refused; auto passes it in another form (and repairs)
 
 
 def _option_columns() -> tuple[str, ...]:
@@ -69,7 +70,7 @@ PROPERTIES: Mapping[str, str] = {
 FEATURES: tuple[str, ...] = (*OPTIONS, *PROPERTIES)
 
 _JAX_NN_LACKS = {
-    "query_segment_ids/key_value_segment_ids": Support.NO,
+    "query_segment_ids/key_value_segment_ids": Support.EMULATED,  # as the dense mask they define (_jax_nn)
     "logits_soft_cap": Support.NO,
     "score_mod": Support.NO,
     "mask_mod": Support.NO,
@@ -168,13 +169,14 @@ def features_of(inputs: AttentionInputs) -> dict[str, str]:
 def lacking(implementation: str, features: Mapping[str, str], *, exactly: bool = False) -> list[str]:
     """The features ``implementation`` cannot honour (with ``exactly``: nor computes as jattn defines them,
     even with the auto rule's repair)."""
-    refused = {Support.NO, Support.DIFFERS} if exactly else {Support.NO}
+    refused = {Support.NO, Support.DIFFERS} if exactly else {Support.NO, Support.EMULATED}
     return [shown for feature, shown in features.items() if support(implementation, feature) in refused]
 
 
 def repaired(implementation: str, features: Mapping[str, str]) -> bool:
-    """Whether auto, running ``implementation``, must repair its result (:attr:`Support.REPAIRED` cells)."""
-    return any(support(implementation, feature) is Support.REPAIRED for feature in features)
+    """Whether auto, running ``implementation``, must repair its result or emulate an option
+    (:attr:`Support.REPAIRED` and :attr:`Support.EMULATED` cells)."""
+    return any(support(implementation, feature) in (Support.REPAIRED, Support.EMULATED) for feature in features)
 
 
 def check_supported(implementation: str, features: Mapping[str, str]) -> None:

@@ -21,7 +21,7 @@ from jaxtyping import Array
 
 from . import _capabilities, _checks, _numerics
 from ._blockwise import blockwise_attention
-from ._jax_nn import jax_nn_attention, repair_rows
+from ._jax_nn import jax_nn_attention, repair_rows, with_segment_mask
 from ._mesh import like_query, whole_sequences
 from ._options import AttentionInputs, Execution
 from ._prepare import Prepared, clipped_lengths
@@ -192,6 +192,7 @@ def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[A
             out, lse = run_sequence_parallel(plan, inputs, block_q=block_q, block_kv=block_kv)
         case Route("xla" | "cudnn" as delegate, None, repair):
             inputs = whole_sequences(prepared.inputs)
+            inputs = with_segment_mask(inputs) if repair else inputs
             out, lse = jax_nn_attention(inputs, delegate, return_residual=execution.return_residual)
             if repair:
                 out, lse = repair_rows(inputs, out, lse)

@@ -88,6 +88,18 @@ def rows_with_a_key(inputs: AttentionInputs) -> Array:
     return rows & visible.transpose(0, 2, 1)
 
 
+def with_segment_mask(inputs: AttentionInputs) -> AttentionInputs:
+    """Segment ids (which jax.nn lacks) as the dense ``(batch, 1, q_seq, kv_seq)`` mask they define, ANDed
+    into the mask: how auto runs packed sequences through jax.nn (it then repairs the rows that see no key)."""
+    arrays = inputs.opts.arrays
+    if arrays.q_segment_ids is None:
+        return inputs
+    same = arrays.q_segment_ids[:, None, :, None] == arrays.kv_segment_ids[:, None, None, :]
+    mask = same if inputs.mask is None else inputs.mask & same
+    opts = inputs.opts.with_arrays(arrays._replace(q_segment_ids=None, kv_segment_ids=None))
+    return inputs._replace(mask=mask, opts=opts)
+
+
 def repair_rows(inputs: AttentionInputs, out: Array, lse: Array) -> tuple[Array, Array]:
     """jax.nn's ``(out, lse)`` with jattn's answer for rows that see no key: zeros (and zero gradients: the
     select passes none to jax.nn's mean-of-V there) and the masking sentinel as log-sum-exp."""

@@ -73,3 +73,26 @@ def test_auto_on_jax_nn_gives_zeros_and_zero_gradients_where_jax_nn_gives_the_me
         assert jnp.all(jnp.isfinite(g))
         np.testing.assert_allclose(g, rg, atol=1e-5)
     assert not jnp.any(grads[0][1])
+
+
+def test_auto_runs_packed_sequences_through_jax_nn_as_a_dense_mask():
+    r = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(r.standard_normal((B, n, H, D)), jnp.float32) for n in (T, S, S))
+    q_ids = jnp.asarray([[0, 0, 1, 1, 2, 2, 3]] * B, jnp.int32)  # segment 3 has no key
+    kv_ids = jnp.asarray([[0, 1, 1, 2, 2]] * B, jnp.int32)
+    options = dict(query_segment_ids=q_ids, key_value_segment_ids=kv_ids)
+    assert jattn.auto_implementation(q, k, v, backend="cpu", **options) == "xla"
+    with pytest.raises(ValueError, match="does not support query_segment_ids"):
+        jattn.dot_product_attention(q, k, v, implementation="xla", **options)
+
+    def loss(implementation):
+        def f(q, k, v):
+            return jnp.sum(jnp.sin(jattn.dot_product_attention(q, k, v, implementation=implementation, **options)))
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+    (value, grads), (ref_value, ref_grads) = loss(None)(q, k, v), loss("reference")(q, k, v)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, rg, atol=1e-5)
+    assert not jnp.any(grads[0][:, 6])  # the query of segment 3 sees no key: zero gradient
