@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ._jax_compat import eval_jaxpr
+
 SCORE_MOD_ARGS = ("score", "batch", "head", "q_idx", "kv_idx")
 MASK_MOD_ARGS = ("batch", "head", "q_idx", "kv_idx")
 
@@ -40,7 +42,7 @@ class ConvertedMod:
     name: str  # the user function's name, for messages
 
     def __call__(self, *args, consts):
-        return jax.core.eval_jaxpr(self.jaxpr, list(consts), *args)[0]
+        return eval_jaxpr(self.jaxpr, list(consts), *args)[0]
 
 
 def convert(fn: Callable, kind: str, score_dtype=jnp.float32) -> tuple[ConvertedMod, tuple[Array, ...]]:

@@ -10,7 +10,7 @@ import pytest
 import jattn
 from jattn import _dispatch
 from jattn._blockwise import _geometry
-from jattn._dispatch import Problem
+from jattn._dispatch import CallSignature
 from jattn._options import AttentionOptions, ExampleArrays, StaticOptions
 
 
@@ -89,7 +89,7 @@ def test_long_ragged_sequence_with_window_and_lengths():
 def _kinds(q_seq, kv_seq, block, **options):
     opts = AttentionOptions(StaticOptions(scale=1.0, **options))
     grid = _geometry.Grid(q_seq, kv_seq, block, block)
-    blocks = _geometry.ExampleBlocks(opts, grid, None, 0, 1, 1)
+    blocks = _geometry.ExampleBlocks(opts, grid, None, 0, heads=(1, 1))
     kinds = np.zeros((grid.num_q_blocks, grid.num_kv_blocks), int)
     for qb in range(grid.num_q_blocks):
         lo, hi = (int(x) for x in blocks.kv_block_range(qb))
@@ -112,7 +112,7 @@ def test_sliding_window_visits_a_band():
 
 def test_key_value_blocks_visit_only_the_queries_that_see_them():
     opts = AttentionOptions(StaticOptions(scale=1.0, is_causal=True), ExampleArrays(kv_length=jnp.int32(300)))
-    blocks = _geometry.ExampleBlocks(opts, _geometry.Grid(500, 500, 128, 128), None, 0, 1, 1)
+    blocks = _geometry.ExampleBlocks(opts, _geometry.Grid(500, 500, 128, 128), None, 0, heads=(1, 1))
     assert [tuple(int(x) for x in blocks.q_block_range(kb)) for kb in range(4)] == [(0, 4), (1, 4), (2, 4), (0, 0)]
 
 
@@ -169,7 +169,8 @@ def test_16_bit_inputs_accumulate_in_float32(dtype, atol):
 
 
 def auto_implementation(q_seq, kv_seq, *, exact_with_jax_nn=False, dtype=jnp.float32):
-    return _dispatch.choose(Problem("cpu", jnp.dtype(dtype), q_seq, kv_seq, 64, 64, exact_with_jax_nn, True))
+    features = frozenset() if exact_with_jax_nn else frozenset({"logits_soft_cap"})  # an option jax.nn lacks
+    return _dispatch.choose(CallSignature("cpu", jnp.dtype(dtype), q_seq, kv_seq, 64, 64, features))
 
 
 def test_auto_dispatch_rule():
@@ -188,7 +189,7 @@ def test_auto_dispatch_rule():
     [
         ({}, "xla"),
         ({"is_causal": True}, "xla"),
-        ({"key_value_seq_lengths": jnp.array([3, 5], jnp.int32)}, "reference"),  # a row may see nothing
+        ({"key_value_seq_lengths": jnp.array([3, 0], jnp.int32)}, "xla"),  # rows that see nothing: repaired
         ({"logits_soft_cap": 2.0}, "reference"),  # jax.nn lacks it
     ],
 )
@@ -207,5 +208,5 @@ def test_auto_picks_jax_nn_only_where_it_computes_exactly_what_jattn_does(option
 @pytest.mark.parametrize("value", [0, -3, 2.5, True])
 def test_block_sizes_must_be_positive_ints(name, value):
     q, k, v = _inputs(5, 5)
-    with pytest.raises(ValueError, match=rf"{name} must be a positive int; got {value!r}"):
+    with pytest.raises(ValueError, match=rf"{name} must be a positive int or None; got {value!r}"):
         jattn.dot_product_attention(q, k, v, implementation="blockwise", **{name: value})

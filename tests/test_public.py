@@ -76,3 +76,17 @@ def test_private_modules_never_import_public_ones():
 
 
 _SUBMODULES = {"masks", "score_mods", "sharding", "testing", "nnx"}
+
+
+def test_jax_internals_are_imported_in_one_module_only():
+    """Every non-public JAX name jattn uses goes through jattn/_jax_compat.py (one place to check on upgrades)."""
+    package = pathlib.Path(jattn.__file__).resolve().parent
+    internal = re.compile(r"\bjax\.(core|interpreters|extend|_src)\b|from jax\.(core|interpreters|extend|_src)\b")
+    offenders = [
+        f"{path.relative_to(package)}:{n}"
+        for path in package.rglob("*.py")
+        if path.name != "_jax_compat.py"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if internal.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert not offenders, offenders

@@ -14,9 +14,12 @@ shape). The package, in the order a call goes through it:
 * ``_forward``, ``_tangent`` (forward mode) and ``_backward``: the three passes;
 * ``_dense``: the same passes on one block spanning everything (for second
   derivatives in reverse mode);
-* ``_ring``: the same passes over a sequence split across devices (ring attention);
-* ``_autodiff``: how they are wired into JAX's autodiff (one primitive: JVP,
-  transpose and batching rules).
+* ``_ring_layout`` (where a device's pieces sit), ``_pairs`` (one chunk pair's
+  operands and merge) and ``_ring`` (the passes over a sequence split across
+  devices: ring attention);
+* ``_primitive`` (the primitive and its JAX rules), ``_passes`` (passes as
+  primitive parameters, the generic higher-order pass) and ``_autodiff`` (the
+  forward, tangent and cotangent passes and the kernel's entry point).
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ import dataclasses
 
 from jaxtyping import Array
 
-from .. import _checks
 from .._options import AttentionInputs
 from ..masks._block_mask import block_mask_of
-from ._autodiff import attention
+from ._autodiff import kernel_attention
 from ._blockmath import KernelSpec
 from ._geometry import Grid, fitted_block
 from ._layout import Operands, can_fold_batch, fold_batch, from_kernel_layout, to_kernel_layout, unfold_batch
-from ._pairs import Ring, chunk_start, splits_for, visited_blocks
+from ._pairs import visited_blocks
+from ._ring_layout import Ring, chunk_start, splits_for
 
 __all__ = [  # what the rest of jattn may import from this package (nothing imports its modules)
     "Ring",
@@ -51,13 +54,7 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
     log-sum-exp in the softmax compute dtype, both differentiable in every mode.
     """
     q_seq, kv_seq, batch = inputs.query.shape[1], inputs.key.shape[1], inputs.query.shape[0]
-    for name, seq in (("query", q_seq), ("key", kv_seq)):
-        if not _checks.is_concrete(seq):
-            raise ValueError(
-                f"implementation='blockwise' tiles the sequences into blocks, so it needs a concrete sequence "
-                f"length; got the {name}'s symbolic length {seq}. Export with implementation=None (which picks "
-                "'reference' for symbolic lengths) or 'reference', or give the sequence a concrete length"
-            )
+    # Concrete lengths: the capability table keeps symbolic ones away (_capabilities.SYMBOLIC).
     opts = inputs.opts
     if opts.block_mask is not None:  # the grid the block mask was built for
         grid = opts.block_mask.grid
@@ -71,10 +68,10 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
     spec = KernelSpec(inputs.opts.static, grid)
     ops = to_kernel_layout(inputs, grid)
     if can_fold_batch(ops):
-        out, lse = attention(spec, fold_batch(ops))
+        out, lse = kernel_attention(spec, fold_batch(ops))
         out, lse = unfold_batch(out, batch), unfold_batch(lse, batch)
     else:
-        out, lse = attention(spec, ops)
+        out, lse = kernel_attention(spec, ops)
     return from_kernel_layout(out, lse, grid)
 
 
@@ -88,4 +85,4 @@ def ring_attention(inputs: AttentionInputs, ring: Ring, *, block_q: int, block_k
     q_chunk, kv_chunk = inputs.query.shape[1] // ring.parts, inputs.key.shape[1] // ring.parts
     grid = Grid(q_chunk, kv_chunk, fitted_block(q_chunk, block_q), fitted_block(kv_chunk, block_kv))
     spec = KernelSpec(inputs.opts.static, grid, ring)
-    return attention(spec, Operands(*inputs))
+    return kernel_attention(spec, Operands(*inputs))

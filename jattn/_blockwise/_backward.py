@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from .. import _core
+from .. import _numerics
 from . import _blockmath as bm
 from ._forward import example_sinks
 from ._geometry import ExampleBlocks, Grid, block_start, slice_block
@@ -63,7 +63,7 @@ class Wanted(NamedTuple):
     consts: tuple[bool, ...] = ()  # per score_mod const
 
 
-def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, consts, want, place) -> PairGrads:
+def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, *, consts, want, place) -> PairGrads:
     """Adds one block pair's dK/dV (and score_mod const gradients) to ``acc``; also its dQ block and dlogits.
 
     ``visible`` ``(kv_heads|1, bk, groups|1, bq)`` masks a partial block (None: fully visible);
@@ -86,7 +86,7 @@ def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, 
 
     def modded(pre, wanted_consts):
         return bm.score_mod(
-            options, bm.with_wanted(consts, want, wanted_consts), pre, bm.BACKWARD_LAYOUT, groups, place
+            options, bm.with_wanted(consts, want, wanted_consts), pre, bm.BACKWARD_LAYOUT, groups=groups, place=place
         )
 
     s = modded(pre, bm.wanted(consts, want))
@@ -121,7 +121,7 @@ class BackwardArrays(NamedTuple):
 
 
 def backward_arrays(ops: Operands, out: Array, dout: Array, dlse: Array) -> BackwardArrays:
-    acc_dtype = _core.compute_dtype(ops.q.dtype)
+    acc_dtype = _numerics.compute_dtype(ops.q.dtype)
     k, v = ops.k.transpose(1, 0, 2), ops.v.transpose(1, 0, 2)
     # The log-sum-exp's cotangent adds dlse * p to dlogits: it enters as -dlse in the row term.
     delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype) - dlse.astype(acc_dtype)
@@ -134,7 +134,9 @@ def key_block(grid, arrays: BackwardArrays, kb) -> KeyBlock:
     )
 
 
-def query_block(grid, ops: Operands, arrays: BackwardArrays, lse: Array, dout: Array, qb, kb) -> QueryBlock:
+def query_block(grid, ops: Operands, arrays: BackwardArrays, lse: Array, dout: Array, *, at) -> QueryBlock:
+    """The query-side blocks of block pair ``at = (qb, kb)``."""
+    qb, kb = at
     kv_heads, groups = ops.q.shape[:2]
     rows = groups * grid.block_q
 
@@ -174,23 +176,23 @@ def sinks_grad(sinks: Array, lse: Array, delta: Array) -> Array:
     return -(p_sink * delta).sum(axis=-1)
 
 
-def backward_example(spec, ops: Operands, out, lse, dout, dlse, example, want: Wanted) -> Grads:
+def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want: Wanted) -> Grads:
     """One example's gradients; ``ops`` holds that example's arrays."""
     grid = spec.grid
     kv_heads, groups, _, dim = ops.q.shape
     v_dim = ops.v.shape[-1]
     rows = groups * grid.block_q
-    acc_dtype = _core.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
+    acc_dtype = _numerics.compute_dtype(ops.q.dtype)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
     arrays = backward_arrays(ops, out, dout, dlse)
     consts = ops.opts.shared.score_consts
 
-    def pair(acc, query, qb, kb, key, masked):
+    def pair(acc, query, qb, kb, key, *, masked):
         visible = None
         if masked:
             visible = bm.transposed_block(blocks.visible(qb, kb, query.mask, grid.block_q, grid.block_kv))
         place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
-        grads = pair_grads(spec, key, query, visible, acc, consts, want.consts, place)
+        grads = pair_grads(spec, key, query, visible, acc, consts=consts, want=want.consts, place=place)
         return grads if want.bias else grads._replace(dlogits=None)
 
     def one_kv_block(carry, kb):
@@ -211,7 +213,7 @@ def backward_example(spec, ops: Operands, out, lse, dout, dlse, example, want: W
                 lambda acc, query: pair(acc, query, qb, kb, key, masked=False),
                 lambda acc, query: pair(acc, query, qb, kb, key, masked=True),
             ]
-            query = query_block(grid, ops, arrays, lse, dout, qb, kb)
+            query = query_block(grid, ops, arrays, lse, dout, at=(qb, kb))
             grads = lax.switch(blocks.kind(qb, kb), branches, acc, query)
             dqt_blk = bm.dynamic_block(dqt, qb, grid.block_q, 3) + grads.dqt.reshape(
                 kv_heads, dim, groups, grid.block_q
@@ -255,10 +257,11 @@ def add_bias_block(dbias, ds, qb, kb, grid: Grid):
     return lax.dynamic_update_slice(dbias, current + ds, start)
 
 
-def backward(spec, ops: Operands, out: Array, lse: Array, dout: Array, dlse: Array, *, want: Wanted) -> Grads:
+def backward(spec, ops: Operands, out: Array, lse: Array, dout: Array, *, dlse: Array, want: Wanted) -> Grads:
     """dQ (kernel layout), dK, dV (caller's layout), and the wanted others, per example (a leading batch axis)."""
 
     def one_example(example, args, _):
-        return backward_example(spec, *args, example, want)
+        ops, out, lse, dout, dlse = args
+        return backward_example(spec, ops, out, lse, dout, dlse=dlse, example=example, want=want)
 
     return over_batch(one_example, ops.q.shape[0], (ops, out, lse, dout, dlse))

@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from .. import _core, _mods
+from .. import _mods, _numerics
 from .._options import StaticOptions
 from ._geometry import Grid, grouped
 
@@ -42,11 +41,20 @@ def mm(a: Array, b: Array) -> Array:
     matmul by keeping transposed copies of K, Q and dO: on CPU, XLA runs
     transposed-operand products up to 4x slower than plain ones.
     """
-    acc = _core.compute_dtype(a.dtype)
-    if a.dtype != acc and jax.default_backend() == "cpu":
-        # XLA:CPU has no 16-bit x 16-bit -> float32 dot for every shape; widening is exact.
-        a, b = a.astype(acc), b.astype(acc)
-    return jnp.einsum("kij,kjl->kil", a, b, preferred_element_type=acc)
+    acc = _numerics.compute_dtype(a.dtype)
+
+    def native(a, b):
+        return jnp.einsum("kij,kjl->kil", a, b, preferred_element_type=acc)
+
+    if a.dtype == acc:
+        return native(a, b)
+
+    def widened(a, b):  # XLA:CPU has no 16-bit x 16-bit -> float32 dot for every shape; widening is exact
+        return native(a.astype(acc), b.astype(acc))
+
+    # Chosen when the program is lowered for its platform (not by the default backend while tracing), so
+    # a program exported or compiled ahead of time for another platform takes that platform's branch.
+    return lax.platform_dependent(a, b, cpu=widened, default=native)
 
 
 def rows(x: Array) -> Array:
@@ -125,7 +133,7 @@ class Logits(NamedTuple):
     pre_mod: Array  # the logits before the score_mod (equal to s without one)
 
 
-def score_mod(options: StaticOptions, consts, s: Array, layout: str, groups: int, place: Placement) -> Array:
+def score_mod(options: StaticOptions, consts, s: Array, layout: str, *, groups: int, place: Placement) -> Array:
     """The user's ``score_mod`` on a block of logits laid out as ``layout`` (identity without one)."""
     if options.score_mod is None:
         return s
@@ -167,7 +175,7 @@ def finish_logits(options: StaticOptions, raw: Array, dtype, bias: Array | None)
     return s, t
 
 
-def block_logits(spec, q_blk: Array, kt_blk: Array, bias_blk: Array | None, consts, place: Placement) -> Logits:
+def block_logits(spec, q_blk: Array, kt_blk: Array, bias_blk: Array | None, *, consts, place: Placement) -> Logits:
     """Logits ``(kv_heads, groups, bq, bk)`` of a block in the compute dtype.
 
     ``q_blk`` is ``(kv_heads, groups, bq, dim)``, ``kt_blk`` the transposed keys ``(kv_heads, dim, bk)``.
@@ -176,4 +184,4 @@ def block_logits(spec, q_blk: Array, kt_blk: Array, bias_blk: Array | None, cons
     raw = mm(rows(scaled_query(spec.options, q_blk)), kt_blk).reshape(kv_heads, groups, bq, -1)
     bias = None if bias_blk is None else grouped(bias_blk, kv_heads, groups)
     pre, t = finish_logits(spec.options, raw, q_blk.dtype, bias)
-    return Logits(score_mod(spec.options, consts, pre, FORWARD_LAYOUT, groups, place), t, pre)
+    return Logits(score_mod(spec.options, consts, pre, FORWARD_LAYOUT, groups=groups, place=place), t, pre)

@@ -14,7 +14,7 @@ import dataclasses
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .. import _core
+from .. import _numerics
 from . import _blockmath as bm
 from ._backward import (
     Grads,
@@ -43,7 +43,7 @@ def _example(spec: bm.KernelSpec, ops: Operands, example) -> tuple[ExampleBlocks
     """The one block's classification, its ``(kv_heads|1, groups|1, q_padded, kv_padded)`` visibility, its place."""
     kv_heads, groups = ops.q.shape[:2]
     grid = spec.grid
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
     visible = blocks.visible(0, 0, ops.mask, grid.q_padded, grid.kv_padded)
     return blocks, visible, bm.Placement(example, blocks.offset, 0)
 
@@ -55,10 +55,10 @@ def dense_forward(spec: bm.KernelSpec, ops: Operands) -> tuple[Array, Array]:
     def one_example(example, ops, kv):
         k, v = (x[example] for x in kv)  # (kv_padded, kv_heads, x)
         _, visible, place = _example(spec, ops, example)
-        acc_dtype = _core.compute_dtype(ops.q.dtype)
+        acc_dtype = _numerics.compute_dtype(ops.q.dtype)
         init = initial_carry(ops.q.shape[:3], v.shape[-1], acc_dtype, example_sinks(ops))
         key = KeyBlock(kt=k.transpose(1, 2, 0), v=v.transpose(1, 0, 2), bias=ops.bias, mask=ops.mask)
-        carry = online_softmax_step(spec, init, ops.q, key, visible, ops.opts.shared.score_consts, place)
+        carry = online_softmax_step(spec, init, ops.q, key, visible, consts=ops.opts.shared.score_consts, place=place)
         return finish(carry, v.dtype)
 
     return over_batch(one_example, ops.q.shape[0], ops._replace(k=None, v=None), whole=(ops.k, ops.v))
@@ -81,10 +81,11 @@ def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangen
             dv=None if dv is None else dv.transpose(1, 0, 2),
             dbias=tangents.bias,
         )
-        acc_dtype = _core.compute_dtype(ops.q.dtype)
+        acc_dtype = _numerics.compute_dtype(ops.q.dtype)
         init = TangentCarry(jnp.zeros(out.shape, acc_dtype), jnp.zeros(lse.shape, acc_dtype))
         consts = ops.opts.shared.score_consts
-        carry = tangent_step(spec, init, ops.q, tangents.q, lse, key, visible, consts, tangents.consts, place)
+        blocks_at = dict(key=key, visible=visible, consts=consts, dconsts=tangents.consts, place=place)
+        carry = tangent_step(spec, init, ops.q, tangents.q, lse, **blocks_at)
         dsinks = None if tangents.sinks is None else tangents.sinks.reshape(ops.q.shape[:2])
         return finish_tangent(carry, out, lse, example_sinks(ops), dsinks)
 
@@ -92,7 +93,7 @@ def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangen
     return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))
 
 
-def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, dlse, *, want: Wanted) -> Grads:
+def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, *, dlse, want: Wanted) -> Grads:
     """Twin of ``_backward.backward``."""
     spec = whole(spec)
     grid = spec.grid
@@ -100,17 +101,24 @@ def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, dlse, *,
     def one_example(example, args, _):
         ops, out, lse, dout, dlse = args
         kv_heads, groups, _, dim = ops.q.shape
-        acc_dtype = _core.compute_dtype(ops.q.dtype)
+        acc_dtype = _numerics.compute_dtype(ops.q.dtype)
         arrays = backward_arrays(ops, out, dout, dlse)
         blocks, visible, _ = _example(spec, ops, example)
         consts = ops.opts.shared.score_consts
         zeros = (jnp.zeros(arrays.k.shape, acc_dtype), jnp.zeros(arrays.v.shape, acc_dtype))
         dconsts = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
-        query = query_block(grid, ops, arrays, lse, dout, 0, 0)
+        query = query_block(grid, ops, arrays, lse, dout, at=(0, 0))
         place = bm.Placement(example, blocks.offset, 0)
         acc = PairGrads(*zeros, None, None, dconsts)
         grads = pair_grads(
-            spec, key_block(grid, arrays, 0), query, bm.transposed_block(visible), acc, consts, want.consts, place
+            spec,
+            key_block(grid, arrays, 0),
+            query,
+            bm.transposed_block(visible),
+            acc,
+            consts=consts,
+            want=want.consts,
+            place=place,
         )
         dq = grads.dqt.reshape(kv_heads, dim, groups, grid.q_padded).transpose(0, 2, 3, 1)
         dbias = None

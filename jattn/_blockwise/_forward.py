@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from .. import _core
+from .. import _numerics
 from . import _blockmath as bm
 from ._geometry import ExampleBlocks, slice_block
 from ._layout import Operands, over_batch
@@ -36,13 +36,13 @@ class KeyBlock(NamedTuple):
     mask: Array | None  # slice_block of the dense mask
 
 
-def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visible, consts, place: bm.Placement):
+def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visible, *, consts, place: bm.Placement):
     """Folds one key block into the carry; ``visible`` masks a partial block (None: fully visible)."""
     if visible is not None:  # (kv_heads|1, groups|1, bq, bk)
         seen = bm.seen_keys(visible, 3)
         key = key._replace(kt=bm.hide_unseen(key.kt, seen, 2), v=bm.hide_unseen(key.v, seen, 1))
-    s = bm.block_logits(spec, q_blk, key.kt, key.bias, consts, place).s
-    neg = _core.masked_value(s.dtype)
+    s = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place).s
+    neg = _numerics.masked_value(s.dtype)
     if visible is not None:
         s = jnp.where(visible, s, neg)
     m_new = jnp.maximum(carry.max, s.max(axis=-1))
@@ -59,7 +59,7 @@ def initial_carry(shape, v_dim: int, dtype, sinks: Array | None) -> OnlineSoftma
     the sink joins every row's denominator (as a key whose value is zero)."""
     if sinks is None:
         return OnlineSoftmax(
-            jnp.zeros((*shape, v_dim), dtype), jnp.full(shape, _core.masked_value(dtype)), jnp.zeros(shape, dtype)
+            jnp.zeros((*shape, v_dim), dtype), jnp.full(shape, _numerics.masked_value(dtype)), jnp.zeros(shape, dtype)
         )
     start = jnp.broadcast_to(sinks.astype(dtype)[..., None], shape)
     return OnlineSoftmax(jnp.zeros((*shape, v_dim), dtype), start, jnp.ones(shape, dtype))
@@ -70,7 +70,7 @@ def finish(carry: OnlineSoftmax, dtype) -> tuple[Array, Array]:
     seen = carry.sum != 0  # NaN rows count as seen, so NaN inputs propagate
     safe_sum = jnp.where(seen, carry.sum, 1)
     out = jnp.where(seen[..., None], carry.acc / safe_sum[..., None], 0)
-    lse = jnp.where(seen, carry.max + jnp.log(safe_sum), _core.masked_value(carry.max.dtype))
+    lse = jnp.where(seen, carry.max + jnp.log(safe_sum), _numerics.masked_value(carry.max.dtype))
     return out.astype(dtype), lse
 
 
@@ -85,8 +85,8 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
     grid = spec.grid
     kv_heads, groups, _, _ = ops.q.shape
     v_dim = v.shape[-1]
-    acc_dtype = _core.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
+    acc_dtype = _numerics.compute_dtype(ops.q.dtype)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
     consts = ops.opts.shared.score_consts
 
     def one_q_block(qb):
@@ -95,7 +95,7 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
         def visit(carry, key, kb, masked):
             visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
             place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
-            return online_softmax_step(spec, carry, q_blk, key, visible, consts, place)
+            return online_softmax_step(spec, carry, q_blk, key, visible, consts=consts, place=place)
 
         def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
             # Blocks are sliced here, outside the switch: a branch that took the

@@ -46,7 +46,7 @@ class ExampleBlocks:
             ``head = kv_head * groups + group``).
     """
 
-    def __init__(self, opts: AttentionOptions, grid: Grid, dense: Array | None, example, kv_heads: int, groups: int):
+    def __init__(self, opts: AttentionOptions, grid: Grid, dense: Array | None, example, *, heads: tuple[int, int]):
         self.grid = grid
         self.causal = opts.static.is_causal
         self.window = opts.static.local_window_size
@@ -57,7 +57,7 @@ class ExampleBlocks:
         self.predicate = opts.mask_mod()
         self.user_mask = opts.static.mask_mod
         self.user_consts = opts.shared.mask_consts
-        self.example, self.kv_heads, self.groups = example, kv_heads, groups
+        self.example, (self.kv_heads, self.groups) = example, heads
         self.block_mask = opts.block_mask
         self.segment_ranges = None
         if arrays.q_segment_ids is not None:

@@ -109,7 +109,7 @@ def over_batch(fn: Callable, batch: int, mapped, whole=None):
     its K/V on every call, which is what a decode step over a long, mostly
     empty cache must not pay for. ``lax.map`` keeps each example's block
     skipping exact; one example needs no loop. (On explicit mesh axes the
-    kernel runs per shard, see ``jattn._sharding``, so the batch seen here is
+    kernel runs per shard, see ``jattn._sequence_parallel._placement``, so the batch seen here is
     never explicitly sharded.)
     """
     leaves, treedef = jax.tree.flatten(mapped)

@@ -32,11 +32,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from .. import _core
+from .. import _numerics
 from ._backward import Grads, Wanted
 from ._layout import Operands
 from ._pairs import (
-    Ring,
     add_at_chunk,
     add_kv_side,
     add_logits,
@@ -51,8 +50,8 @@ from ._pairs import (
     rows_from_kernel,
     rows_to_kernel,
     set_at_chunk,
-    source,
 )
+from ._ring_layout import Ring, source
 from ._tangent import Tangents
 
 
@@ -88,17 +87,17 @@ def ring_forward(spec, ops: Operands, pass_fn: Callable) -> tuple[Array, Array]:
 
     rows = queries.q.shape[:5]
     # The output accumulates in the softmax dtype: each pair's output (in v's dtype) is merged once.
-    empty = (jnp.zeros((*rows, ops.v.shape[-1]), _acc(ops)), jnp.full(rows, _core.masked_value(_acc(ops))))
+    empty = (jnp.zeros((*rows, ops.v.shape[-1]), _acc(ops)), jnp.full(rows, _numerics.masked_value(_acc(ops))))
     kv, acc = lax.fori_loop(0, ring.shards - 1, step, (kv_payload(ops), empty))
     out, lse = visit(ring.shards - 1, kv, acc)
     return rows_from_kernel(out, pair_spec).astype(ops.v.dtype), rows_from_kernel(lse, pair_spec)
 
 
 def _acc(ops: Operands):
-    return _core.compute_dtype(ops.q.dtype)
+    return _numerics.compute_dtype(ops.q.dtype)
 
 
-def ring_tangent(spec, ops: Operands, out, lse, tangents: Tangents, pass_fn: Callable) -> tuple[Array, Array]:
+def ring_tangent(spec, ops: Operands, out, lse, tangents: Tangents, *, pass_fn: Callable) -> tuple[Array, Array]:
     """``(dout, dlse)``: the tangents of K/V travel with K/V; ``pass_fn`` is ``tangent`` or its dense twin."""
     ring, pair_spec = spec.ring, dataclasses.replace(spec, ring=None)
     kv_heads = ops.k.shape[2]
@@ -138,7 +137,7 @@ def ring_tangent(spec, ops: Operands, out, lse, tangents: Tangents, pass_fn: Cal
     return rows_from_kernel(d_out, pair_spec).astype(out.dtype), rows_from_kernel(d_lse, pair_spec)
 
 
-def ring_backward(spec, ops: Operands, out, lse, dout, dlse, *, want: Wanted, pass_fn: Callable) -> Grads:
+def ring_backward(spec, ops: Operands, out, lse, dout, *, dlse, want: Wanted, pass_fn: Callable) -> Grads:
     """Gradients: dQ (and dbias) stay home, dK/dV travel with their K/V shard.
 
     ``pass_fn`` is ``backward`` or its dense twin.
@@ -157,7 +156,8 @@ def ring_backward(spec, ops: Operands, out, lse, dout, dlse, *, want: Wanted, pa
                 (dq, dbias), (dk, dv) = carry
                 pair_rows = [at_chunk(x, pair.a) for x in rows]
                 operands = pair_operands(pair, pair_spec, ops, queries, kv)
-                grads = pass_fn(pair_spec, operands, *pair_rows, want=want)
+                out_p, lse_p, dout_p, dlse_p = pair_rows
+                grads = pass_fn(pair_spec, operands, out_p, lse_p, dout_p, dlse=dlse_p, want=want)
                 dq = add_at_chunk(dq, pair.a, grads.q)
                 dbias = None if dbias is None else add_logits(dbias, pair, grads.bias)
                 return (dq, dbias), (add_kv_side(dk, pair, grads.k), add_kv_side(dv, pair, grads.v))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
-from .. import _core
+from .. import _numerics
 from . import _blockmath as bm
 from ._forward import example_sinks
 from ._geometry import ExampleBlocks, slice_block
@@ -65,7 +65,7 @@ def probabilities(s: Array, lse: Array, visible: Array | None) -> Array:
     return p if visible is None else jnp.where(visible, p, 0)
 
 
-def logits_tangent(spec, q_blk, dq_blk, key: TangentKeyBlock, logits: bm.Logits, consts, dconsts, place):
+def logits_tangent(spec, q_blk, dq_blk, key: TangentKeyBlock, logits: bm.Logits, *, consts, dconsts, place):
     """``d(logits)`` of a block ``(kv_heads, groups, bq, bk)``, zero terms skipped (None if all are zero).
 
     ``dconsts`` are the tangents of the score_mod's ``consts`` (None where zero).
@@ -93,14 +93,16 @@ def logits_tangent(spec, q_blk, dq_blk, key: TangentKeyBlock, logits: bm.Logits,
     want = tuple(d is not None for d in dconsts)
 
     def modded(pre, wanted_consts):
-        return bm.score_mod(options, bm.with_wanted(consts, want, wanted_consts), pre, bm.FORWARD_LAYOUT, groups, place)
+        return bm.score_mod(
+            options, bm.with_wanted(consts, want, wanted_consts), pre, bm.FORWARD_LAYOUT, groups=groups, place=place
+        )
 
     d_pre = jnp.zeros_like(logits.pre_mod) if ds is None else ds
     tangents = tuple(d for d in dconsts if d is not None)
     return jax.jvp(modded, (logits.pre_mod, bm.wanted(consts, want)), (d_pre, tangents))[1]
 
 
-def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key, visible, consts, dconsts, place):
+def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, *, key, visible, consts, dconsts, place):
     """Folds one key block into the tangent accumulators; ``visible`` masks a partial block."""
     if visible is not None:  # (kv_heads|1, groups|1, bq, bk): keys no row sees are selected out
         seen = bm.seen_keys(visible, 3)
@@ -110,10 +112,10 @@ def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, key, visible
             dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
             dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
         )
-    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts, place)
+    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place)
     p = probabilities(logits.s, lse_blk, visible)
     acc, rowsum = carry
-    ds = logits_tangent(spec, q_blk, dq_blk, key, logits, consts, dconsts, place)
+    ds = logits_tangent(spec, q_blk, dq_blk, key, logits, consts=consts, dconsts=dconsts, place=place)
     if ds is not None:
         pds = p * ds
         if visible is not None:  # hidden: 0, whatever ds holds
@@ -139,13 +141,13 @@ def finish_tangent(carry: TangentCarry, out: Array, lse: Array, sinks, dsinks) -
     return dout.astype(out.dtype), rowsum
 
 
-def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, whole, example):
+def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, *, whole, example):
     """One example's ``(dout, dlse)``; ``whole`` holds K, V, dK, dV with their batch axis."""
     grid = spec.grid
     kv_heads, groups, _, _ = ops.q.shape
     k, v, dk, dv = whole
-    acc_dtype = _core.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, kv_heads, groups)
+    acc_dtype = _numerics.compute_dtype(ops.q.dtype)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
     consts = ops.opts.shared.score_consts
     sinks, dsinks = example_sinks(ops), None if tangents.sinks is None else tangents.sinks.reshape(kv_heads, groups)
 
@@ -157,7 +159,8 @@ def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, whole, ex
         def visit(carry, key, kb, masked):
             visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
             place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
-            return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, key, visible, consts, tangents.consts, place)
+            at = dict(key=key, visible=visible, consts=consts, dconsts=tangents.consts, place=place)
+            return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, **at)
 
         def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
             def block_of(x):  # (size, kv_heads, x) block of a whole K/V-like array
@@ -202,7 +205,7 @@ def tangent(spec, ops: Operands, out: Array, lse: Array, tangents: Tangents) -> 
 
     def one_example(example, mapped, whole):
         ops, out, lse, tangents = mapped
-        return tangent_example(spec, ops, out, lse, tangents, whole, example)
+        return tangent_example(spec, ops, out, lse, tangents, whole=whole, example=example)
 
     mapped = (ops._replace(k=None, v=None), out, lse, tangents._replace(k=None, v=None))
     return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))

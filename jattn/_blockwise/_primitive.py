@@ -1,0 +1,76 @@
+"""The blockwise kernel's JAX primitive and its rules: evaluation, lowering, JVP, transpose and batching.
+
+``kernel_p``'s ``kernel`` parameter is the pass it runs (``_passes``, ``_autodiff``): every rule asks that
+pass, so the rules are the same for the forward, its tangent, its backward and their derivatives.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .._jax_compat import Primitive, ad, batching, mlir
+
+kernel_p = Primitive("jattn_blockwise_attention")
+kernel_p.multiple_results = True
+
+
+def is_zero(tangent) -> bool:
+    """A symbolic zero, or the float0 tangent of an integer or boolean operand."""
+    return type(tangent) is ad.Zero or jnp.result_type(tangent) == jax.dtypes.float0
+
+
+def zero_like(x) -> ad.Zero:
+    return ad.Zero(jax.typeof(x).to_tangent_aval())
+
+
+@functools.partial(jax.jit, static_argnames="kernel")
+def _compiled(*args, kernel):
+    return kernel.blockwise(*args)
+
+
+def _abstract_eval(*avals, kernel):
+    return kernel.out_avals(*avals)
+
+
+def _lowering(*args, kernel):
+    return kernel.blockwise(*args)
+
+
+def _jvp(primals, tangents, *, kernel):
+    return kernel.jvp(primals, tangents)
+
+
+def _transpose(cotangents, *args, kernel):
+    return kernel.transpose(cotangents, *args)
+
+
+def _batch(args, dims, *, kernel):
+    """Folds the vmapped axis into the kernel's batch axis (every result has a full batch axis)."""
+    n = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+    q, q_dim = args[0], dims[0]
+    batch = q.shape[0] if q_dim is None or q_dim > 0 else q.shape[1]
+    folded = []
+    for x, d, broadcast in zip(args, dims, kernel.broadcast(), strict=True):
+        if d is None:
+            if broadcast and x.shape[0] == 1:
+                folded.append(x)  # stays broadcast over every example of every vmapped slice
+                continue
+            x = jnp.broadcast_to(x[None], (n, *x.shape))
+        else:
+            x = jnp.moveaxis(x, d, 0)
+            if x.shape[1] != batch:  # a broadcast bias or mask given per slice
+                x = jnp.broadcast_to(x, (n, batch, *x.shape[2:]))
+        folded.append(x.reshape(n * x.shape[1], *x.shape[2:]))
+    outs = kernel_p.bind(*folded, kernel=kernel)
+    return [o.reshape(n, batch, *o.shape[1:]) for o in outs], [0] * len(outs)
+
+
+kernel_p.def_impl(lambda *args, kernel: _compiled(*args, kernel=kernel))
+kernel_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(kernel_p, mlir.lower_fun(_lowering, multiple_results=True))
+ad.primitive_jvps[kernel_p] = _jvp
+ad.primitive_transposes[kernel_p] = _transpose
+batching.primitive_batchers[kernel_p] = _batch
