@@ -64,4 +64,5 @@ def visited_blocks_per_device(
         if isinstance(n, bool) or not isinstance(n, int) or n < 1 or n % (num_shards * chunks):
             raise ValueError(f"{name} must be a positive multiple of {num_shards * chunks}; got {n!r}")
     static = StaticOptions(scale=1.0, is_causal=bool(is_causal), local_window_size=window_pair(local_window_size))
-    return visited_blocks(static, Ring("sequence", num_shards, chunks), q_seq, kv_seq, block_q, block_kv)
+    ring = Ring("sequence", num_shards, chunks)
+    return visited_blocks(static, ring, q_seq, kv_seq, block_q=block_q, block_kv=block_kv)
