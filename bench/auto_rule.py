@@ -10,7 +10,8 @@ thresholds cite it; ``tests/test_auto_rule_evidence.py`` checks that they agree.
 Options: ``none``, ``causal``, ``lengths`` (``key_value_seq_lengths``, every example filled to 3/4),
 ``gqa`` (2 key/value heads), ``mask`` (a boolean padding mask, 3/4 visible), ``segments`` (two
 packed sequences; ``jax.nn`` gets the same mask dense, as a user without segment ids would pass it),
-``bias`` (a float bias) and ``soft_cap`` (``logits_soft_cap=30``; jax.nn has none, so it runs plain).
+``bias`` (a float bias), ``soft_cap`` (``logits_soft_cap=30``; jax.nn has none, so it runs plain) and
+``decode`` (one query over ``seq`` cached keys filled to half: ``key_value_seq_lengths``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import jax.numpy as jnp
 from .runner import machine_info
 
 RESULTS_DIR = Path(__file__).parent / "results"
-OPTIONS = ("none", "causal", "lengths", "gqa", "mask", "segments", "bias", "soft_cap")
-EXACT_WITH_JAX_NN = ("none", "causal", "lengths", "gqa", "mask", "segments")  # segments: as a dense mask
+OPTIONS = ("none", "causal", "lengths", "gqa", "mask", "segments", "bias", "soft_cap", "decode")
+EXACT_WITH_JAX_NN = ("none", "causal", "lengths", "gqa", "mask", "segments", "decode")  # segments: a dense mask
 OWN_OPTIONS = ("bias", "soft_cap")  # auto runs jattn's own paths (jax.nn: NaN rows under -inf bias; no soft cap)
 CONTENDERS = ("jax.nn:xla", "jattn:blockwise", "jattn:reference")
 
@@ -39,7 +40,7 @@ def _inputs(option: str, seq: int, dtype, shape: dict) -> tuple[tuple, dict, dic
     batch, heads, dim = shape["batch"], shape["heads"], shape["dim"]
     kv_heads = 2 if option == "gqa" else heads
     keys = jax.random.split(jax.random.key(seq), 3)
-    q = jax.random.normal(keys[0], (batch, seq, heads, dim), dtype)
+    q = jax.random.normal(keys[0], (batch, 1 if option == "decode" else seq, heads, dim), dtype)
     k = jax.random.normal(keys[1], (batch, seq, kv_heads, dim), dtype)
     v = jax.random.normal(keys[2], (batch, seq, kv_heads, dim), dtype)
     filled = jnp.full((batch,), 3 * seq // 4, jnp.int32)
@@ -49,6 +50,9 @@ def _inputs(option: str, seq: int, dtype, shape: dict) -> tuple[tuple, dict, dic
             return (q, k, v), {"is_causal": True}, {"is_causal": True}
         case "lengths":
             return (q, k, v), {"key_value_seq_lengths": filled}, {"key_value_seq_lengths": filled}
+        case "decode":
+            half = jnp.full((batch,), seq // 2, jnp.int32)
+            return (q, k, v), {"key_value_seq_lengths": half}, {"key_value_seq_lengths": half}
         case "mask":
             mask = (jnp.arange(seq) < 3 * seq // 4)[None, None, None, :].repeat(batch, 0)
             return (q, k, v), {"mask": mask}, {"mask": mask}
@@ -114,16 +118,16 @@ def measure_group(args: tuple, contenders: dict, *, rounds: int) -> dict[str, An
 
 
 def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool) -> list[dict]:
-    """One record per (seq, option, mode, dtype) group."""
+    """One record per (seq, option, mode, dtype) group (``decode`` over ``shape["decode_seq"]`` caches)."""
     records = []
     for dtype in dtypes:
         for option in options:
             for mode in modes:
-                for seq in seqs:
+                for seq in shape["decode_seq"] if option == "decode" else seqs:
                     args, ours, theirs = _inputs(option, seq, jnp.dtype(dtype), shape)
                     contenders = {}
                     for name in CONTENDERS:
-                        if name == "jattn:reference" and seq > shape["reference_max_seq"]:
+                        if name == "jattn:reference" and seq > shape["reference_max_seq"] and option != "decode":
                             continue
                         given = theirs if name.startswith("jax.nn") else ours
                         contenders[name] = (_contender(name, mode, given), _arrays(given))
@@ -148,6 +152,8 @@ def crossovers(records: list[dict]) -> dict[str, int]:
       5% of jax.nn or faster everywhere measured, at or below it auto delegates.
     * ``reference_max_seq``: for the options auto cannot delegate (``OWN_OPTIONS``), the longest sequence
       at which the materialized reference was faster than the blockwise kernel in most of the cases there.
+    * ``reference_max_kv``: the longest cache a one-query ``decode`` step ran faster on the reference than
+      on the blockwise kernel (which skips the key blocks past the filled length).
     """
 
     def median(r, name):
@@ -163,7 +169,18 @@ def crossovers(records: list[dict]) -> dict[str, int]:
         if r["option"] in OWN_OPTIONS and median(r, "jattn:reference"):
             wins.setdefault(r["seq"], []).append(median(r, "jattn:reference") < median(r, "jattn:blockwise"))
     reference = [seq for seq, won in wins.items() if sum(won) > len(won) / 2]
-    return {"xla_max_seq": max(slower, default=0), "reference_max_seq": max(reference, default=0)}
+    decode = [
+        r["seq"]
+        for r in records
+        if r["option"] == "decode"
+        and median(r, "jattn:reference")
+        and median(r, "jattn:reference") < median(r, "jattn:blockwise")
+    ]
+    return {
+        "xla_max_seq": max(slower, default=0),
+        "reference_max_seq": max(reference, default=0),
+        "reference_max_kv": max(decode, default=0),
+    }
 
 
 def main(argv=None) -> dict:
@@ -175,10 +192,12 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reference-max-seq", type=int, default=256, help="longest sequence the reference runs at")
+    p.add_argument("--decode-seq", nargs="+", type=int, default=[256, 1024, 2048, 8192], help="decode cache lengths")
     p.add_argument("--out", type=Path, help="default: bench/results/auto-rule-<backend>.json")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    shape = {"batch": args.batch, "heads": 8, "dim": 64, "reference_max_seq": args.reference_max_seq}
+    shape = {"batch": args.batch, "heads": 8, "dim": 64, "reference_max_seq": args.reference_max_seq,
+             "decode_seq": args.decode_seq}  # fmt: skip
     records = run(args.seq, args.option, args.mode, args.dtype, shape=shape, rounds=args.rounds,
                   progress=not args.no_progress)  # fmt: skip
     doc = {

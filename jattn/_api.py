@@ -255,17 +255,21 @@ def auto_implementation(
     A pure function of the backend, the dtype, the shapes and which options are
     given (arrays may be ``jax.ShapeDtypeStruct``; nothing is computed):
 
-    * on GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) wherever it computes
-      exactly what jattn does (float16/bfloat16, head dim <= 128 and a
-      multiple of 8, no option it lacks, no query row that could see no key);
-    * on other non-CPU backends, ``"xla"`` wherever jax.nn is exact;
-    * on CPU, ``"xla"`` for small exact float32/bfloat16 problems
-      (``q_seq * kv_seq <= 128**2``), ``"reference"`` for tiny ones
-      (``q_seq * kv_seq <= 64**2`` over at most 1024 keys), else ``"blockwise"``;
+    Only implementations that compute exactly what jattn defines are
+    considered (the README's capability table; jax.nn's result is repaired
+    where a query row sees no key, and segment ids reach it as a dense mask):
+
+    * on GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) in float16/bfloat16
+      with a head dim of at most 128 and a multiple of 8;
+    * on other non-CPU backends, ``"xla"``;
+    * on CPU, ``"xla"`` for float32/bfloat16 sequences up to 1024, else
+      ``"reference"`` for tiny problems (``q_seq * kv_seq <= 64**2`` over at
+      most 1024 keys), else ``"blockwise"``;
     * ``"blockwise"`` (sequence-parallel) when the query's sequence axis is
       sharded over an ``Explicit`` mesh axis (see :mod:`jattn.sharding`).
 
-    The thresholds are measurements from ``bench/`` (see ``jattn._dispatch``).
+    The CPU thresholds are the crossovers ``python -m bench.auto_rule``
+    measured (``bench/results/auto-rule-cpu.json``, see ``jattn._dispatch``).
 
     Args:
         query, key, value, bias, mask: as for :func:`jattn.dot_product_attention`.

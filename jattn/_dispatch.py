@@ -33,19 +33,22 @@ IMPLEMENTATIONS: tuple[str, ...] = ("reference", "blockwise", "xla", "cudnn")
 """The names ``dot_product_attention(..., implementation=)`` takes (besides None, the auto rule)."""
 Implementation = Literal["reference", "blockwise", "xla", "cudnn"]
 
-XLA_MAX_LOGITS = 128 * 128
-"""On CPU, ``jax.nn``'s XLA attention beat the blockwise loop up to ``q_seq * kv_seq`` of this:
-``bench/results/auto-rule-cpu.json``, attention cases ``fwd full T=128`` and ``fwd+bwd full T=128``
-(batch 32); from ``T=256`` blockwise was faster."""
+# Thresholds of the CPU rule: the crossovers `python -m bench.auto_rule` recorded in
+# bench/results/auto-rule-cpu.json (batch 4, 8 heads, head dim 64, float32 and bfloat16, forward and
+# forward+backward, interleaved rounds); tests/test_auto_rule_evidence.py checks they agree.
+
+XLA_MAX_SEQ = 1024
+"""Up to this ``max(q_seq, kv_seq)`` auto delegates to ``jax.nn`` wherever it is exact: the longest
+sequence at which the blockwise kernel was still more than 5% slower than jax.nn in some case (the
+``xla_max_seq`` crossover; mostly forward+backward, where the blockwise loop's per-block overhead shows)."""
 
 REFERENCE_MAX_LOGITS = 64 * 64
-"""Below this ``q_seq * kv_seq`` the blockwise loop's bookkeeping costs as much as the maths and the
-materialized reference was faster on CPU: ``bench/results/auto-rule-cpu.json``, ``fwd full T=64``."""
+"""For what jax.nn cannot compute, up to this ``q_seq * kv_seq`` the materialized reference beat the
+blockwise kernel in most cases (``reference_max_seq`` squared, from the bias and soft-cap cases)."""
 
 REFERENCE_MAX_KV = 1024
-"""A few queries over more than this many keys (a decode step) go blockwise, which skips the key blocks
-past ``key_value_seq_lengths``: ``bench/results/auto-rule-cpu.json``, ``decode`` cases (one query over a
-4096-key cache filled to 64: blockwise faster; over 1024 keys the dense reference was faster)."""
+"""A decode step (a few queries) over more keys than this goes blockwise, which skips the key blocks past
+``key_value_seq_lengths`` (``reference_max_kv``: the longest cache where the reference was faster)."""
 
 XLA_EXACT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 """Dtypes in which auto delegates to jax.nn (float64: jax.nn's softmax runs in float32, see the table's
@@ -97,7 +100,7 @@ def choose(s: CallSignature) -> Implementation:
       with a head dim of at most 128 and a multiple of 8.
     * On backends other than CPU, ``"xla"``: no ``bench/`` run there yet shows
       the blockwise loop beating XLA.
-    * On CPU, ``"xla"`` for small problems (``XLA_MAX_LOGITS``) in float32 or
+    * On CPU, ``"xla"`` for sequences up to ``XLA_MAX_SEQ`` in float32 or
       bfloat16.
     * Otherwise ``"reference"`` for tiny problems (``REFERENCE_MAX_LOGITS``)
       over at most ``REFERENCE_MAX_KV`` keys or where the blockwise kernel
@@ -120,7 +123,7 @@ def choose(s: CallSignature) -> Implementation:
 
     if s.backend == "gpu" and exact("cudnn") and _cudnn_supports(s):
         return "cudnn"
-    small = s.q_seq is not None and s.q_seq * s.kv_seq <= XLA_MAX_LOGITS
+    small = s.q_seq is not None and max(s.q_seq, s.kv_seq) <= XLA_MAX_SEQ
     if exact("xla") and s.q_seq is not None and s.dtype in XLA_EXACT_DTYPES and (s.backend != "cpu" or small):
         return "xla"
     if not exact("blockwise"):
