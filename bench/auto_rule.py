@@ -79,7 +79,7 @@ def _contender(name: str, mode: str, options: dict):
                 return jax.nn.dot_product_attention(q, k, v, **static, **arrays, implementation=impl)
         import jattn
 
-        return jattn.dot_product_attention(q, k, v, **static, **arrays, implementation=impl)
+        return jattn.dot_product_attention(q, k, v, **static, **arrays, implementation=None if impl == "auto" else impl)
 
     if mode == "fwd":
         return jax.jit(attend)
@@ -117,7 +117,7 @@ def measure_group(args: tuple, contenders: dict, *, rounds: int) -> dict[str, An
     return out
 
 
-def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool) -> list[dict]:
+def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool, contenders=CONTENDERS) -> list[dict]:
     """One record per (seq, option, mode, dtype) group (``decode`` over ``shape["decode_seq"]`` caches)."""
     records = []
     for dtype in dtypes:
@@ -126,7 +126,7 @@ def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: boo
                 for seq in shape["decode_seq"] if option == "decode" else seqs:
                     args, ours, theirs = _inputs(option, seq, jnp.dtype(dtype), shape)
                     contenders = {}
-                    for name in CONTENDERS:
+                    for name in contenders:
                         if name == "jattn:reference" and seq > shape["reference_max_seq"] and option != "decode":
                             continue
                         given = theirs if name.startswith("jax.nn") else ours
@@ -196,18 +196,21 @@ def main(argv=None) -> dict:
     p.add_argument("--reference-max-seq", type=int, default=256, help="longest sequence the reference runs at")
     p.add_argument("--decode-seq", nargs="+", type=int, default=[256, 1024, 2048, 8192], help="decode cache lengths")
     p.add_argument("--out", type=Path, help="default: bench/results/auto-rule-<backend>.json")
+    p.add_argument(
+        "--contenders", nargs="+", default=list(CONTENDERS), help="e.g. jax.nn:xla jattn:auto (the default path)"
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     shape = {"batch": args.batch, "heads": 8, "dim": 64, "reference_max_seq": args.reference_max_seq,
              "decode_seq": args.decode_seq}  # fmt: skip
     records = run(args.seq, args.option, args.mode, args.dtype, shape=shape, rounds=args.rounds,
-                  progress=not args.no_progress)  # fmt: skip
+                  progress=not args.no_progress, contenders=args.contenders)  # fmt: skip
     doc = {
         "machine": machine_info(),
         "command": "python -m bench.auto_rule " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
         "shape": shape,
         "rounds": args.rounds,
-        "crossovers": crossovers(records),
+        "crossovers": crossovers(records) if "jattn:blockwise" in args.contenders else None,
         "records": records,
     }
     out = args.out or RESULTS_DIR / f"auto-rule-{jax.default_backend()}.json"
