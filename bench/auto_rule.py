@@ -117,7 +117,7 @@ def measure_group(args: tuple, contenders: dict, *, rounds: int) -> dict[str, An
     return out
 
 
-def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool, contenders=CONTENDERS) -> list[dict]:
+def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool, names=CONTENDERS) -> list[dict]:
     """One record per (seq, option, mode, dtype) group (``decode`` over ``shape["decode_seq"]`` caches)."""
     records = []
     for dtype in dtypes:
@@ -125,13 +125,13 @@ def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: boo
             for mode in modes:
                 for seq in shape["decode_seq"] if option == "decode" else seqs:
                     args, ours, theirs = _inputs(option, seq, jnp.dtype(dtype), shape)
-                    contenders = {}
-                    for name in contenders:
+                    group = {}
+                    for name in names:
                         if name == "jattn:reference" and seq > shape["reference_max_seq"] and option != "decode":
                             continue
                         given = theirs if name.startswith("jax.nn") else ours
-                        contenders[name] = (_contender(name, mode, given), _arrays(given))
-                    result = measure_group(args[:3], contenders, rounds=rounds)
+                        group[name] = (_contender(name, mode, given), _arrays(given))
+                    result = measure_group(args[:3], group, rounds=rounds)
                     peer = result["jax.nn:xla"].get("median_s")
                     for r in result.values():
                         if peer and r.get("median_s"):
@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
     shape = {"batch": args.batch, "heads": 8, "dim": 64, "reference_max_seq": args.reference_max_seq,
              "decode_seq": args.decode_seq}  # fmt: skip
     records = run(args.seq, args.option, args.mode, args.dtype, shape=shape, rounds=args.rounds,
-                  progress=not args.no_progress, contenders=args.contenders)  # fmt: skip
+                  progress=not args.no_progress, names=args.contenders)  # fmt: skip
     doc = {
         "machine": machine_info(),
         "command": "python -m bench.auto_rule " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
