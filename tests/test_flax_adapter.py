@@ -442,8 +442,8 @@ ERRORS = [
         r"dropout_rng must be a PRNG key when dropout is on \(dropout_rate=0.5, deterministic=False\); got None",
     ),
     (dict(implementation="flash"), ValueError, r"implementation must be one of \(None, 'reference', .*got 'flash'"),
-    (dict(block_q=0), ValueError, r"block_q must be a positive int; got 0"),
-    (dict(block_kv=2.0), ValueError, r"block_kv must be a positive int; got 2.0"),
+    (dict(block_q=0), ValueError, r"block_q must be a positive int or None; got 0"),
+    (dict(block_kv=2.0), ValueError, r"block_kv must be a positive int or None; got 2.0"),
     (dict(module=object()), TypeError, r"module must be a flax.nnx.Module, a flax.linen.Module or None; got object"),
 ]
 

@@ -2,8 +2,9 @@
 
 ``MultiHeadAttention`` (Keras-layout projections, grouped-query heads, dropout
 on the attention weights, weights for inspection, a KV cache for jit-compiled
-decoding, Keras weight import) and ``AttentionBlock`` (attention + residual +
-LayerNorm), and ``flax_attention_fn``, which puts jattn behind Flax's own
+decoding, Keras weight import, Flax's ``attention_fn=`` hook) and
+``AttentionBlock`` (a ``MultiHeadAttention`` + residual + LayerNorm), and
+``flax_attention_fn``, which puts jattn behind Flax's own
 modules (``attention_fn=`` of ``flax.nnx.MultiHeadAttention`` and
 ``flax.linen.MultiHeadDotProductAttention``). This subpackage is the only part
 of jattn that imports flax; use it as ``from jattn import nnx as jnnx`` (next

@@ -1,10 +1,7 @@
 """``MultiHeadAttention``: parameters and wiring around ``jattn.dot_product_attention``.
 
-The attention itself is jattn's: the fast kernels through ``_api.attend``, and
-when the weights are wanted (``return_weights=True``, or dropout on them while
-training) the materialized reference path through ``_api.attend_with_weights``,
-with dropout as its weights hook. Both are jit-compiled here, so an eager call
-compiles once per shape instead of once per op.
+The attention step itself (jattn's paths, the KV-cache decode step, or a user
+``attention_fn``) is ``_attend.AttendMethods._attention_step``.
 """
 
 from __future__ import annotations
@@ -18,20 +15,22 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jattn import _api, _checks, _dispatch, masks
-from jattn._prepare import CallOptions
+from jattn import _checks, masks
 from jattn.sharding import SequenceParallel
 
-from ._cache import CacheMethods, decode_step
+from ._attend import AttendMethods
+from ._attention_fn import check_module_options
+from ._cache import CacheMethods
+from ._dropout import checked_rate
 from ._keras import KerasMethods
-from ._options import AttentionConfig
-from ._projection import Projection, check_inputs, positive_int, promoted_dtype
+from ._options import AttentionConfig, check_execution
+from ._projection import Projection, checked_inputs, head_sizes, promoted_dtype
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
 
 
-class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
+class MultiHeadAttention(AttendMethods, CacheMethods, KerasMethods, nnx.Module):
     r"""Multi-head attention with Keras-layout kernels, computed by ``jattn.dot_product_attention``.
 
     ``out(attention(query(x_q), key(x_k), value(x_v)))`` with per-head
@@ -48,21 +47,33 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
     ``out.kernel (heads, v_dim, out_features)``, and biases of the output shapes.
 
     **Attention weights and dropout.** Without them the module calls
-    ``jattn.dot_product_attention(..., implementation=implementation)``, which
-    never holds the ``(q_seq, kv_seq)`` weights. With ``return_weights=True``,
-    or with ``dropout_rate > 0`` while not deterministic, it computes the
-    weights with the public core (``jattn.scores``, ``jattn.softmax``,
-    ``jattn.context``, vmapped; every mask option applied) whatever
-    ``implementation`` says, drops weights out as ``nnx.Dropout`` does (each
-    weight kept with probability ``1 - dropout_rate`` and scaled by its
-    inverse) with a key from the module's dropout stream (reproducible from
-    ``rngs``; the stream advances under ``nnx.jit`` too), and returns the
-    weights before dropout. ``module.eval()`` (or ``deterministic=True``)
-    turns dropout off.
+    ``jattn.dot_product_attention``, which never holds the ``(q_seq, kv_seq)``
+    weights. With ``return_weights=True``, or ``dropout_rate > 0`` while not
+    deterministic, it computes them on jattn's materialized path (every mask
+    option applied) whatever ``implementation`` says, keeps each weight with
+    probability ``1 - dropout_rate`` scaled by its inverse (as ``nnx.Dropout``)
+    with a key from the module's dropout stream (reproducible from ``rngs``; it
+    advances under ``nnx.jit`` too), and returns the weights before dropout.
+    ``module.eval()`` (or ``deterministic=True``) turns dropout off.
 
     **KV cache.** After :meth:`init_cache` the module decodes: each call appends
     its keys/values to the cache at the filled position and attends causally
     over everything cached (see :meth:`init_cache`).
+
+    **attention_fn.** As in ``flax.nnx.MultiHeadAttention``: a function that
+    replaces the attention step (after the projections, before ``out``), called
+    as Flax calls it: ``attention_fn(query, key, value, mask=, dropout_rng=,
+    dropout_rate=, broadcast_dropout=False, deterministic=, dtype=,
+    precision=None, module=None, is_causal=)``, plus ``bias=`` when a call gives
+    one; ``query (batch, q_seq, heads, dim)``, ``key``/``value`` with
+    ``kv_heads``; it returns ``(batch, q_seq, heads, v_dim)``. E.g.
+    ``flax.nnx.dot_product_attention`` or :func:`jattn.nnx.flax_attention_fn`
+    (bind jattn's options into it with ``functools.partial``). It cannot serve,
+    and refuses: jattn's module options (``implementation``, ``block_q``,
+    ``block_kv``, ``sequence_parallel``, ``local_window_size``,
+    ``logits_soft_cap``, ``score_mod``, ``mask_mod``, ``use_sinks``), call
+    options other than ``mask``/``bias``/``is_causal``, ``return_weights``, and
+    KV-cache decoding.
 
     Args:
         num_heads: query heads.
@@ -83,6 +94,9 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         bias_init: bias initializer.
         implementation: passed to ``jattn.dot_product_attention`` (``None`` =
             fastest that honours the options).
+        block_q: query block of the blockwise kernel; ``None``: the backend's
+            default (``jattn.DEFAULT_BLOCK_SIZES``).
+        block_kv: key/value block of the blockwise kernel; ``None`` as for ``block_q``.
         sequence_parallel: a ``jattn.sharding.SequenceParallel`` passed to
             ``jattn.dot_product_attention``. Not needed on ``Explicit`` mesh axes:
             activations sharded along the sequence keep that sharding through
@@ -101,14 +115,18 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
             initialized to zero, joins every row's softmax denominator (gpt-oss).
         deterministic: the initial mode: True turns dropout off (``module.eval()``
             and ``module.train()`` switch it).
+        attention_fn: ``None`` (jattn's attention) or a function with Flax's
+            calling convention that replaces it (see above).
         rngs: ``nnx.Rngs``: ``params`` for initialization, ``dropout`` (else
             ``default``) for dropout.
 
     Raises:
         ValueError: a non-positive size, ``in_features`` not divisible by
             ``num_heads`` without ``head_dim``, ``num_heads % num_kv_heads != 0``,
-            or ``dropout_rate`` outside ``[0, 1)``.
-        TypeError: a ``sequence_parallel`` that is not a ``SequenceParallel``.
+            or ``dropout_rate`` outside ``[0, 1)``, a non-positive block size,
+            and an option ``attention_fn`` cannot serve (see above).
+        TypeError: a ``sequence_parallel`` that is not a ``SequenceParallel``,
+            an ``attention_fn`` that is not callable.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -121,6 +139,13 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         >>> y, w = mha(x, is_causal=True, return_weights=True)
         >>> y.shape, w.shape  # w: (batch, heads, q_seq, kv_seq)
         ((2, 5, 16), (2, 4, 5, 5))
+
+        Flax's attention function in place of jattn's, with the same parameters:
+
+        >>> flax_fn = jnnx.MultiHeadAttention(4, 16, num_kv_heads=2, attention_fn=nnx.dot_product_attention,
+        ...                                   rngs=nnx.Rngs(0))
+        >>> bool(jnp.allclose(flax_fn(x, is_causal=True), y, atol=1e-5))
+        True
     """
 
     def __init__(
@@ -140,6 +165,8 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         kernel_init: nnx.Initializer = default_kernel_init,
         bias_init: nnx.Initializer = default_bias_init,
         implementation: str | None = None,
+        block_q: int | None = None,
+        block_kv: int | None = None,
         sequence_parallel: SequenceParallel | None = None,
         local_window_size: int | tuple[int, int] | None = None,
         logits_soft_cap: float | None = None,
@@ -147,68 +174,50 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
         mask_mod: Callable | None = None,
         use_sinks: bool = False,
         deterministic: bool = False,
+        attention_fn: Callable | None = None,
         rngs: nnx.Rngs,
     ):
-        self.num_heads = positive_int("num_heads", num_heads)
-        self.in_features = positive_int("in_features", in_features)
-        if head_dim is None and in_features % num_heads:
-            raise ValueError(
-                f"in_features must be divisible by num_heads when head_dim is not given; "
-                f"got in_features={in_features}, num_heads={num_heads}"
-            )
-        self.head_dim = positive_int("head_dim", in_features // num_heads if head_dim is None else head_dim)
-        self.value_head_dim = positive_int(
-            "value_head_dim", self.head_dim if value_head_dim is None else value_head_dim
+        sizes = head_sizes(
+            num_heads=num_heads,
+            in_features=in_features,
+            head_dim=head_dim,
+            value_head_dim=value_head_dim,
+            out_features=out_features,
+            num_kv_heads=num_kv_heads,
+            in_kv_features=in_kv_features,
         )
-        self.out_features = positive_int("out_features", in_features if out_features is None else out_features)
-        self.num_kv_heads = positive_int("num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
-        if num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads must be a multiple of num_kv_heads; got num_heads={num_heads}, "
-                f"num_kv_heads={self.num_kv_heads}"
-            )
-        self.in_kv_features = positive_int("in_kv_features", in_features if in_kv_features is None else in_kv_features)
-        if isinstance(dropout_rate, bool) or not isinstance(dropout_rate, (int, float)) or not 0 <= dropout_rate < 1:
-            raise ValueError(f"dropout_rate must be a float in [0, 1); got {dropout_rate!r}")
-        self.dropout_rate = float(dropout_rate)
+        for name, size in sizes._asdict().items():
+            setattr(self, name, size)
+        self.dropout_rate = checked_rate(dropout_rate)
         self.use_bias = bool(use_bias)
         self.dtype = dtype
         self.param_dtype = param_dtype
-        self.implementation = _dispatch.check_implementation(implementation)
-        if sequence_parallel is not None and not isinstance(sequence_parallel, SequenceParallel):
-            raise TypeError(
-                f"sequence_parallel must be a jattn.sharding.SequenceParallel or None; got {sequence_parallel!r}"
-            )
-        self.sequence_parallel = sequence_parallel
+        self.implementation = check_execution(implementation, block_q, block_kv, sequence_parallel)
+        self.block_q, self.block_kv, self.sequence_parallel = block_q, block_kv, sequence_parallel
         self.attention_config = AttentionConfig(local_window_size, logits_soft_cap, score_mod, mask_mod)
+        _checks.check_static_bool("use_sinks", use_sinks)
+        jattn_only = dict(implementation=implementation, block_q=block_q, block_kv=block_kv, use_sinks=use_sinks)
+        check_module_options(
+            attention_fn, **jattn_only, sequence_parallel=sequence_parallel, **vars(self.attention_config)
+        )
+        self.attention_fn = attention_fn
 
-        def projection(in_shape, out_shape):
-            return Projection(
-                in_shape,
-                out_shape,
-                use_bias=self.use_bias,
-                param_dtype=param_dtype,
-                kernel_init=kernel_init,
-                bias_init=bias_init,
-                rngs=rngs,
-            )
-
-        self.query = projection((self.in_features,), (self.num_heads, self.head_dim))
-        self.key = projection((self.in_kv_features,), (self.num_kv_heads, self.head_dim))
-        self.value = projection((self.in_kv_features,), (self.num_kv_heads, self.value_head_dim))
-        self.out = projection((self.num_heads, self.value_head_dim), (self.out_features,))
+        projection = functools.partial(
+            Projection, use_bias=self.use_bias, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init
+        )
+        self.query = projection((self.in_features,), (self.num_heads, self.head_dim), rngs=rngs)
+        self.key = projection((self.in_kv_features,), (self.num_kv_heads, self.head_dim), rngs=rngs)
+        self.value = projection((self.in_kv_features,), (self.num_kv_heads, self.value_head_dim), rngs=rngs)
+        self.out = projection((self.num_heads, self.value_head_dim), (self.out_features,), rngs=rngs)
         # As in nnx.Dropout: module.eval()/train() and nnx.view set `deterministic`;
         # only a module that can drop out holds a (forked) dropout RNG stream.
         self.deterministic = bool(deterministic)
         self.rngs = rngs["dropout"].fork() if self.dropout_rate > 0 else nnx.data(None)
         # Attention sinks (gpt-oss): a learned logit per head in every row's softmax denominator.
-        _checks.check_static_bool("use_sinks", use_sinks)
         self.sinks = nnx.Param(jnp.zeros((self.num_heads,), param_dtype)) if use_sinks else nnx.data(None)
         self.cached_key: nnx.Cache | None = nnx.data(None)
         self.cached_value: nnx.Cache | None = nnx.data(None)
         self.cache_index: nnx.Cache | None = nnx.data(None)
-
-    # ------------------------------------------------------------------ call
 
     def __call__(
         self,
@@ -277,29 +286,10 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
                 key/value lengths, a mask/lengths/ids of the wrong shape, options
                 not allowed while decoding, decoding past ``max_length``.
         """
-        if inputs_k is None:
-            if inputs_v is not None:
-                raise ValueError("inputs_v was given without inputs_k; pass inputs_k too (or only inputs_k)")
-            inputs_k = inputs_q
-        if inputs_v is None:
-            inputs_v = inputs_k
-        self_attention = inputs_k is inputs_q
-        inputs_q, inputs_k, inputs_v = jnp.asarray(inputs_q), jnp.asarray(inputs_k), jnp.asarray(inputs_v)
-        check_inputs("inputs_q", inputs_q, self.in_features, "q_seq", "in_features")
-        check_inputs("inputs_k", inputs_k, self.in_kv_features, "kv_seq", "in_kv_features")
-        check_inputs("inputs_v", inputs_v, self.in_kv_features, "kv_seq", "in_kv_features")
-        batch = inputs_q.shape[0]
-        if inputs_k.shape[0] != batch or inputs_v.shape[0] != batch:
-            raise ValueError(
-                f"inputs_k and inputs_v must have the batch size of inputs_q ({batch}); "
-                f"got inputs_k {inputs_k.shape}, inputs_v {inputs_v.shape}"
-            )
-        if inputs_v.shape[1] != inputs_k.shape[1]:
-            raise ValueError(
-                f"inputs_v must have the kv_seq of inputs_k ({inputs_k.shape[1]}); got inputs_v {inputs_v.shape}"
-            )
+        inputs_q, inputs_k, inputs_v, self_attention = checked_inputs(
+            inputs_q, inputs_k, inputs_v, in_features=self.in_features, in_kv_features=self.in_kv_features
+        )
         _checks.check_static_bool("is_causal", is_causal)
-
         dtype = promoted_dtype(self.dtype, self.param_dtype, inputs_q, inputs_k, inputs_v)
         query = self.query(inputs_q, dtype)
         key = self.key(inputs_k, dtype)
@@ -317,62 +307,14 @@ class MultiHeadAttention(CacheMethods, KerasMethods, nnx.Module):
             sinks=None if self.sinks is None else self.sinks[...],
             is_causal=bool(is_causal),
         )
-
-        past_end = None
-        if (cache := self.kv_cache()) is not None:
-            cache, call, past_end = decode_step(
-                cache, key, value, call, heads=self.num_heads, self_attention=self_attention
-            )
-            self.store_cache(cache)
-            key, value = cache.key, cache.value
-
-        if deterministic is None:
-            deterministic = self.deterministic
-        dropping = self.dropout_rate > 0 and not deterministic
-        weights = None
-        if return_weights or dropping:
-            dropout_key = self._dropout_key(rngs) if dropping else None
-            context, weights = _weights_path(query, key, value, call, dropout_key, dropout_rate=self.dropout_rate)
-        else:
-            parallel = None if cache is not None else self.sequence_parallel  # decoding stays on one device
-            context = _fast_path(
-                query, key, value, call, implementation=self.implementation, sequence_parallel=parallel
-            )
+        step = dict(
+            self_attention=self_attention, deterministic=deterministic, rngs=rngs, return_weights=return_weights
+        )
+        context, weights = self._attention_step(query, key, value, call, dtype=dtype, **step)
         out = self.out(context, dtype)
-        if past_end is not None:
-            out = jnp.where(past_end[:, :, None], jnp.asarray(jnp.nan, out.dtype), out)
         return (out, weights) if return_weights else out
-
-    def _dropout_key(self, rngs) -> Array:
-        """A fresh dropout key: from ``rngs`` if given (as ``nnx.Dropout`` takes it), else the module's stream."""
-        if rngs is None:
-            rngs = self.rngs
-        if isinstance(rngs, nnx.Rngs):
-            return rngs["dropout"]()
-        if isinstance(rngs, nnx.RngStream):
-            return rngs()
-        return rngs
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view(module, deterministic=...)``."""
         if deterministic is not None:
             self.deterministic = deterministic
-
-
-@functools.partial(jax.jit, static_argnames=("implementation", "sequence_parallel"))
-def _fast_path(query, key, value, call: CallOptions, *, implementation, sequence_parallel):
-    return _api.attend(query, key, value, call, implementation=implementation, sequence_parallel=sequence_parallel)
-
-
-@functools.partial(jax.jit, static_argnames=("dropout_rate",))
-def _weights_path(query, key, value, call: CallOptions, dropout_key, *, dropout_rate):
-    """Context and weights through the materialized path, with dropout on the weights if ``dropout_key``."""
-    hook = None if dropout_key is None else functools.partial(_dropout, key=dropout_key, rate=dropout_rate)
-    return _api.attend_with_weights(query, key, value, call, weights_hook=hook)
-
-
-def _dropout(weights: Array, *, key: Array, rate: float) -> Array:
-    """As ``nnx.Dropout``: keep each weight with probability ``1 - rate`` and scale the kept ones up."""
-    keep_prob = 1.0 - rate
-    keep = jax.random.bernoulli(key, keep_prob, weights.shape)
-    return jax.lax.select(keep, weights / jnp.asarray(keep_prob, weights.dtype), jnp.zeros_like(weights))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ from jattn import _checks
 from jattn.sharding import SequenceParallel
 
 from . import _keras
-from ._attention import MultiHeadAttention, default_bias_init, default_kernel_init
+from ._attention import MultiHeadAttention
 
 KERAS_LAYER_NORM_EPSILON = 1e-3
 
@@ -34,29 +33,30 @@ class AttentionBlock(nnx.Module):
     embedding first (``nnx.Embed``), and a wrongly ranked input is an error
     rather than a silently broadcast result.
 
+    The block's own arguments are the sizes, the norm's and the dtypes; every
+    other keyword builds the attention: it is passed to
+    :class:`MultiHeadAttention` as is, with ``out_features=in_features``.
+
     Args:
         num_heads: attention heads.
         in_features: features in and out.
-        head_dim: features per head (Keras ``key_dim``); default
-            ``in_features // num_heads``.
-        value_head_dim: value features per head; default ``head_dim``.
-        num_kv_heads: key/value heads (GQA); default ``num_heads``.
-        use_bias: biases in the attention projections.
-        dropout_rate: dropout on the attention weights.
         pre_norm: normalize the attention input instead of the sum.
         epsilon: LayerNorm epsilon (Keras's default ``1e-3``; Flax uses ``1e-6``).
-        dtype: computation dtype (default: promotion of inputs and params).
-        param_dtype: parameter dtype.
-        kernel_init: attention kernel initializer.
-        bias_init: attention bias initializer.
-        implementation: passed to ``jattn.dot_product_attention``.
-        sequence_parallel: passed to the attention (see ``MultiHeadAttention``).
-        local_window_size: sliding window of the attention (Gemma's local layers).
-        logits_soft_cap: tanh soft cap of the logits (Gemma 2).
-        score_mod: the attention's ``score_mod`` (see :class:`MultiHeadAttention`).
-        mask_mod: the attention's ``mask_mod``.
-        use_sinks: learned attention sinks (gpt-oss).
+        dtype: computation dtype of the attention and the norm (default:
+            promotion of inputs and params).
+        param_dtype: parameter dtype of both.
         rngs: ``nnx.Rngs``.
+        **attention_options: keyword arguments of :class:`MultiHeadAttention`:
+            ``head_dim``, ``value_head_dim``, ``num_kv_heads`` (GQA), ``use_bias``,
+            ``dropout_rate``, ``kernel_init``, ``bias_init``, ``implementation``,
+            ``block_q``, ``block_kv``, ``sequence_parallel``,
+            ``local_window_size``, ``logits_soft_cap``, ``score_mod``,
+            ``mask_mod``, ``use_sinks``, ``deterministic``, ``attention_fn``.
+
+    Raises:
+        TypeError: ``out_features`` or ``in_kv_features`` in
+            ``attention_options`` (a block maps ``in_features`` to itself), and
+            the errors of :class:`MultiHeadAttention`.
 
     Example:
         The tutorial's example done right: token ids, an embedding, the block.
@@ -77,47 +77,21 @@ class AttentionBlock(nnx.Module):
         num_heads: int,
         in_features: int,
         *,
-        head_dim: int | None = None,
-        value_head_dim: int | None = None,
-        num_kv_heads: int | None = None,
-        use_bias: bool = True,
-        dropout_rate: float = 0.0,
         pre_norm: bool = False,
         epsilon: float = KERAS_LAYER_NORM_EPSILON,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
-        kernel_init: nnx.Initializer = default_kernel_init,
-        bias_init: nnx.Initializer = default_bias_init,
-        implementation: str | None = None,
-        sequence_parallel: SequenceParallel | None = None,
-        local_window_size: int | tuple[int, int] | None = None,
-        logits_soft_cap: float | None = None,
-        score_mod: Callable | None = None,
-        mask_mod: Callable | None = None,
-        use_sinks: bool = False,
         rngs: nnx.Rngs,
+        **attention_options: Any,
     ):
+        for name in ("out_features", "in_kv_features"):
+            if name in attention_options:
+                raise TypeError(
+                    f"AttentionBlock maps in_features to in_features: {name} cannot be given; "
+                    f"got {name}={attention_options[name]!r}"
+                )
         self.attention = MultiHeadAttention(
-            num_heads,
-            in_features,
-            head_dim=head_dim,
-            value_head_dim=value_head_dim,
-            out_features=in_features,
-            num_kv_heads=num_kv_heads,
-            use_bias=use_bias,
-            dropout_rate=dropout_rate,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=kernel_init,
-            bias_init=bias_init,
-            implementation=implementation,
-            sequence_parallel=sequence_parallel,
-            local_window_size=local_window_size,
-            logits_soft_cap=logits_soft_cap,
-            score_mod=score_mod,
-            mask_mod=mask_mod,
-            use_sinks=use_sinks,
-            rngs=rngs,
+            num_heads, in_features, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **attention_options
         )
         self.norm = nnx.LayerNorm(
             in_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, rngs=rngs

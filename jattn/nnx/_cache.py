@@ -26,9 +26,8 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jattn import _checks
-from jattn._prepare import CallOptions
-
-from ._projection import positive_int
+from jattn._jax_compat import Tracer
+from jattn._options import CallOptions
 
 
 @jax.tree_util.register_dataclass
@@ -75,7 +74,7 @@ class KVCache:
         :meth:`past_end`) in case a backend drops callbacks.
         """
         end = self.index + n_valid
-        if not isinstance(end, jax.core.Tracer):
+        if not isinstance(end, Tracer):
             if bool(jnp.any(end > self.max_length)):
                 _raise_overflow(end, self.max_length)
             return
@@ -140,14 +139,15 @@ def _new_token_counts(query_seq_lengths, batch: int, n_new: int) -> Int[Array, "
     _checks.check_integer("query_seq_lengths", n_valid)
     _checks.check_shape("query_seq_lengths", n_valid, (batch,), "(batch,)")
     n_valid = n_valid.astype(jnp.int32)
-    if not isinstance(n_valid, jax.core.Tracer) and not bool(jnp.all((n_valid >= 0) & (n_valid <= n_new))):
+    if not isinstance(n_valid, Tracer) and not bool(jnp.all((n_valid >= 0) & (n_valid <= n_new))):
         raise ValueError(f"query_seq_lengths must lie in [0, {n_new}] (the new tokens); got {n_valid}")
     return n_valid
 
 
 class CacheMethods:
     """``init_cache`` / ``clear_cache`` of a module with ``num_kv_heads``, ``head_dim``, ``value_head_dim``,
-    ``dtype``, ``param_dtype`` and the ``nnx.Cache`` attributes ``cached_key``, ``cached_value``, ``cache_index``."""
+    ``dtype``, ``param_dtype``, ``attention_fn`` and the ``nnx.Cache`` attributes ``cached_key``,
+    ``cached_value``, ``cache_index``."""
 
     def init_cache(self, batch: int, max_length: int, *, dtype: Any = None) -> None:
         """Allocates an empty KV cache; from now on calls decode (append and attend causally).
@@ -177,7 +177,9 @@ class CacheMethods:
                 ``param_dtype``. It must equal the computation dtype of the calls.
 
         Raises:
-            ValueError: if ``batch`` or ``max_length`` is not a positive int.
+            ValueError: if ``batch`` or ``max_length`` is not a positive int, or
+                the module has an ``attention_fn`` (a Flax-convention function
+                cannot take the cache's lengths and query offset).
 
         Example:
             >>> import jax, jax.numpy as jnp
@@ -194,8 +196,13 @@ class CacheMethods:
             >>> mha.cache_index[...]
             Array([6], dtype=int32)
         """
-        positive_int("batch", batch)
-        positive_int("max_length", max_length)
+        _checks.check_positive_int("batch", batch)
+        _checks.check_positive_int("max_length", max_length)
+        if self.attention_fn is not None:
+            raise ValueError(
+                "init_cache: KV-cache decoding runs jattn's own attention, not attention_fn; "
+                f"got a module with attention_fn={self.attention_fn!r} (build it with attention_fn=None to decode)"
+            )
         if dtype is None:
             dtype = self.dtype if self.dtype is not None else self.param_dtype
         self.cached_key = nnx.Cache(jnp.zeros((batch, max_length, self.num_kv_heads, self.head_dim), dtype))

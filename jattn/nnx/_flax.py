@@ -17,16 +17,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen, nnx
 from flax.nnx.nn import dtypes
 from jaxtyping import Array, ArrayLike, Float, Shaped
 
 from jattn import _api, _checks, _dispatch
 from jattn._dispatch import Implementation
-from jattn._prepare import CallOptions
+from jattn._options import CallOptions
 
-from ._projection import positive_int
+from ._dropout import checked_rate, dropout, keep_mask
 
 
 def flax_attention_fn(
@@ -46,8 +45,8 @@ def flax_attention_fn(
     is_causal: bool = False,
     *,
     implementation: Implementation | None = None,
-    block_q: int = 512,
-    block_kv: int = 512,
+    block_q: int | None = None,
+    block_kv: int | None = None,
 ) -> Float[Array, "*batch q_seq heads v_dim"]:
     r"""Flax's ``dot_product_attention`` signature, computed by jattn: pass it as ``attention_fn=``.
 
@@ -100,8 +99,9 @@ def flax_attention_fn(
         implementation: jattn's kernel when nothing needs the weights (``None``:
             see :func:`jattn.auto_implementation`); the weights path is
             always ``"reference"``.
-        block_q: query block of the blockwise kernel.
-        block_kv: key/value block of the blockwise kernel.
+        block_q: query block of the blockwise kernel; ``None``: the backend's
+            default (``jattn.DEFAULT_BLOCK_SIZES``).
+        block_kv: key/value block of the blockwise kernel; ``None`` as for ``block_q``.
 
     Returns:
         ``(*batch, q_seq, heads, v_dim)`` in the promoted dtype.
@@ -137,9 +137,10 @@ def flax_attention_fn(
         ("is_causal", is_causal),
     ):
         _checks.check_static_bool(name, flag)
-    rate = _dropout_rate(dropout_rate)
+    rate = checked_rate(dropout_rate)
     implementation = _dispatch.check_implementation(implementation)
-    block_q, block_kv = positive_int("block_q", block_q), positive_int("block_kv", block_kv)
+    _checks.check_positive_int("block_q", block_q, allow_none=True)
+    _checks.check_positive_int("block_kv", block_kv, allow_none=True)
     sow = _sower(module)
     dropping = rate > 0 and not deterministic
     if dropping and dropout_rng is None:
@@ -158,13 +159,6 @@ def flax_attention_fn(
     if sow is not None:
         sow(weights)
     return out
-
-
-def _dropout_rate(rate) -> float:
-    real = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, (bool, np.bool_))
-    if not real or not 0 <= rate < 1:
-        raise ValueError(f"dropout_rate must be a float in [0, 1); got {rate!r}")
-    return float(rate)
 
 
 def _sower(module):
@@ -203,21 +197,17 @@ def _flax_dropout(
     broadcast: bool,
     batch_shape: tuple[int, ...],
 ) -> Float[Array, "batch heads q_seq kv_seq"]:
-    """Flax's attention dropout, step for step, on jattn's weights (their batch axes flattened into one).
+    """Flax's attention dropout on jattn's weights (their batch axes flattened into one).
 
     The keep mask is drawn with the shape Flax draws it with, ``(1, ..., 1,
     q_seq, kv_seq)`` (rank ``len(batch_shape) + 3``) or ``(*batch_shape, heads,
-    q_seq, kv_seq)``, then reshaped to jattn's layout: the same key gives the
-    same mask. The multiplier ``keep / keep_prob`` is formed in the weights'
-    dtype and multiplied in, as Flax does (not a select), so the kept values
-    round the same way.
+    q_seq, kv_seq)``, then reshaped to jattn's layout: the same key drops the
+    same weights. The kept ones are scaled by jattn's one dropout (a select;
+    Flax multiplies by ``keep / keep_prob``, which may round the last bit differently).
     """
     heads, q_seq, kv_seq = weights.shape[1:]
-    keep_prob = 1.0 - rate
     if broadcast:
         draw_shape, layout = (1,) * (len(batch_shape) + 1) + (q_seq, kv_seq), (1, 1, q_seq, kv_seq)
     else:
         draw_shape, layout = (*batch_shape, heads, q_seq, kv_seq), (math.prod(batch_shape), heads, q_seq, kv_seq)
-    keep = jax.random.bernoulli(rng, keep_prob, draw_shape)
-    multiplier = keep.astype(weights.dtype) / jnp.asarray(keep_prob, dtype=weights.dtype)
-    return weights * multiplier.reshape(layout)
+    return dropout(weights, keep_mask(rng, rate, draw_shape).reshape(layout), rate=rate)

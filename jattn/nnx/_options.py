@@ -1,4 +1,4 @@
-"""The attention options of a module: those fixed at construction, composed with those of one call."""
+"""The attention options of a module: those fixed at construction (checked here), composed with those of one call."""
 
 from __future__ import annotations
 
@@ -6,8 +6,27 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from jattn import masks
-from jattn._prepare import CallOptions
+from jattn import _checks, _dispatch, masks
+from jattn._dispatch import Implementation
+from jattn._options import CallOptions
+from jattn.sharding import SequenceParallel
+
+
+def check_execution(implementation: Any, block_q: Any, block_kv: Any, sequence_parallel: Any) -> Implementation | None:
+    """Checks how a module runs jattn's attention, at construction; returns the checked ``implementation``.
+
+    Raises:
+        ValueError: an unknown ``implementation``, a block size that is not a positive int or None.
+        TypeError: a ``sequence_parallel`` that is not a ``jattn.sharding.SequenceParallel`` or None.
+    """
+    implementation = _dispatch.check_implementation(implementation)
+    _checks.check_positive_int("block_q", block_q, allow_none=True)
+    _checks.check_positive_int("block_kv", block_kv, allow_none=True)
+    if sequence_parallel is not None and not isinstance(sequence_parallel, SequenceParallel):
+        raise TypeError(
+            f"sequence_parallel must be a jattn.sharding.SequenceParallel or None; got {sequence_parallel!r}"
+        )
+    return implementation
 
 
 def compose_score_mods(first: Callable | None, second: Callable | None) -> Callable | None:
