@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 
-SUITE_NAMES = ("matmul", "attention", "seed", "module", "decode", "flex", "parallel")
+SUITE_NAMES = ("matmul", "attention", "seed", "module", "decode", "flex", "parallel", "serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,10 @@ class BenchConfig:
             and visited blocks need no run; one fwd+bwd call at 32768 takes
             minutes on a CPU). Raise it on accelerators.
         backward_factor: FLOP convention for the backward (see ``bench.flops``).
+        serve_kv_lens: ``(long, short)`` cached tokens of the ``serve`` suite's decode batch (one long
+            sequence, fifteen short) and its mixed batch.
+        serve_scaling: the ``serve`` suite's all-equal decode batches (time should follow the tokens).
+        serve_pages_per_chunk: ``pages_per_chunk`` of ``jattn.paged.ragged_paged_attention`` there.
     """
 
     preset: str = "full"
@@ -82,6 +86,9 @@ class BenchConfig:
     flex_docs: int = 8
     parallel_timed_seq: int = 8192
     backward_factor: float = 2.5
+    serve_kv_lens: tuple[int, int] = (8192, 128)
+    serve_scaling: tuple[int, ...] = (512, 2048)
+    serve_pages_per_chunk: int = 8
 
     def wants(self, impl: str) -> bool:
         """Whether implementation label ``impl`` is selected by ``impls``."""
@@ -102,6 +109,8 @@ QUICK = BenchConfig(
     decode_fills=(128, 1023),
     flex_seq=512,
     flex_doc_seq=1024,
+    serve_kv_lens=(1024, 128),
+    serve_scaling=(128, 512),
     seed_sizes=(("single", 2, 3), ("self", 3, 3), ("single", 256, 64), ("self", 256, 64)),
 )
 FULL = BenchConfig()

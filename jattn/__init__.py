@@ -5,13 +5,15 @@ The functional core works on one example (``scores``, ``softmax``,
 multi-head drop-in for ``jax.nn.dot_product_attention`` (``IMPLEMENTATIONS``
 lists its kernels, ``auto_implementation`` says which one a call gets);
 ``jattn.score_mods`` holds ``score_mod`` functions (ALiBi, T5 buckets, ...); ``jattn.masks`` holds
-mask predicates; ``jattn.sharding`` runs attention sequence-parallel over
-devices; ``jattn.testing`` checks the gradients of attention variants.
+mask predicates; ``jattn.paged`` attends many sequences over a paged KV cache (serving);
+``jattn.sharding`` runs attention sequence-parallel over devices; ``jattn.testing`` checks the
+gradients of attention variants.
 Flax NNX modules live in ``jattn.nnx`` (importing ``jattn`` does not import
 flax).
 """
 
 from . import masks as masks
+from . import paged as paged
 from . import score_mods as score_mods
 from . import sharding as sharding
 from . import testing as testing
@@ -34,6 +36,7 @@ __all__ = [
     "context",
     "dot_product_attention",
     "masks",
+    "paged",
     "score_mods",
     "scores",
     "sharding",

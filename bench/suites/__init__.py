@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 
 from ..case import Case
 from ..config import BenchConfig
-from . import attention, decode, flex, matmul, module, parallel, seed
+from . import attention, decode, flex, matmul, module, parallel, seed, serve
 
 SUITES: dict[str, Callable[[BenchConfig], Iterable[Case]]] = {
     "matmul": matmul.cases,
@@ -20,4 +20,5 @@ SUITES: dict[str, Callable[[BenchConfig], Iterable[Case]]] = {
     "decode": decode.cases,
     "flex": flex.cases,
     "parallel": parallel.cases,
+    "serve": serve.cases,
 }
