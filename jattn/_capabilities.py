@@ -120,7 +120,7 @@ def features_of(inputs: AttentionInputs) -> dict[str, str]:
         >>> import jax.numpy as jnp
         >>> from jattn._options import CallOptions
         >>> from jattn._prepare import prepare
-        >>> q, v = jnp.zeros((1, 3, 2, 4)), jnp.zeros((1, 3, 2, 5))
+        >>> q, v = jnp.zeros((1, 3, 2, 4), jnp.float32), jnp.zeros((1, 3, 2, 5), jnp.float32)
         >>> sorted(features_of(prepare(q, q, v, CallOptions(is_causal=True)).inputs))
         ['is_causal', 'scale', 'v_dim != dim']
     """

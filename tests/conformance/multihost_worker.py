@@ -10,91 +10,94 @@ import json
 import os
 import sys
 
-PROCESS, PORT = int(sys.argv[1]), sys.argv[2]
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
 
-import jax  # noqa: E402  (after XLA_FLAGS)
+def main(process: int, port: str) -> None:
+    """Joins the other process, runs every check, prints the results (process 0)."""
 
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"localhost:{PORT}", num_processes=2, process_id=PROCESS)
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+    import jax
 
-import jattn  # noqa: E402
-import jattn.nnx  # noqa: E402
-from jattn.sharding import SequenceParallel  # noqa: E402
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process)
 
-assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from jax.experimental import multihost_utils
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-B, T, H, D = 2, 64, 4, 8
-rng = np.random.default_rng(0)  # the same global data in both processes
-q, k, v = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in range(3))
-local = jax.local_devices()[0]
+    import jattn
+    import jattn.nnx
+    from jattn.sharding import SequenceParallel
+
+    assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+
+    B, T, H, D = 2, 64, 4, 8
+    rng = np.random.default_rng(0)  # the same global data in both processes
+    q, k, v = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in range(3))
+    local = jax.local_devices()[0]
+
+    def global_array(x, mesh, spec):
+        """A global array on ``mesh`` from the host data every process holds whole."""
+        return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
+
+    def on_host(x):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def loss(**options):
+        def f(q, k, v):
+            return jnp.sum(jnp.sin(jattn.dot_product_attention(q, k, v, is_causal=True, **options)))
+
+        return jax.value_and_grad(f, argnums=(0, 1, 2))
+
+    def one_device(fn, *args):
+        with jax.default_device(local):
+            return jax.tree.map(np.asarray, jax.jit(fn)(*args))
+
+    def compare(got, want) -> str:
+        errors = [
+            float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+        ]
+        return "ok" if max(errors) < 2e-4 else f"mismatch {errors}"
+
+    results = {}
+    auto = jax.make_mesh((8,), ("seq",), axis_types=(AxisType.Auto,))
+    explicit = jax.make_mesh((8,), ("seq",), axis_types=(AxisType.Explicit,))
+    want = one_device(loss(), q, k, v)
+
+    for strategy in ("ring", "all_gather"):
+        for layout in ("contiguous", "zigzag"):
+            sp = SequenceParallel(axis="seq", mesh=auto, strategy=strategy, layout=layout)
+            order = (lambda x: x) if layout == "contiguous" else (lambda x: np.asarray(jattn.sharding.zigzag(x, 8)))
+            args = [global_array(order(x), auto, P(None, "seq")) for x in (q, k, v)]
+            value, grads = jax.jit(loss(sequence_parallel=sp))(*args)
+            grads = [on_host(g) for g in grads]
+            if layout == "zigzag":  # gradients come back in the layout of the inputs
+                grads = [np.asarray(jattn.sharding.unzigzag(g, 8)) for g in grads]
+            results[f"{strategy}-{layout}"] = compare((np.asarray(value), grads), want)
+
+    slopes = jattn.score_mods.alibi_slopes(H)
+    mod_want = one_device(loss(score_mod=jattn.score_mods.alibi(slopes)), q, k, v)
+    with jax.set_mesh(explicit):  # no keyword: a query sharded along its sequence runs sequence-parallel
+        args = [global_array(x, explicit, P(None, "seq")) for x in (q, k, v)]
+        value, grads = jax.jit(loss())(*args)
+        results["auto"] = compare((np.asarray(value), [on_host(g) for g in grads]), want)
+        value, grads = jax.jit(loss(score_mod=jattn.score_mods.alibi(slopes)))(*args)
+        results["score_mod"] = compare((np.asarray(value), [on_host(g) for g in grads]), mod_want)
+
+    module = jattn.nnx.MultiHeadAttention(num_heads=H, in_features=16, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((B, T, 16)).astype(np.float32)
+    module_want = one_device(lambda x: module(x, is_causal=True), x)
+    with jax.set_mesh(explicit):
+        out = nnx.jit(lambda m, x: m(x, is_causal=True))(module, global_array(x, explicit, P(None, "seq")))
+        results["nnx"] = compare(on_host(out), module_want)
+
+    if process == 0:
+        print("RESULTS", json.dumps(results), flush=True)
+    jax.distributed.shutdown()
 
 
-def global_array(x, mesh, spec):
-    """A global array on ``mesh`` from the host data every process holds whole."""
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda index: x[index])
-
-
-def on_host(x):
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def loss(**options):
-    def f(q, k, v):
-        return jnp.sum(jnp.sin(jattn.dot_product_attention(q, k, v, is_causal=True, **options)))
-
-    return jax.value_and_grad(f, argnums=(0, 1, 2))
-
-
-def one_device(fn, *args):
-    with jax.default_device(local):
-        return jax.tree.map(np.asarray, jax.jit(fn)(*args))
-
-
-def compare(got, want) -> str:
-    errors = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)]
-    return "ok" if max(errors) < 2e-4 else f"mismatch {errors}"
-
-
-results = {}
-auto = jax.make_mesh((8,), ("seq",), axis_types=(AxisType.Auto,))
-explicit = jax.make_mesh((8,), ("seq",), axis_types=(AxisType.Explicit,))
-want = one_device(loss(), q, k, v)
-
-for strategy in ("ring", "all_gather"):
-    for layout in ("contiguous", "zigzag"):
-        sp = SequenceParallel(axis="seq", mesh=auto, strategy=strategy, layout=layout)
-        order = (lambda x: x) if layout == "contiguous" else (lambda x: np.asarray(jattn.sharding.zigzag(x, 8)))
-        args = [global_array(order(x), auto, P(None, "seq")) for x in (q, k, v)]
-        value, grads = jax.jit(loss(sequence_parallel=sp))(*args)
-        grads = [on_host(g) for g in grads]
-        if layout == "zigzag":  # gradients come back in the layout of the inputs
-            grads = [np.asarray(jattn.sharding.unzigzag(g, 8)) for g in grads]
-        results[f"{strategy}-{layout}"] = compare((np.asarray(value), grads), want)
-
-slopes = jattn.score_mods.alibi_slopes(H)
-mod_want = one_device(loss(score_mod=jattn.score_mods.alibi(slopes)), q, k, v)
-with jax.set_mesh(explicit):  # no keyword: a query sharded along its sequence runs sequence-parallel
-    args = [global_array(x, explicit, P(None, "seq")) for x in (q, k, v)]
-    value, grads = jax.jit(loss())(*args)
-    results["auto"] = compare((np.asarray(value), [on_host(g) for g in grads]), want)
-    value, grads = jax.jit(loss(score_mod=jattn.score_mods.alibi(slopes)))(*args)
-    results["score_mod"] = compare((np.asarray(value), [on_host(g) for g in grads]), mod_want)
-
-module = jattn.nnx.MultiHeadAttention(num_heads=H, in_features=16, rngs=nnx.Rngs(0))
-x = rng.standard_normal((B, T, 16)).astype(np.float32)
-module_want = one_device(lambda x: module(x, is_causal=True), x)
-with jax.set_mesh(explicit):
-    out = nnx.jit(lambda m, x: m(x, is_causal=True))(module, global_array(x, explicit, P(None, "seq")))
-    results["nnx"] = compare(on_host(out), module_want)
-
-if PROCESS == 0:
-    print("RESULTS", json.dumps(results), flush=True)
-jax.distributed.shutdown()
+if __name__ == "__main__":
+    main(int(sys.argv[1]), sys.argv[2])
