@@ -22,23 +22,9 @@ from ._numerics import (
     compute_dtype,
     default_scale,
     logits,
-    masked_value,
-    residual,
     softmax_with_lse,
     weighted_sum,
 )
-
-__all__ = [  # the numerics are re-exported for the modules that read them through _core
-    "check_scale",
-    "check_soft_cap",
-    "compute_dtype",
-    "default_scale",
-    "logits",
-    "masked_value",
-    "residual",
-    "softmax_with_lse",
-    "weighted_sum",
-]
 
 
 def _check_qk(q, k) -> None:
