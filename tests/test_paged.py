@@ -142,19 +142,15 @@ def test_matches_jax_reference_kernel():
     # JAX's kernel interleaves K and V heads in one pool.
     kv_pages = jnp.stack([b.key_pages, b.value_pages], axis=3).reshape(*b.key_pages.shape[:2], -1, 5)
     options = dict(sliding_window=5, logits_soft_cap=2.0)
-    ref = kernel.ref_ragged_paged_attention(
-        b.queries,
-        kv_pages,
-        b.kv_lens,
-        b.page_indices,
-        b.cu_q_lens,
-        b.num_seqs.reshape(1),
-        sm_scale=0.6,
-        soft_cap=2.0,
-        sliding_window=5,
-    )
+    ref = _jax_reference(kernel, b, kv_pages, sm_scale=0.6, soft_cap=2.0, sliding_window=5)
     out = attend(b, scale=0.6, **options, **TUNING)
     np.testing.assert_allclose(out[: ref.shape[0]], ref, atol=2e-6)
+
+
+def _jax_reference(kernel, b, kv_pages, **options):
+    """JAX's ``ref_ragged_paged_attention`` on batch ``b`` (its pool interleaves K and V heads)."""
+    args = (b.queries, kv_pages, b.kv_lens, b.page_indices, b.cu_q_lens, b.num_seqs.reshape(1))
+    return kernel.ref_ragged_paged_attention(*args, **options)
 
 
 def test_int8_pages_with_scales_match_both_references():
@@ -166,17 +162,7 @@ def test_int8_pages_with_scales_match_both_references():
     out = attend(b, k_scale=scales[0], v_scale=scales[1], **TUNING)
     np.testing.assert_allclose(out, dense(b, scales=scales), atol=2e-6)
     kv_pages = jnp.stack(quant, axis=3).reshape(*quant[0].shape[:2], -1, 5)
-    ref = kernel.ref_ragged_paged_attention(
-        b.queries,
-        kv_pages,
-        b.kv_lens,
-        b.page_indices,
-        b.cu_q_lens,
-        b.num_seqs.reshape(1),
-        sm_scale=5**-0.5,
-        k_scale=scales[0],
-        v_scale=scales[1],
-    )
+    ref = _jax_reference(kernel, b, kv_pages, sm_scale=5**-0.5, k_scale=scales[0], v_scale=scales[1])
     np.testing.assert_allclose(out[: ref.shape[0]], ref, atol=2e-6)
 
 
