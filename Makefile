@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: test test-all wheel-check demo bench lint clean
+.PHONY: test test-all wheel-check demo bench lint clean docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +42,15 @@ lint: $(BIN)/python
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache dist build
+	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache dist build docs/_build docs/_generated
+
+# `make docs`: the documentation site (Sphinx + MyST, docs/) into docs/_build/html, strict: a warning, an
+# unresolved cross-reference (-n) or a broken internal link fails it; -E rereads every page, so a second
+# run cannot pass by skipping a page that warned. Offline: nothing is fetched while building.
+docs: $(BIN)/python
+	$(PIP) install -e '.[docs]'
+	$(BIN)/python -m sphinx -W --keep-going -n -E -q -b html docs docs/_build/html
+	@echo "docs: open docs/_build/html/index.html"
 
 # `make bench`: the benchmark harness (full preset) on whatever backend JAX finds.
 bench: $(BIN)/python

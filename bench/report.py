@@ -1,4 +1,4 @@
-"""Writes README's "Performance" section from a results file (never typed by hand).
+"""Writes the docs' Performance page tables (docs/performance.md) from a results file (never typed by hand).
 
 Usage::
 
@@ -6,7 +6,8 @@ Usage::
     python -m bench.report bench/results/README.json
 
 Replaces what lies between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` in
-README.md; the plot beside the JSON file (same stem, ``.png``) is linked.
+docs/performance.md (``--readme`` names another file); the plot beside the JSON file (same stem,
+``.png``) is linked. ``python docs/regions.py`` then refreshes the README's headline numbers.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def replace_region(text: str, body: str, *, start: str = START, end: str = END) 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description="Rewrite README's Performance section.")
     p.add_argument("results", type=Path, help="a results JSON written by python -m bench")
-    p.add_argument("--readme", type=Path, default=Path("README.md"))
+    p.add_argument("--readme", type=Path, default=Path("docs/performance.md"))
     args = p.parse_args(argv)
     doc = json.loads(args.results.read_text())
     png = args.results.with_suffix(".png")

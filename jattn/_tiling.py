@@ -12,9 +12,9 @@ SKIP, FULL, PARTIAL = 0, 1, 2
 DEFAULT_BLOCK_SIZES: dict[str, int] = {"cpu": 512, "gpu": 512, "tpu": 512}
 """The blockwise kernel's default query and key/value block size per backend (``block_q=None`` /
 ``block_kv=None`` pick it; the actual block is then fitted to the sequence, see :func:`fitted_block`).
-CPU: 512 is the size every row of the README's Performance table (``bench/results/README.json``) ran
-with; no committed ``bench/`` sweep over block sizes has chosen another. GPU and TPU: no ``bench/`` run
-there yet, so they start from the CPU value."""
+CPU: 512 is the size every row of the Performance page's tables ran with (``docs/performance.md``,
+``bench/results/README.json``); no committed ``bench/`` sweep over block sizes has chosen another.
+GPU and TPU: no ``bench/`` run there yet, so they start from the CPU value."""
 
 FALLBACK_BLOCK_SIZE = 512
 """The block size on a backend missing from :data:`DEFAULT_BLOCK_SIZES`."""

@@ -7,8 +7,8 @@ from jattn import nnx as jnnx
 
 
 def test_readme_has_nnx_examples():
-    # tests/test_readme.py runs every README block; here: the nnx section has its own.
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    # tests/test_docs.py runs every docs page's blocks; here: the NNX page's nnx section has its own.
+    readme = (Path(__file__).parents[1] / "docs" / "flax.md").read_text()
     region = readme.split("<!-- nnx:start -->")[1].split("<!-- nnx:end -->")[0]
     assert len(re.findall(r"```python\n(.*?)```", region, re.S)) >= 3
 

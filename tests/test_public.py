@@ -37,6 +37,7 @@ def test_nothing_outside_the_package_imports_a_private_jattn_name():
     root = pathlib.Path(jattn.__file__).resolve().parent.parent
     private = re.compile(r"(from\s+jattn(\.\w+)*\s+import\s+[^\n]*\b_\w+|jattn(\.\w+)*\._\w+|from\s+jattn\._)")
     sources = [*root.glob("bench/**/*.py"), *root.glob("examples/**/*.py"), root / "README.md"]
+    sources += [*root.glob("docs/**/*.md")]
     offenders = [f"{p.relative_to(root)}: {m.group(0)}" for p in sources for m in private.finditer(p.read_text())]
     assert not offenders, offenders
 

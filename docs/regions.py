@@ -1,0 +1,110 @@
+"""The generated regions of the README and the docs, from the committed benchmark results.
+
+    python docs/regions.py          # rewrite them from bench/results/README.json
+    python docs/regions.py --check  # exit 1 if one differs (tests/test_docs.py checks the same)
+
+- ``docs/performance.md`` between ``<!-- perf:start -->`` and ``<!-- perf:end -->``: the whole
+  Performance section, as ``python -m bench.report bench/results/README.json --readme
+  docs/performance.md`` writes it.
+- ``README.md`` between ``<!-- headline:start -->`` and ``<!-- headline:end -->``: the attention
+  table of that section and its plot, the landing page's headline numbers.
+
+Both come from ``bench``'s own formatting (``bench.report``, ``bench.table``), so no number is
+typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import report, table  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "README.json"
+README = ROOT / "README.md"
+PERFORMANCE = ROOT / "docs" / "performance.md"
+PERF = ("<!-- perf:start -->", "<!-- perf:end -->")
+HEADLINE = ("<!-- headline:start -->", "<!-- headline:end -->")
+
+
+def results() -> dict:
+    return json.loads(RESULTS.read_text())
+
+
+def performance_region(doc: dict) -> str:
+    """What ``bench.report`` writes into ``docs/performance.md`` (the plot's path relative to the page)."""
+    return report.performance_section(doc, plot="../bench/results/README.png")
+
+
+def headline_region(doc: dict) -> str:
+    """The README's headline: the attention table of the same run, its memory at the longest sequence, the plot."""
+    meta, cfg = doc["meta"], doc["config"]
+    shape = f"batch {cfg['batch']}, {cfg['heads']} heads, dim {cfg['dim']}, {cfg['dtype']}"
+    peer = report.first_peer(doc)
+    return "\n\n".join(
+        [
+            f"`jattn.dot_product_attention` (the blockwise kernel) against `jax.nn.dot_product_attention` "
+            f"on a {meta['cpu_count']}-core {meta['backend'].upper()} ({shape}); median time, in brackets "
+            f"jattn's time over {peer}'s (below 1 is faster):",
+            table.render_markdown(table.attention_pivot(doc["results"])),
+            memory_sentence(doc["results"], peer),
+            "![attention time, memory and ratio to jax.nn against sequence length](bench/results/README.png)",
+        ]
+    )
+
+
+def memory_sentence(results: list[dict], peer: str) -> str:
+    """The forward pass's temporary memory at the longest sequence, jattn against the peer."""
+    forward = [r for r in results if r["suite"] == "attention" and r["params"]["mode"] == "fwd"]
+    forward = [r for r in forward if not r["params"]["causal"] and r.get("temp_bytes") is not None]
+    longest = max(r["params"]["seq"] for r in forward)
+    temp = {r["impl"]: r["temp_bytes"] for r in forward if r["params"]["seq"] == longest}
+    ours = next(impl for impl in temp if impl.startswith("jattn:"))
+    return (
+        f"Memory stays O(N): at T = {longest} the forward pass needs {table.fmt_bytes(temp[ours])} of "
+        f"temporaries, {peer} {table.fmt_bytes(temp[peer])} (XLA's compiled `memory_analysis()`)."
+    )
+
+
+def region(text: str, markers: tuple[str, str]) -> str:
+    """What lies between the markers, stripped."""
+    start, end = markers
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"missing {start} ... {end}")
+    return text[i + len(start) : j].strip()
+
+
+def expected() -> dict[Path, tuple[tuple[str, str], str]]:
+    doc = results()
+    return {PERFORMANCE: (PERF, performance_region(doc)), README: (HEADLINE, headline_region(doc))}
+
+
+def stale() -> list[str]:
+    """The files whose region differs from what the results give."""
+    return [
+        str(path.relative_to(ROOT))
+        for path, (markers, body) in expected().items()
+        if region(path.read_text(), markers) != body.strip()
+    ]
+
+
+def main(argv: list[str]) -> int:
+    if "--check" in argv:
+        if out := stale():
+            print("stale, run `python docs/regions.py`:", ", ".join(out))
+            return 1
+        return 0
+    for path, ((start, end), body) in expected().items():
+        path.write_text(report.replace_region(path.read_text(), body, start=start, end=end))
+        print(f"rewrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
