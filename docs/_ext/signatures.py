@@ -23,7 +23,15 @@ import re
 import sys
 import typing
 
-PUBLIC_MODULES = ("jattn", "jattn.masks", "jattn.score_mods", "jattn.sharding", "jattn.testing", "jattn.nnx")
+PUBLIC_MODULES = (
+    "jattn",
+    "jattn.masks",
+    "jattn.score_mods",
+    "jattn.sharding",
+    "jattn.testing",
+    "jattn.nnx",
+    "jattn.paged",
+)
 NAME = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?:\.\w+)*")  # a dotted name
 QUOTED = re.compile(r"""('[^']*'|"[^"]*")""")  # a string inside an annotation: a jaxtyping shape
 
