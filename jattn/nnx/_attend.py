@@ -21,11 +21,11 @@ from jattn import _api
 from jattn._options import CallOptions
 
 from ._attention_fn import call_attention_fn, check_call_options
-from ._cache import decode_step
+from ._cache import CacheMethods, decode_step
 from ._dropout import dropout, keep_mask
 
 
-class AttendMethods:
+class AttendMethods(CacheMethods):
     """The attention step of a module with the attributes ``MultiHeadAttention`` sets (options, dropout
     stream, KV cache through ``CacheMethods``)."""
 

@@ -7,6 +7,7 @@ The attention step itself (jattn's paths, the KV-cache decode step, or a user
 from __future__ import annotations
 
 import functools
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -307,12 +308,21 @@ class MultiHeadAttention(AttendMethods, CacheMethods, KerasMethods, nnx.Module):
             sinks=None if self.sinks is None else self.sinks[...],
             is_causal=bool(is_causal),
         )
-        step = dict(
-            self_attention=self_attention, deterministic=deterministic, rngs=rngs, return_weights=return_weights
+        context, weights = self._attention_step(
+            query,
+            key,
+            value,
+            call,
+            dtype=dtype,
+            self_attention=self_attention,
+            deterministic=deterministic,
+            rngs=rngs,
+            return_weights=return_weights,
         )
-        context, weights = self._attention_step(query, key, value, call, dtype=dtype, **step)
         out = self.out(context, dtype)
-        return (out, weights) if return_weights else out
+        if not return_weights:
+            return out
+        return out, typing.cast(Array, weights)  # the step returns the weights when asked for them
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view(module, deterministic=...)``."""

@@ -135,12 +135,12 @@ class AttentionBlock(nnx.Module):
                 "(token ids? embed them first, e.g. with nnx.Embed)"
             )
         _checks.check_rank("inputs", x, (3,), f"(batch, seq, in_features={self.in_features})")
-        attended = self.attention(self._norm(x) if self.pre_norm else x, return_weights=return_weights, **options)
-        attended, weights = attended if return_weights else (attended, None)
+        result = self.attention(self._norm(x) if self.pre_norm else x, return_weights=return_weights, **options)
+        attended, weights = result if isinstance(result, tuple) else (result, None)
         y = x.astype(attended.dtype) + attended
         if not self.pre_norm:
             y = self._norm(y)
-        return (y, weights) if return_weights else y
+        return y if weights is None or not return_weights else (y, weights)
 
     def _norm(self, x: Array) -> Array:
         # nnx.LayerNorm promotes inputs and parameters implicitly (float64 inputs, float32 params).

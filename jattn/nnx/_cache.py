@@ -29,6 +29,8 @@ from jattn import _checks
 from jattn._jax_compat import Tracer
 from jattn._options import CallOptions
 
+from ._fields import ModuleFields
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,7 @@ def _new_token_counts(query_seq_lengths, batch: int, n_new: int) -> Int[Array, "
     return n_valid
 
 
-class CacheMethods:
+class CacheMethods(ModuleFields):
     """``init_cache`` / ``clear_cache`` of a module with ``num_kv_heads``, ``head_dim``, ``value_head_dim``,
     ``dtype``, ``param_dtype``, ``attention_fn`` and the ``nnx.Cache`` attributes ``cached_key``,
     ``cached_value``, ``cache_index``."""
@@ -217,12 +219,14 @@ class CacheMethods:
 
     def kv_cache(self) -> KVCache | None:
         """The cache as a :class:`KVCache` value (None when not decoding)."""
-        if self.cache_index is None:
+        key, value, index = self.cached_key, self.cached_value, self.cache_index
+        if key is None or value is None or index is None:
             return None
-        return KVCache(self.cached_key[...], self.cached_value[...], self.cache_index[...])
+        return KVCache(key[...], value[...], index[...])
 
     def store_cache(self, cache: KVCache) -> None:
-        """Writes a :class:`KVCache` value back into the module's cache variables."""
-        self.cached_key[...] = cache.key
-        self.cached_value[...] = cache.value
-        self.cache_index[...] = cache.index
+        """Writes a :class:`KVCache` value back into the module's cache variables (made by ``init_cache``)."""
+        key, value, index = self.cached_key, self.cached_value, self.cache_index
+        if key is None or value is None or index is None:
+            raise ValueError("store_cache: the module has no KV cache; call init_cache first")
+        key[...], value[...], index[...] = cache.key, cache.value, cache.index

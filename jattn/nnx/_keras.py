@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ._fields import ModuleFields
+
 _MHA_NAMES_WITH_BIAS = (
     "query/kernel",
     "query/bias",
@@ -62,6 +64,7 @@ def mha_arrays(source: Any) -> tuple[dict[str, np.ndarray], dict]:
                 f"got attention_axes={config.get('attention_axes')}"
             )
         options["dropout_rate"] = float(config.get("dropout", 0.0))
+    names: tuple[str, ...]
     if len(weights) == 8:
         names = _MHA_NAMES_WITH_BIAS
     elif len(weights) == 4:
@@ -117,7 +120,7 @@ def layer_norm_arrays(source: Any) -> tuple[dict[str, np.ndarray], dict]:
     return dict(zip(("scale", "bias"), weights, strict=True)), options
 
 
-class KerasMethods:
+class KerasMethods(ModuleFields):
     """``from_keras`` / ``load_keras_weights`` of ``MultiHeadAttention`` (Keras 3 weights in, no Keras import)."""
 
     @classmethod
@@ -161,7 +164,8 @@ class KerasMethods:
             >>> mha.num_heads, mha.head_dim, mha.out_features
             (2, 8, 16)
         """
-        module = cls(
+        build: Any = cls  # MultiHeadAttention: this mixin's class does not know its constructor
+        module = build(
             **mha_configuration(source),
             dtype=dtype,
             param_dtype=param_dtype,

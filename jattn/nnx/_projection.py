@@ -86,7 +86,9 @@ def check_inputs(name: str, x: Array, features: int, seq: str, features_name: st
         raise ValueError(f"{name} must have shape (batch, {seq}, {features_name}={features}); got {x.shape}")
 
 
-def checked_inputs(inputs_q, inputs_k, inputs_v, *, in_features: int, in_kv_features: int):
+def checked_inputs(
+    inputs_q: Any, inputs_k: Any, inputs_v: Any, *, in_features: int, in_kv_features: int
+) -> tuple[Array, Array, Array, bool]:
     """``(query, key, value, self_attention)`` inputs as arrays: ``inputs_k`` defaults to ``inputs_q``,
     ``inputs_v`` to ``inputs_k``; dtypes, ranks, features, batch sizes and key/value lengths checked."""
     if inputs_k is None:
@@ -147,6 +149,7 @@ class Projection(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.bias: nnx.Param | None
         flat = (math.prod(self.in_shape), math.prod(self.out_shape))
         kernel = kernel_init(rngs.params(), flat, param_dtype)
         self.kernel = nnx.Param(jnp.reshape(kernel, self.in_shape + self.out_shape))
