@@ -123,12 +123,14 @@ def choose(s: CallSignature) -> Implementation:
 
     if s.backend == "gpu" and exact("cudnn") and _cudnn_supports(s):
         return "cudnn"
-    small = s.q_seq is not None and max(s.q_seq, s.kv_seq) <= XLA_MAX_SEQ
-    if exact("xla") and s.q_seq is not None and s.dtype in XLA_EXACT_DTYPES and (s.backend != "cpu" or small):
+    sizes = None if s.q_seq is None or s.kv_seq is None else (s.q_seq, s.kv_seq)  # None: symbolic
+    small = sizes is not None and max(sizes) <= XLA_MAX_SEQ
+    if exact("xla") and sizes is not None and s.dtype in XLA_EXACT_DTYPES and (s.backend != "cpu" or small):
         return "xla"
-    if not exact("blockwise"):
+    if not exact("blockwise") or sizes is None:  # blockwise lacks symbolic lengths: the table says so too
         return "reference"
-    if s.q_seq * s.kv_seq <= REFERENCE_MAX_LOGITS and s.kv_seq <= REFERENCE_MAX_KV:
+    q_seq, kv_seq = sizes
+    if q_seq * kv_seq <= REFERENCE_MAX_LOGITS and kv_seq <= REFERENCE_MAX_KV:
         return "reference"
     return "blockwise"
 
@@ -191,7 +193,7 @@ def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[A
         case Route("blockwise", None):
             kernel = functools.partial(blockwise_attention, block_q=block_q, block_kv=block_kv)
             out, lse = run_per_shard(kernel, inputs)
-        case Route("blockwise", plan):
+        case Route("blockwise", SequencePlan() as plan):
             out, lse = run_sequence_parallel(plan, inputs, block_q=block_q, block_kv=block_kv)
         case Route("xla" | "cudnn" as delegate, None, repair):
             inputs = whole_sequences(prepared.inputs)

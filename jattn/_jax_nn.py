@@ -5,6 +5,8 @@ What jax.nn lacks is in the capability table (``_capabilities``); calls reach he
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
@@ -12,6 +14,9 @@ from jaxtyping import Array
 from . import _numerics
 from ._options import AttentionInputs
 from .masks import _combine, _positions
+
+# jax.nn's overloads key the result type on a literal return_residual; this module passes a bool.
+_jax_nn_dpa: Any = jax.nn.dot_product_attention
 
 
 def _shifted_mask(is_causal, window, offsets, q_seq: int, kv_seq: int) -> Array:
@@ -38,7 +43,7 @@ def jax_nn_attention(inputs: AttentionInputs, implementation: str, *, return_res
         is_causal, window = False, None
     # jax.nn mixes int32 lengths with default-int positions; keep that working under strict promotion.
     with jax.numpy_dtype_promotion("standard"):
-        result = jax.nn.dot_product_attention(
+        result = _jax_nn_dpa(
             query,
             key,
             value,
@@ -92,7 +97,7 @@ def with_segment_mask(inputs: AttentionInputs) -> AttentionInputs:
     """Segment ids (which jax.nn lacks) as the dense ``(batch, 1, q_seq, kv_seq)`` mask they define, ANDed
     into the mask: how auto runs packed sequences through jax.nn (it then repairs the rows that see no key)."""
     arrays = inputs.opts.arrays
-    if arrays.q_segment_ids is None:
+    if arrays.q_segment_ids is None or arrays.kv_segment_ids is None:  # given together (checked in _prepare)
         return inputs
     same = arrays.q_segment_ids[:, None, :, None] == arrays.kv_segment_ids[:, None, None, :]
     mask = same if inputs.mask is None else inputs.mask & same

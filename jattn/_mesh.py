@@ -23,7 +23,7 @@ def explicit_mesh(*arrays) -> jax.sharding.Mesh | None:
         sharding = None if x is None else getattr(jax.typeof(x), "sharding", None)
         mesh = getattr(sharding, "mesh", None)
         explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
-        if explicit and any(a is not None for a in sharding.spec):
+        if explicit and sharding is not None and any(a is not None for a in sharding.spec):
             return mesh
     return None
 
@@ -47,7 +47,8 @@ def align_batch(x, like, batch: int):
         return x
     want = spec_of(like)[0]
     current = getattr(jax.typeof(x), "sharding", None)
-    spec = spec_of(x) if getattr(current, "mesh", None) is not None and not current.mesh.empty else (None,) * x.ndim
+    on_a_mesh = current is not None and getattr(current, "mesh", None) is not None and not current.mesh.empty
+    spec = spec_of(x) if on_a_mesh else (None,) * x.ndim
     if spec[0] == want:
         return x
     return jax.sharding.reshard(x, NamedSharding(mesh, P(want, *spec[1:])))

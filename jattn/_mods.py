@@ -128,7 +128,7 @@ def evaluate(mod: ConvertedMod, consts, shape, layout: Layout, *, example, q_sta
     slot = {"k": 1, "g": 2, "q": 3, "s": 4}  # the argument of `scalar` each axis feeds
     fn = scalar
     for axis in reversed(layout.axes):  # innermost vmap = last axis
-        in_axes = [None] * 5
+        in_axes: list[int | None] = [None] * 5
         in_axes[slot[axis]] = 0
         in_axes[0] = None if score is None else 0
         fn = jax.vmap(fn, in_axes=tuple(in_axes))

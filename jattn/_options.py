@@ -79,14 +79,14 @@ class AttentionOptions:
         """
         static, arrays = self.static, self.arrays
         offset = 0 if arrays.q_offset is None else arrays.q_offset
-        mods = []
+        mods: list[_combine.MaskMod] = []
         if static.is_causal:
             mods.append(_positions.Causal(offset))
         if static.local_window_size is not None:
             mods.append(_positions.SlidingWindow(*static.local_window_size, offset))
         if arrays.q_length is not None or arrays.kv_length is not None:
             mods.append(_positions.Lengths(arrays.q_length, arrays.kv_length))
-        if arrays.q_segment_ids is not None:
+        if arrays.q_segment_ids is not None and arrays.kv_segment_ids is not None:
             mods.append(_positions.Segments(arrays.q_segment_ids, arrays.kv_segment_ids))
         return _combine.and_masks(*mods) if mods else None
 

@@ -95,7 +95,8 @@ def prepare(query, key, value, call: CallOptions) -> Prepared:
     kv_ids = _segment_ids("key_value_segment_ids", call.key_value_segment_ids, batch_shape, kv_seq)
     if (q_ids is None) != (kv_ids is None):
         raise ValueError("query_segment_ids and key_value_segment_ids must be given together; got only one")
-    if q_ids is not None and q_ids.dtype != kv_ids.dtype:  # compare in one integer dtype that holds both
+    if q_ids is not None and kv_ids is not None and q_ids.dtype != kv_ids.dtype:
+        # compare in one integer dtype that holds both
         common = _common_integer_dtype(q_ids, kv_ids)
         q_ids, kv_ids = q_ids.astype(common), kv_ids.astype(common)
     arrays = ExampleArrays(

@@ -41,7 +41,7 @@ def _indices_along(x: Array, axis: int) -> Array:
     sharding = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
     out_sharding = None
-    if spec is not None and len(spec) > axis and spec[axis] is not None:
+    if sharding is not None and spec is not None and len(spec) > axis and spec[axis] is not None:
         out_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(spec[axis]))
     return jax.lax.broadcasted_iota(jnp.int32, (x.shape[axis],), 0, out_sharding=out_sharding)
 

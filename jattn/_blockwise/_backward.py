@@ -233,7 +233,7 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
         return (dqt, dbias, acc.dconsts), (acc.dk, acc.dv)
 
     dconsts0 = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
-    dbias0 = jnp.zeros(ops.bias.shape, acc_dtype) if want.bias else None
+    dbias0 = jnp.zeros(ops.bias.shape, acc_dtype) if want.bias and ops.bias is not None else None
     init = (jnp.zeros(arrays.qt.shape, acc_dtype), dbias0, dconsts0)
     (dqt, dbias, dconsts), (dk, dv) = lax.scan(one_kv_block, init, jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
     # (num_kv_blocks, kv_heads, bk, x) -> the primal layout (kv_padded, kv_heads, x)
@@ -241,7 +241,7 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
     dv = jnp.moveaxis(dv, 1, 2).reshape(grid.kv_padded, kv_heads, v_dim)
     dq = dqt.transpose(0, 2, 3, 1)  # (kv_heads, groups, q_padded, dim)
     sinks = example_sinks(ops)
-    dsinks = sinks_grad(sinks, lse, arrays.delta) if want.sinks else None
+    dsinks = sinks_grad(sinks, lse, arrays.delta) if want.sinks and sinks is not None else None
     return Grads(dq.astype(ops.q.dtype), dk.astype(ops.k.dtype), dv.astype(ops.v.dtype), dbias, dsinks, dconsts)
 
 

@@ -123,8 +123,8 @@ class Placement(NamedTuple):
     """Where a block of logits sits, for a ``score_mod``: the example and the first query and key positions."""
 
     example: Array
-    q_start: Array  # absolute (a decode step's offset included)
-    kv_start: Array
+    q_start: Array | int  # absolute (a decode step's offset included)
+    kv_start: Array | int
 
 
 class Logits(NamedTuple):

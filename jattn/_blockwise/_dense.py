@@ -29,7 +29,7 @@ from ._backward import (
 )
 from ._forward import KeyBlock, example_sinks, finish, initial_carry, online_softmax_step
 from ._geometry import ExampleBlocks, Grid
-from ._layout import Operands, over_batch
+from ._layout import Operands, over_batch, without_kv
 from ._tangent import TangentCarry, TangentKeyBlock, Tangents, finish_tangent, tangent_step
 
 
@@ -61,7 +61,7 @@ def dense_forward(spec: bm.KernelSpec, ops: Operands) -> tuple[Array, Array]:
         carry = online_softmax_step(spec, init, ops.q, key, visible, consts=ops.opts.shared.score_consts, place=place)
         return finish(carry, v.dtype)
 
-    return over_batch(one_example, ops.q.shape[0], ops._replace(k=None, v=None), whole=(ops.k, ops.v))
+    return over_batch(one_example, ops.q.shape[0], without_kv(ops), whole=(ops.k, ops.v))
 
 
 def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangents) -> tuple[Array, Array]:
@@ -89,7 +89,7 @@ def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangen
         dsinks = None if tangents.sinks is None else tangents.sinks.reshape(ops.q.shape[:2])
         return finish_tangent(carry, out, lse, example_sinks(ops), dsinks)
 
-    mapped = (ops._replace(k=None, v=None), out, lse, tangents._replace(k=None, v=None))
+    mapped = (without_kv(ops), out, lse, tangents._replace(k=None, v=None))
     return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))
 
 

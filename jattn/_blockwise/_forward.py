@@ -18,7 +18,7 @@ from jaxtyping import Array
 from .. import _numerics
 from . import _blockmath as bm
 from ._geometry import ExampleBlocks, slice_block
-from ._layout import Operands, over_batch
+from ._layout import Operands, over_batch, without_kv
 
 
 class OnlineSoftmax(NamedTuple):
@@ -132,4 +132,4 @@ def forward(spec, ops: Operands) -> tuple[Array, Array]:
     def one_example(example, ops, kv):
         return forward_example(spec, ops, *kv, example)
 
-    return over_batch(one_example, ops.q.shape[0], ops._replace(k=None, v=None), whole=(ops.k, ops.v))
+    return over_batch(one_example, ops.q.shape[0], without_kv(ops), whole=(ops.k, ops.v))

@@ -60,7 +60,7 @@ class ExampleBlocks:
         self.example, (self.kv_heads, self.groups) = example, heads
         self.block_mask = opts.block_mask
         self.segment_ranges = None
-        if arrays.q_segment_ids is not None:
+        if arrays.q_segment_ids is not None and arrays.kv_segment_ids is not None:
             self.segment_ranges = (
                 _block_range(arrays.q_segment_ids[: grid.q_seq], grid.q_seq, grid.block_q),
                 _block_range(arrays.kv_segment_ids[: grid.kv_seq], grid.kv_seq, grid.block_kv),

@@ -42,7 +42,7 @@ def to_kernel_layout(inputs: AttentionInputs, grid: Grid) -> Operands:
     k = jnp.pad(key, ((0, 0), (0, pad_kv), (0, 0), (0, 0)))
     v = jnp.pad(value, ((0, 0), (0, pad_kv), (0, 0), (0, 0)))
     arrays = opts.arrays
-    if arrays.q_segment_ids is not None:
+    if arrays.q_segment_ids is not None and arrays.kv_segment_ids is not None:
         arrays = arrays._replace(
             q_segment_ids=jnp.pad(arrays.q_segment_ids, ((0, 0), (0, pad_q)), mode="edge"),
             kv_segment_ids=jnp.pad(arrays.kv_segment_ids, ((0, 0), (0, pad_kv)), mode="edge"),
@@ -97,6 +97,11 @@ def fold_batch(ops: Operands) -> Operands:
 def unfold_batch(x: Array, batch: int) -> Array:
     """``(1, batch * kv_heads, ...)`` results -> ``(batch, kv_heads, ...)``."""
     return x.reshape(batch, x.shape[1] // batch, *x.shape[2:])
+
+
+def without_kv(ops: Operands) -> Operands:
+    """``ops`` with K/V taken out (None): the per-example tree of :func:`over_batch`, K/V going in ``whole``."""
+    return ops._replace(k=None, v=None)  # type: ignore[arg-type]  # only this tree holds Operands without K/V
 
 
 def over_batch(fn: Callable, batch: int, mapped, whole=None):

@@ -14,6 +14,7 @@ pairs each device visits (the load balance of a layout).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -192,6 +193,10 @@ def pair_operands(pair: Pair, spec, ops: Operands, queries: QuerySide, kv: tuple
     )
 
 
+@typing.overload
+def kv_side(pair: Pair, spec, x: Array, mode: str = ...) -> Array: ...
+@typing.overload
+def kv_side(pair: Pair, spec, x: None, mode: str = ...) -> None: ...
 def kv_side(pair: Pair, spec, x: Array | None, mode: str = "constant") -> Array | None:
     """K/V chunk ``c`` of a ``(batch, kv_local, ...)`` array, padded to the grid."""
     if x is None:

@@ -71,7 +71,8 @@ class OperandsPass(Pass):
     def ops(self, args) -> Operands:
         return jax.tree.unflatten(self.treedef, list(args[: self.num_ops]))
 
-    def _where(self) -> Operands:
+    def _where(self) -> Any:
+        """The :class:`Operands` tree with each leaf's argument position (an int) in place of the array."""
         return jax.tree.unflatten(self.treedef, list(range(self.num_ops)))
 
     def ops_broadcast(self) -> tuple[bool, ...]:
@@ -183,5 +184,13 @@ class JvpOf(Pass):
 
 def grads_tree(want: Wanted):
     """The pytree structure of a :class:`Grads` with the ``want``ed fields present."""
-    dummy = Grads(0, 0, 0, 0 if want.bias else None, 0 if want.sinks else None, tuple(0 for w in want.consts if w))
+    leaf: Any = 0  # any leaf: only the structure is wanted
+    dummy = Grads(
+        leaf,
+        leaf,
+        leaf,
+        leaf if want.bias else None,
+        leaf if want.sinks else None,
+        tuple(leaf for w in want.consts if w),
+    )
     return jax.tree.structure(dummy)

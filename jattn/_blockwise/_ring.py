@@ -166,7 +166,7 @@ def ring_backward(spec, ops: Operands, out, lse, dout, *, dlse, want: Wanted, pa
 
         return over_pairs(ring, ops, source(ring, t), chunk_pair, (home, dkv))
 
-    dbias0 = None if not want.bias else jnp.zeros((ops.q.shape[0], *ops.bias.shape[1:]), acc_dtype)
+    dbias0 = None if not want.bias or ops.bias is None else jnp.zeros((ops.q.shape[0], *ops.bias.shape[1:]), acc_dtype)
     home = (jnp.zeros(queries.q.shape, acc_dtype), dbias0)
     local = kv_payload(ops)
     dkv = (jnp.zeros(ops.k.shape, acc_dtype), jnp.zeros(ops.v.shape, acc_dtype))

@@ -28,7 +28,7 @@ from .. import _numerics
 from . import _blockmath as bm
 from ._forward import example_sinks
 from ._geometry import ExampleBlocks, slice_block
-from ._layout import Operands, over_batch
+from ._layout import Operands, over_batch, without_kv
 
 
 class Tangents(NamedTuple):
@@ -207,5 +207,5 @@ def tangent(spec, ops: Operands, out: Array, lse: Array, tangents: Tangents) -> 
         ops, out, lse, tangents = mapped
         return tangent_example(spec, ops, out, lse, tangents, whole=whole, example=example)
 
-    mapped = (ops._replace(k=None, v=None), out, lse, tangents._replace(k=None, v=None))
+    mapped = (without_kv(ops), out, lse, tangents._replace(k=None, v=None))
     return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))

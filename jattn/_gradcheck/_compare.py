@@ -84,8 +84,8 @@ def central_differences(loss, primals, samples, eps, chunk=128) -> list[np.ndarr
         both = at(jnp.concatenate([flat[None] + step, flat[None] - step]))
         plus, minus = np.split(np.asarray(both), 2)
         values.append((plus - minus) / (2 * eps))
-    values = np.concatenate(values)[:n]
-    return np.split(values, np.cumsum([len(idx) for idx in samples])[:-1])
+    columns = np.concatenate(values)[:n]
+    return np.split(columns, np.cumsum([len(idx) for idx in samples])[:-1])
 
 
 def sample(size: int, max_elements: int | None, rng: np.random.Generator) -> np.ndarray:
