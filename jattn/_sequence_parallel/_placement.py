@@ -56,11 +56,13 @@ def per_shard(kernel: Kernel, mesh, inputs: AttentionInputs) -> tuple[Array, Arr
     def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1)
         return P(batch_axes if x.shape[0] > 1 else None, head_axes if x.shape[1] > 1 else None, None, None)
 
-    specs = AttentionInputs(
-        *(P(batch_axes, None, head_axes, None),) * 3,
-        None if bias is None else logits_spec(bias),
-        None if mask is None else logits_spec(mask),
-        jax.tree.map(lambda x: P(batch_axes, *(None,) * (x.ndim - 1)), opts),
+    specs = AttentionInputs._make(  # the inputs' tree with a PartitionSpec per array
+        [
+            *(P(batch_axes, None, head_axes, None),) * 3,
+            None if bias is None else logits_spec(bias),
+            None if mask is None else logits_spec(mask),
+            jax.tree.map(lambda x: P(batch_axes, *(None,) * (x.ndim - 1)), opts),
+        ]
     )
     inputs = jax.tree.map(lambda x, s: jax.sharding.reshard(x, NamedSharding(mesh, s)), inputs, specs)
     out_specs = (P(batch_axes, None, head_axes, None), P(batch_axes, None, head_axes))

@@ -59,7 +59,7 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
     With ``sp`` those raise ValueError.
     """
     query, key = inputs.query, inputs.key
-    mesh = explicit_mesh(query)
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = explicit_mesh(query)
     seq_axes = spec_of(query)[1] if mesh is not None else None
     if sp is None and seq_axes is None:
         return None
@@ -111,7 +111,7 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
     return SequencePlan(mesh, axis, shards, strategy, chunks, batch_axes, head_axes, explicit)
 
 
-def _decline(strict: bool, message: str) -> None:
+def _decline(strict: bool, message: str) -> SequencePlan | None:
     """Not sequence-parallel: raise ValueError(message) if it was asked for, else None."""
     if strict:
         raise ValueError(message)
@@ -133,11 +133,13 @@ def run_sequence_parallel(
         )
 
     query, bias, mask, opts = inputs.query, inputs.bias, inputs.mask, inputs.opts
-    specs = AttentionInputs(
-        *(P(batch_axes, seq, head_axes, None),) * 3,
-        None if bias is None else logits_spec(bias),
-        None if mask is None else logits_spec(mask),
-        jax.tree.map(lambda x: P(batch_axes, seq) if x.ndim == 2 else P(batch_axes), opts),
+    specs = AttentionInputs._make(  # the inputs' tree with a PartitionSpec per array
+        [
+            *(P(batch_axes, seq, head_axes, None),) * 3,
+            None if bias is None else logits_spec(bias),
+            None if mask is None else logits_spec(mask),
+            jax.tree.map(lambda x: P(batch_axes, seq) if x.ndim == 2 else P(batch_axes), opts),
+        ]
     )
     if plan.explicit:
         inputs = jax.tree.map(lambda x, s: jax.sharding.reshard(x, NamedSharding(plan.mesh, s)), inputs, specs)

@@ -33,7 +33,11 @@ def _permute_chunks(x: Array, num_shards: int, axis: int, order: np.ndarray, nam
     chunks = x.reshape(*x.shape[:axis], 2 * num_shards, n // (2 * num_shards), *x.shape[axis + 1 :])
     index = (slice(None),) * axis + (jnp.asarray(order),)
     sharding = getattr(jax.typeof(chunks), "sharding", None)
-    if getattr(sharding, "mesh", None) is not None and any(a is not None for a in sharding.spec):
+    if (
+        sharding is not None
+        and getattr(sharding, "mesh", None) is not None
+        and any(a is not None for a in sharding.spec)
+    ):
         # Sharded over explicit mesh axes: say where the result lives (XLA moves the chunks between devices).
         return chunks.at[index].get(out_sharding=sharding).reshape(x.shape, out_sharding=jax.typeof(x).sharding)
     return chunks[index].reshape(x.shape)
