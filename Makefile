@@ -9,11 +9,12 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# `make test`: install the package with its test extras, lint, run the whole suite
+# `make test`: install the package with its test extras, lint, type-check jattn/ (mypy, ~15 s), run the suite
 # (one pytest worker per core: the suite is compile-bound and single-threaded per test).
 test: $(BIN)/python
 	$(PIP) install -e '.[test]'
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup -m "not slow"
 
 # `make test-all`: the same, plus the slow tier (exhaustive cross-product sweeps; see pyproject's markers)
@@ -21,6 +22,7 @@ test: $(BIN)/python
 test-all: $(BIN)/python
 	$(PIP) install -e '.[test,packaging]'
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 # `make wheel-check`: build the sdist and wheel, `twine check` them, install the wheel into a fresh
@@ -40,9 +42,10 @@ lint: $(BIN)/python
 	$(PIP) install -e '.[test]'
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache dist build docs/_build docs/_generated
+	rm -rf $(VENV) examples/out .pytest_cache .ruff_cache .mypy_cache dist build docs/_build docs/_generated
 
 # `make docs`: the documentation site (Sphinx + MyST, docs/) into docs/_build/html, strict: a warning, an
 # unresolved cross-reference (-n) or a broken internal link fails it; -E rereads every page, so a second

@@ -130,11 +130,13 @@ def backward(spec: PagedSpec, meta: Metadata, ops: Operands, res: tuple[Array, A
 
     g = geo.over_query_blocks(spec, meta, d, body, carry)
     it = iter(g.dconsts)
-    return Operands(
-        g.dq.astype(ops.queries.dtype),
-        pool_grad(g.dk, ops.key_pages, spec.k_scale),
-        pool_grad(g.dv, ops.value_pages, spec.v_scale),
-        sinks_grad(ops, lse, delta),
-        tuple(next(it).astype(c.dtype) if w else None for c, w in zip(ops.score_consts, want, strict=True)),
-        tuple(None for _ in ops.mask_consts),
+    return Operands._make(  # the cotangent tree: None where there is no gradient
+        [
+            g.dq.astype(ops.queries.dtype),
+            pool_grad(g.dk, ops.key_pages, spec.k_scale),
+            pool_grad(g.dv, ops.value_pages, spec.v_scale),
+            sinks_grad(ops, lse, delta),
+            tuple(next(it).astype(c.dtype) if w else None for c, w in zip(ops.score_consts, want, strict=True)),
+            tuple(None for _ in ops.mask_consts),
+        ]
     )

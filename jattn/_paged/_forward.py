@@ -69,7 +69,7 @@ def score_mod(spec: PagedSpec, consts, s: Array, blk: Block, kv_start: Array) ->
     if spec.score_mod is None:
         return s
     layout = _mods.Layout(geo.LAYOUT, blk.d.groups)
-    where = dict(example=blk.seq.index, q_start=blk.qb.first_pos, kv_start=kv_start)
+    where = dict(example=blk.seq.number, q_start=blk.qb.first_pos, kv_start=kv_start)
     return _mods.evaluate(spec.score_mod, consts, s.shape, layout, score=s, **where)
 
 

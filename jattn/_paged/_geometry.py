@@ -25,7 +25,7 @@ LAYOUT = "kgqs"  # a block of logits: (kv_heads, groups, block_q, tokens)
 class Sequence(NamedTuple):
     """One sequence's scalars (int32) and its row of the page table."""
 
-    index: Array
+    number: Array  # its row of the page table (``index`` would shadow tuple.index)
     q_start: Array  # its first row in queries
     q_end: Array
     kv_len: Array  # cached tokens, this call's included
@@ -91,8 +91,8 @@ def visibility(spec: PagedSpec, where: tuple[Sequence, QueryBlock, Chunk], mask_
     if spec.mask_mod is not None:
         shape = (d.kv_heads, d.groups, block_q, tokens)
         layout = _mods.Layout(LAYOUT, d.groups)
-        where = dict(example=seq.index, q_start=qb.first_pos, kv_start=ch.first_pos)
-        visible = visible & _mods.evaluate(spec.mask_mod, mask_consts, shape, layout, **where)
+        place = dict(example=seq.number, q_start=qb.first_pos, kv_start=ch.first_pos)
+        visible = visible & _mods.evaluate(spec.mask_mod, mask_consts, shape, layout, **place)
     return visible
 
 

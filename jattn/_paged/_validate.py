@@ -131,7 +131,8 @@ def prepare(a: PagedArrays, opts: PagedOptions) -> tuple[PagedSpec, Metadata, Op
     check_options(opts, queries.shape[1])
     metadata = (a.kv_lens, a.page_indices, a.cu_q_lens, a.num_seqs)
     if is_concrete(*metadata):
-        check_metadata_values(Metadata(*(np.asarray(x) for x in metadata)), queries.shape[0], a.key_pages.shape[:2])
+        host = Metadata._make(np.asarray(x) for x in metadata)  # checked on the host
+        check_metadata_values(host, queries.shape[0], a.key_pages.shape[:2])
     acc = _numerics.compute_dtype(queries.dtype)
     score_mod, score_consts = (None, ()) if opts.score_mod is None else _mods.convert(opts.score_mod, "score", acc)
     mask_mod, mask_consts = (None, ()) if opts.mask_mod is None else _mods.convert(opts.mask_mod, "mask")
@@ -147,7 +148,7 @@ def prepare(a: PagedArrays, opts: PagedOptions) -> tuple[PagedSpec, Metadata, Op
         block_q=int(opts.block_q),
     )
     ints = [x.astype(jnp.int32) for x in metadata]  # any integer dtype in; int32 in the kernel
-    meta = Metadata(*ints[:3], ints[3].reshape(()))
+    meta = Metadata(ints[0], ints[1], ints[2], ints[3].reshape(()))
     sinks = None if opts.sinks is None else jnp.asarray(opts.sinks)
     ops = Operands(queries, a.key_pages, a.value_pages, sinks, score_consts, mask_consts)
     return spec, meta, ops

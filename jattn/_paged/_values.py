@@ -6,13 +6,15 @@ NumPy only; never called on traced metadata (under ``jit`` the kernel clips and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ._spec import Metadata
 
 
-def _first(bad: np.ndarray) -> tuple[int, ...] | None:
-    hits = np.argwhere(bad)
+def _first(bad: Any) -> tuple[int, ...] | None:
+    hits = np.argwhere(np.asarray(bad))
     return None if hits.size == 0 else tuple(int(i) for i in hits[0])
 
 

@@ -22,11 +22,12 @@ def quantize(x: Array, dtype, scale: float | None) -> Array:
         return x
     y = x.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)
     if jnp.issubdtype(dtype, jnp.integer):
-        info = jnp.iinfo(dtype)
-        y = jnp.round(y)
+        ints = jnp.iinfo(dtype)
+        y, low, high = jnp.round(y), float(ints.min), float(ints.max)
     else:
-        info = jnp.finfo(dtype)  # float8 overflows to NaN or Inf without the clip
-    return jnp.clip(y, float(info.min), float(info.max)).astype(dtype)
+        floats = jnp.finfo(dtype)  # float8 overflows to NaN or Inf without the clip
+        low, high = float(floats.min), float(floats.max)
+    return jnp.clip(y, low, high).astype(dtype)
 
 
 def scatter(pool: Array, x: Array, slots: Array) -> Array:
