@@ -209,8 +209,11 @@ def test_decode_errors_and_clear_cache():
         mha(x, is_causal=True, mask=jnp.ones((2, 1, 3, 3), bool))
     with pytest.raises(ValueError, match="max_length must be a positive int; got 0"):
         mha.init_cache(2, 0)
+    cache = mha.kv_cache()
     mha.clear_cache()
-    assert mha.cache_index is None
+    assert mha.cache_index is None and mha.kv_cache() is None
+    with pytest.raises(ValueError, match="store_cache: the module has no KV cache; call init_cache first"):
+        mha.store_cache(cache)
     assert mha(x).shape == (2, 3, 16)  # back to plain attention
 
 
