@@ -95,6 +95,11 @@ def ragged_paged_attention(
     for ``while_loop`` s (the backward's loops follow the tokens too); metadata and integer pools get no
     gradient. ``jax.vmap`` works (e.g. over several query sets on one cache).
 
+    Tensor parallel: with the query heads and both pools' kv heads split over the same ``Explicit`` mesh
+    axes into whole GQA groups, each device attends its own heads over its own slice of the pools, with no
+    collective; the result is split like the queries. Other layouts (and calls with a ``score_mod`` or
+    ``mask_mod``, which see the global head) are gathered first. ``Auto`` mesh axes are left to XLA.
+
     Args:
         queries: ``(tokens, heads, dim)``; rows at or past ``cu_q_lens[num_seqs]`` are padding.
         key_pages: ``(num_pages, page_size, kv_heads, dim)`` in the query dtype, or quantized (any integer

@@ -15,6 +15,7 @@ from ._allocator import BatchMetadata as BatchMetadata
 from ._allocator import OutOfPagesError as OutOfPagesError
 from ._allocator import PageAllocator as PageAllocator
 from ._autodiff import attend
+from ._placement import run_sharded
 from ._spec import DEFAULT_BLOCK_Q as DEFAULT_BLOCK_Q
 from ._spec import DEFAULT_PAGES_PER_CHUNK as DEFAULT_PAGES_PER_CHUNK
 from ._validate import PagedArrays as PagedArrays
@@ -24,6 +25,11 @@ from ._write import write as write
 
 
 def ragged_paged_attention(arrays: PagedArrays, options: PagedOptions) -> Array:
+    """Checks the call and runs the kernel (per head shard on an explicit mesh: ``_placement``)."""
+    return run_sharded(_unsharded, arrays, options)
+
+
+def _unsharded(arrays: PagedArrays, options: PagedOptions) -> Array:
     """Checks the call and runs the kernel; an empty batch or pool gives zeros without running it."""
     spec, meta, ops = prepare(arrays, options)
     tokens, heads, _ = ops.queries.shape
