@@ -27,6 +27,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jattn import _checks
 from jattn._jax_compat import Tracer
+from jattn._mesh import align_batch, explicit_mesh
 from jattn._options import CallOptions
 
 from ._fields import ModuleFields
@@ -55,13 +56,17 @@ class KVCache:
         Returns the cache with ``index`` advanced by ``n_valid``.
         """
         batch, n_new = key.shape[:2]
+        # On an explicit mesh the cache follows the new keys' batch split (init_cache made it whole): the
+        # first step moves it once, later steps find it split already.
+        cache = KVCache(*(align_batch(x, key, batch) for x in (self.key, self.value, self.index)))
         rows = jnp.arange(batch, dtype=jnp.int32)[:, None]
-        positions = self.positions(n_new)
+        positions = cache.positions(n_new)
 
-        def put(cache, new):
-            return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+        def put(old, new):
+            split = {} if explicit_mesh(old) is None else {"out_sharding": jax.typeof(old).sharding}
+            return old.at[rows, positions].set(new.astype(old.dtype), mode="drop", **split)
 
-        return KVCache(put(self.key, key), put(self.value, value), self.index + n_valid)
+        return KVCache(put(cache.key, key), put(cache.value, value), cache.index + align_batch(n_valid, key, batch))
 
     def past_end(self, n_new: int) -> Bool[Array, "batch n_new"]:
         """True for the new queries whose absolute position is at or past ``max_length``."""
@@ -81,7 +86,8 @@ class KVCache:
                 _raise_overflow(end, self.max_length)
             return
         over = jnp.any(end > self.max_length)
-        jax.lax.cond(over, lambda: jax.debug.callback(_raise_overflow, end, self.max_length), lambda: None)
+        furthest = jnp.max(end)  # one scalar to the host (a batch split over devices would be gathered there)
+        jax.lax.cond(over, lambda: jax.debug.callback(_raise_overflow, furthest, self.max_length), lambda: None)
 
 
 def _raise_overflow(end, max_length) -> None:
