@@ -37,6 +37,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())  # the same in every worker of a run
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")  # gw0, gw1, ... : one cache each
-jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"jattn-tests-{_RUN}-{_WORKER}"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+if os.environ.get("JATTN_TEST_COMPILATION_CACHE", "1") != "0":  # =0: no persistent cache (to time the suite without)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"jattn-tests-{_RUN}-{_WORKER}"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
