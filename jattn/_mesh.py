@@ -65,6 +65,8 @@ def whole_sequences(inputs):
     kv_heads = inputs.key.shape[2]
     if head_axes is not None and kv_heads % axes_size(mesh, head_axes):
         head_axes = None  # query heads split like kv heads only in whole GQA groups
+    if inputs.opts.shared.sinks is not None:
+        head_axes = None  # the reference indexes the (whole) sinks by head: its heads are gathered
 
     def keep(x, axes):  # the batch (and head) axes of x as the query has them, everything else whole
         if x is None or (explicit_mesh(x) is None and all(a is None for a in axes)):

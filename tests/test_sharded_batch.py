@@ -4,6 +4,9 @@ like the batch, replicated, or broadcast with a batch of 1: the same outputs and
 Before the fix 13 of these combinations raised: the reference path (and auto, which picks it at these sizes)
 with a replicated mask, bias, lengths or segment ids (its vmap saw batch axes split two ways), and blockwise
 with a score_mod (the mod was lowered under the explicit mesh inside a shard_map's manual one).
+
+Then batch and heads split together (a 4 x 2 mesh), each option laid out with them: the reference with sinks
+raised (it indexed the whole sinks with a head index split over devices); it now gathers the heads for sinks.
 """
 
 import json
@@ -94,6 +97,38 @@ SCRIPT = textwrap.dedent(
             results[key] = "ok" if max(errors) < 1e-4 else f"mismatch {errors}"
         except Exception as e:
             results[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    # Batch and heads split (a 4 x 2 mesh, 2 heads on 2 devices): each option as the inputs are laid out.
+    bh_mesh = jax.make_mesh((4, 2), ("batch", "heads"), axis_types=(AxisType.Explicit,) * 2)
+    HEADS_OPTIONS = {
+        "mask": lambda: dict(mask=put(arrays["mask"], P("batch"))),
+        "bias": lambda: dict(bias=put(arrays["bias"], P("batch", "heads"))),
+        "lengths": lambda: dict(key_value_seq_lengths=put(arrays["key_value_seq_lengths"], P("batch"))),
+        "sinks": lambda: dict(sinks=put(sinks, P("heads"))),
+    }
+    put = lambda x, spec: jax.device_put(x, NamedSharding(bh_mesh, spec))
+    for impl in IMPLEMENTATIONS:
+        for kind, make in HEADS_OPTIONS.items():
+            if impl == "xla" and kind == "sinks":
+                continue
+            key = f"batch-heads-{impl}-{kind}"
+            try:
+                f = lambda opts: jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(
+                    jattn.dot_product_attention(q, k, v, implementation=impl, **opts))), argnums=(0, 1, 2))
+                plain = {"mask": arrays["mask"], "bias": arrays["bias"], "sinks": sinks,
+                         "lengths": arrays["key_value_seq_lengths"]}[kind]
+                name = "key_value_seq_lengths" if kind == "lengths" else kind
+                want = jax.jit(f({name: plain}))(q, k, v)
+                with jax.set_mesh(bh_mesh):
+                    qkv = tuple(put(x, P("batch", None, "heads")) for x in (q, k, v))
+                    got = jax.jit(f(make()))(*qkv)
+                    out = jax.jit(lambda q, k, v: jattn.dot_product_attention(
+                        q, k, v, implementation=impl, **make()))(*qkv)
+                assert tuple(out.sharding.spec)[:3] == ("batch", None, "heads"), out.sharding.spec
+                errors = [abs(float(got[0] - want[0]))]
+                errors += [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got[1], want[1])]
+                results[key] = "ok" if max(errors) < 1e-4 else f"mismatch {errors}"
+            except Exception as e:
+                results[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
     print("RESULTS", json.dumps(results))
     """
 )
@@ -108,6 +143,6 @@ def batch_split_results():
 
 @pytest.mark.xdist_group("eight_cpu_devices_batch")
 def test_every_implementation_and_array_option_matches_one_device_split_over_8_devices(batch_split_results):
-    assert len(batch_split_results) == 59, sorted(batch_split_results)
+    assert len(batch_split_results) == 59 + 15, sorted(batch_split_results)
     failed = {key: value for key, value in batch_split_results.items() if value != "ok"}
     assert not failed, failed
