@@ -14,7 +14,7 @@ def test_readme_has_nnx_examples():
 
 
 def test_public_names_have_examples():
-    assert sorted(jnnx.__all__) == ["AttentionBlock", "MultiHeadAttention", "flax_attention_fn"]
+    assert sorted(jnnx.__all__) == ["AttentionBlock", "MultiHeadAttention", "PagedKV", "flax_attention_fn"]
     for name in jnnx.__all__:
         obj = getattr(jnnx, name)
         assert obj.__doc__ and ">>>" in obj.__doc__, name

@@ -2,7 +2,8 @@
 
 ``MultiHeadAttention`` (Keras-layout projections, grouped-query heads, dropout
 on the attention weights, weights for inspection, a KV cache for jit-compiled
-decoding, Keras weight import, Flax's ``attention_fn=`` hook) and
+decoding, a serving step over a paged KV cache (``paged_step``, pools in a
+``PagedKV``), Keras weight import, Flax's ``attention_fn=`` hook) and
 ``AttentionBlock`` (a ``MultiHeadAttention`` + residual + LayerNorm), and
 ``flax_attention_fn``, which puts jattn behind Flax's own
 modules (``attention_fn=`` of ``flax.nnx.MultiHeadAttention`` and
@@ -23,5 +24,6 @@ Example:
 from ._attention import MultiHeadAttention as MultiHeadAttention
 from ._block import AttentionBlock as AttentionBlock
 from ._flax import flax_attention_fn as flax_attention_fn
+from ._paged_step import PagedKV as PagedKV
 
-__all__ = ["AttentionBlock", "MultiHeadAttention", "flax_attention_fn"]
+__all__ = ["AttentionBlock", "MultiHeadAttention", "PagedKV", "flax_attention_fn"]

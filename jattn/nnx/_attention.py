@@ -25,13 +25,14 @@ from ._cache import CacheMethods
 from ._dropout import checked_rate
 from ._keras import KerasMethods
 from ._options import AttentionConfig, check_execution
+from ._paged_step import PagedMethods
 from ._projection import Projection, checked_inputs, head_sizes, promoted_dtype
 
 default_kernel_init = nnx.initializers.lecun_normal()
 default_bias_init = nnx.initializers.zeros_init()
 
 
-class MultiHeadAttention(AttendMethods, CacheMethods, KerasMethods, nnx.Module):
+class MultiHeadAttention(AttendMethods, CacheMethods, KerasMethods, PagedMethods, nnx.Module):
     r"""Multi-head attention with Keras-layout kernels, computed by ``jattn.dot_product_attention``.
 
     ``out(attention(query(x_q), key(x_k), value(x_v)))`` with per-head

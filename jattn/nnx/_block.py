@@ -14,11 +14,12 @@ from jattn.sharding import SequenceParallel
 
 from . import _keras
 from ._attention import MultiHeadAttention
+from ._paged_step import BlockPagedMethods
 
 KERAS_LAYER_NORM_EPSILON = 1e-3
 
 
-class AttentionBlock(nnx.Module):
+class AttentionBlock(BlockPagedMethods, nnx.Module):
     r"""Self-attention, residual add and LayerNorm: ``norm(x + mha(x))``, or ``x + mha(norm(x))``.
 
     The default (post-norm) is the tutorial's Keras block
