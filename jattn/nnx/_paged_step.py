@@ -159,7 +159,9 @@ class PagedMethods(ModuleFields):
         The pools are passed in and returned, not held by the module: jit the step with them donated
         (``jax.jit(step, donate_argnums=...)``) and XLA updates them in place; new metadata values never
         recompile. Wrong concrete metadata raises the errors of ``jattn.paged``; under jit it is
-        harmless (see :func:`jattn.paged.ragged_paged_attention`). Inference only: no dropout.
+        harmless (see :func:`jattn.paged.ragged_paged_attention`). Inference only: no dropout. The
+        module's ``implementation``, ``block_q``, ``block_kv`` and ``sequence_parallel`` choose among the
+        dense kernels and do not apply here: the step always runs the paged kernel.
 
         Args:
             inputs: float ``(tokens, in_features)``, the batch's rows.
