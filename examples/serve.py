@@ -48,7 +48,7 @@ class Layer(nnx.Module):
 class TinyLM(nnx.Module):
     """Embedding, ``layers`` x (attention block + MLP), LayerNorm, LM head; random weights."""
 
-    def __init__(self, vocab: int, features: int, heads: int, kv_heads: int, layers: int, *, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, features: int, *, heads: int, kv_heads: int, layers: int, rngs: nnx.Rngs):
         self.embed = nnx.Embed(vocab, features, rngs=rngs)
         self.layers = nnx.List([Layer(features, heads, kv_heads, rngs=rngs) for _ in range(layers)])
         self.norm = nnx.LayerNorm(features, rngs=rngs)
