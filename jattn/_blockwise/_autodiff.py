@@ -27,8 +27,10 @@ pass: JAX's forward mode of the pass's own blockwise code, loops and skipped
 blocks included, so it stays O(N). Transposing a ``JvpOf`` (reverse over
 reverse, e.g. grad of grad) differentiates the pass's dense twin
 (``_dense.py``: the same step functions on one block spanning everything),
-which costs O(q_seq * kv_seq) memory. Every pass has a batching rule that folds
-a ``vmap`` axis into the kernel's batch axis.
+which costs O(q_seq * kv_seq) memory. Every pass has one batching rule: it folds
+a ``vmap`` axis into the kernel's batch axis, or, when some operands are shared
+by the vmapped slices (K/V under a vmap over queries), runs the slices one by
+one with those operands closed over, never copied (``_primitive._batch``).
 """
 
 from __future__ import annotations

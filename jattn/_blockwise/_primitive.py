@@ -48,7 +48,12 @@ def _transpose(cotangents, *args, kernel):
 
 
 def _batch(args, dims, *, kernel):
-    """Folds the vmapped axis into the kernel's batch axis (every result has a full batch axis)."""
+    """Folds the vmapped axis into the kernel's batch axis when every operand has it (or is a bias or mask
+    shared by every example), else runs the kernel once per vmapped slice (:func:`_per_slice`); every
+    result has a full batch axis."""
+    shared = [d is None and not (b and x.shape[0] == 1) for x, d, b in zip(args, dims, kernel.broadcast(), strict=True)]
+    if any(shared):
+        return _per_slice(args, dims, kernel)
     n = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
     q, q_dim = args[0], dims[0]
     batch = q.shape[0] if q_dim is None or q_dim > 0 else q.shape[1]
@@ -66,6 +71,26 @@ def _batch(args, dims, *, kernel):
         folded.append(x.reshape(n * x.shape[1], *x.shape[2:]))
     outs = kernel_p.bind(*folded, kernel=kernel)
     return [o.reshape(n, batch, *o.shape[1:]) for o in outs], [0] * len(outs)
+
+
+def _per_slice(args, dims, kernel):
+    """The kernel on one vmapped slice at a time (``lax.map``), the unbatched operands closed over.
+
+    Folding the vmapped axis into the batch axis would copy an unbatched operand once per slice: ``vmap``
+    over queries with K/V shared would hold ``n`` copies of K/V. Closed over, K/V stay one array, and
+    autodiff of the map sums their cotangents over the slices in its carry. The kernel already runs its
+    examples one after another (``_layout.over_batch``), so the loop costs no parallelism on its own.
+    """
+    mapped = [i for i, d in enumerate(dims) if d is not None]
+
+    def one(slices):
+        full = list(args)
+        for i, x in zip(mapped, slices, strict=True):
+            full[i] = x
+        return tuple(kernel_p.bind(*full, kernel=kernel))
+
+    outs = jax.lax.map(one, [jnp.moveaxis(args[i], dims[i], 0) for i in mapped])
+    return list(outs), [0] * len(outs)
 
 
 kernel_p.def_impl(lambda *args, kernel: _compiled(*args, kernel=kernel))
