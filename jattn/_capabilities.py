@@ -94,13 +94,13 @@ DESCRIPTIONS: Mapping[str, str] = {
 CAPABILITIES: Mapping[str, Mapping[str, Support]] = {
     "reference": {SEQUENCE_PARALLEL: Support.NO},
     "blockwise": {SYMBOLIC: Support.NO},
-    # The ring and all-gather passes: mods and sinks need global positions and heads in the pair kernels.
+    # The ring and all-gather passes: mods need global positions and heads in the pair kernels (sinks join
+    # after the merge).
     "sequence_parallel": {
         SYMBOLIC: Support.NO,
         "score_mod": Support.NO,
         "mask_mod": Support.NO,
         "block_mask": Support.NO,
-        "sinks": Support.NO,
     },
     "xla": _JAX_NN_LACKS,
     "cudnn": {**_JAX_NN_LACKS, ONE_SIDED_WINDOW_ONLY: Support.NO},

@@ -122,6 +122,12 @@ def run_sequence_parallel(
     plan: SequencePlan, inputs: AttentionInputs, *, block_q: int, block_kv: int
 ) -> tuple[Array, Array]:
     """``(out, lse)`` of a planned call, laid out like the query (sequence shards in place)."""
+    sinks = inputs.opts.shared.sinks
+    if sinks is not None:  # joined after the merge (with_sinks): the ring and all-gather passes run without
+        shared = inputs.opts.shared._replace(sinks=None)
+        inputs = inputs._replace(opts=dataclasses.replace(inputs.opts, shared=shared))
+        out, lse = run_sequence_parallel(plan, inputs, block_q=block_q, block_kv=block_kv)
+        return with_sinks(out, lse, sinks[0])
     batch_axes, head_axes, seq = plan.batch_axes, plan.head_axes, plan.axis
 
     def logits_spec(x):  # (batch|1, heads|1, q|1, kv|1): local rows, every column
@@ -156,6 +162,15 @@ def run_sequence_parallel(
         out = jax.sharding.reshard(out, NamedSharding(plan.mesh, P(*like_query, None)))
         lse = jax.sharding.reshard(lse, NamedSharding(plan.mesh, P(*like_query)))
     return out, lse
+
+
+def with_sinks(out: Array, lse: Array, sinks: Array) -> tuple[Array, Array]:
+    """``(out, lse)`` of attention without sinks ``(batch, q_seq, heads, v_dim)`` / ``(.., heads)`` turned into
+    those with ``sinks`` ``(heads,)``: a sink is one more logit in every row's softmax denominator (its value
+    is zero), so ``lse' = logaddexp(lse, sink)`` and ``out' = out * exp(lse - lse')``, in the softmax dtype.
+    A row that saw no key (``lse`` the masked value) stays zeros. Differentiable like any ``jnp`` code."""
+    total = jnp.logaddexp(lse, sinks.astype(lse.dtype)[None, None, :])
+    return (out * jnp.exp(lse - total)[..., None]).astype(out.dtype), total
 
 
 def _all_gather_attention(inputs: AttentionInputs, *, ring: Ring, block_q: int, block_kv: int):
