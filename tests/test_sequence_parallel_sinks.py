@@ -1,5 +1,6 @@
 """Sequence parallel with attention sinks: ring and all-gather, contiguous and zigzag, on 4 simulated CPU
-devices, equal to one device in outputs and gradients (the sinks' included).
+devices, equal to one device in outputs and gradients (the sinks' included); and in bfloat16 no less
+accurate than one device.
 
 Sinks join after the shards' partial results are merged (``_plan.with_sinks``): a sink is one more logit
 in each row's softmax denominator, so ``lse' = logaddexp(lse, sink)`` and ``out' = out * exp(lse - lse')``.
@@ -22,6 +23,7 @@ SCRIPT = textwrap.dedent(
     import jattn
     from jattn.sharding import SequenceParallel, zigzag, unzigzag
 
+    jax.config.update("jax_enable_x64", True)  # the float64 truth of the bfloat16 check
     mesh = jax.make_mesh((4,), ("seq",), axis_types=(AxisType.Explicit,))
     B, N, H, KH, d = 2, 24, 4, 2, 8
     r = np.random.default_rng(0)
@@ -52,6 +54,23 @@ SCRIPT = textwrap.dedent(
             errors.append(float(jnp.max(jnp.abs(grads[3] - want[3]))))
             results[f"{strategy}/{layout}"] = dict(errors=errors, spec=str(out.sharding.spec))
     results["zero rows"] = float(jnp.max(jnp.abs(want_out[1])))
+
+    # bfloat16: the shards' partial results merge in float32 (the softmax dtype), so the error against a
+    # float64 truth is no worse than one device's bfloat16 error.
+    def attend(x, sp=None):
+        q, k, v = x
+        return jattn.dot_product_attention(q, k, v, is_causal=True, implementation="blockwise", block_q=3,
+                                           block_kv=3, sequence_parallel=sp).astype(jnp.float64)
+    q64, k64, v64 = (jnp.asarray(r.standard_normal((B, 4 * N, H, d))) for _ in range(3))
+    truth = attend((q64, k64[:, :, :KH], v64[:, :, :KH]))
+    low = tuple(x.astype(jnp.bfloat16) for x in (q64, k64[:, :, :KH], v64[:, :, :KH]))
+    bf16 = {"one device": float(jnp.max(jnp.abs(attend(low) - truth)))}
+    for strategy in ("ring", "all_gather"):
+        with jax.set_mesh(mesh):
+            split = tuple(jax.device_put(x, NamedSharding(mesh, P(None, "seq"))) for x in low)
+            out = jax.jit(lambda x: attend(x, SequenceParallel(strategy=strategy)))(split)
+        bf16[strategy] = float(jnp.max(jnp.abs(out - truth)))
+    results["bf16"] = bf16
     print("RESULTS " + json.dumps(results))
     """
 )
@@ -60,6 +79,9 @@ SCRIPT = textwrap.dedent(
 def test_sequence_parallel_with_sinks_equals_one_device():
     results = run_on_cpu_devices(SCRIPT, 4)
     assert results.pop("zero rows") == 0.0
+    bf16 = results.pop("bf16")
+    for strategy in ("ring", "all_gather"):
+        assert bf16[strategy] <= 1.25 * bf16["one device"], bf16
     assert len(results) == 4
     for name, r in results.items():
         assert max(r["errors"]) < 1e-5, (name, r)
