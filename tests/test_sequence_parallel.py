@@ -299,9 +299,11 @@ def test_bad_layouts_and_settings_raise(call, error):
         call()
 
 
-def test_axis_must_be_a_name():
-    with pytest.raises(TypeError, match="axis must be a mesh axis name"):
-        SequenceParallel(axis=("seq",))
+def test_axis_must_be_a_name_or_a_tuple_of_names():
+    for bad in (3, ("seq", 1), ()):
+        with pytest.raises(TypeError, match="axis must be a mesh axis name"):
+            SequenceParallel(axis=bad)
+    assert SequenceParallel(axis=("data", "seq")).axis == ("data", "seq")
 
 
 _x = jnp.ones((1, 6, 2, 4), jnp.float32)

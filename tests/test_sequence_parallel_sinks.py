@@ -1,6 +1,6 @@
 """Sequence parallel with attention sinks: ring and all-gather, contiguous and zigzag, on 4 simulated CPU
-devices, equal to one device in outputs and gradients (the sinks' included); and in bfloat16 no less
-accurate than one device.
+devices, equal to one device in outputs and gradients (the sinks' included), also with the sequence
+sharded over a tuple of mesh axes; and in bfloat16 no less accurate than one device.
 
 Sinks join after the shards' partial results are merged (``_plan.with_sinks``): a sink is one more logit
 in each row's softmax denominator, so ``lse' = logaddexp(lse, sink)`` and ``out' = out * exp(lse - lse')``.
@@ -71,6 +71,17 @@ SCRIPT = textwrap.dedent(
             out = jax.jit(lambda x: attend(x, SequenceParallel(strategy=strategy)))(split)
         bf16[strategy] = float(jnp.max(jnp.abs(out - truth)))
     results["bf16"] = bf16
+
+    # The sequence over a tuple of mesh axes (2 x 2 devices): one ring over all four, sinks and all.
+    grid = jax.make_mesh((2, 2), ("data", "context"), axis_types=(AxisType.Explicit,) * 2)
+    for strategy in ("ring", "all_gather", None):
+        put = lambda x: jax.device_put(x, NamedSharding(grid, P(None, ("data", "context"))))
+        sp = None if strategy is None else SequenceParallel(axis=("data", "context"), strategy=strategy)
+        with jax.set_mesh(grid):
+            (_, out), grads = jax.jit(loss(sp))(put(q), put(k), put(v), sinks)
+        errors = [float(jnp.max(jnp.abs(out - want_out)))]
+        errors += [float(jnp.max(jnp.abs(g - w))) for g, w in zip(grads, want)]
+        results[f"tuple/{strategy or 'found on the query'}"] = dict(errors=errors, spec=str(out.sharding.spec))
     print("RESULTS " + json.dumps(results))
     """
 )
@@ -82,10 +93,11 @@ def test_sequence_parallel_with_sinks_equals_one_device():
     bf16 = results.pop("bf16")
     for strategy in ("ring", "all_gather"):
         assert bf16[strategy] <= 1.25 * bf16["one device"], bf16
-    assert len(results) == 4
+    assert len(results) == 4 + 3
     for name, r in results.items():
         assert max(r["errors"]) < 1e-5, (name, r)
-        assert r["spec"] == "P(None, 'seq', None, None)", (name, r)
+        axes = "('data', 'context')" if name.startswith("tuple/") else "'seq'"
+        assert r["spec"] == f"P(None, {axes}, None, None)", (name, r)
 
 
 def test_with_sinks_is_a_softmax_with_one_more_logit_of_value_zero():

@@ -17,8 +17,9 @@ class SequenceParallel:
 
     Args:
         axis: the mesh axis name the sequence (axis 1 of query, key and value)
-            is sharded over. ``None``: the query's sharding says (``Explicit``
-            axes only).
+            is sharded over, or a tuple of names (e.g. ``("data", "context")``:
+            one ring over all their devices, in the mesh's order). ``None``: the
+            query's sharding says (``Explicit`` axes only).
         mesh: the mesh, for ``Auto`` axes; ``None``: the query's ``Explicit``
             sharding's mesh, else the one set with ``jax.set_mesh``.
         strategy: ``"ring"``, ``"all_gather"`` or ``"auto"``: all-gather K/V
@@ -44,7 +45,7 @@ class SequenceParallel:
         SequenceParallel(axis='seq', mesh=None, strategy='ring', layout='zigzag')
     """
 
-    axis: str | None = None
+    axis: str | tuple[str, ...] | None = None
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
     strategy: Literal["auto", "ring", "all_gather"] = "auto"
     layout: Literal["contiguous", "zigzag"] = "contiguous"
@@ -54,5 +55,6 @@ class SequenceParallel:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}; got {self.layout!r}")
-        if self.axis is not None and not isinstance(self.axis, str):
-            raise TypeError(f"axis must be a mesh axis name (str) or None; got {self.axis!r}")
+        names = self.axis if isinstance(self.axis, tuple) and self.axis else (self.axis,)
+        if self.axis is not None and not all(isinstance(a, str) for a in names):
+            raise TypeError(f"axis must be a mesh axis name (str), a tuple of them, or None; got {self.axis!r}")

@@ -33,7 +33,7 @@ class SequencePlan(NamedTuple):
     """A resolved sequence-parallel call (static)."""
 
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh
-    axis: str
+    axis: str | tuple[str, ...]  # one mesh axis, or several making one ring
     shards: int
     strategy: str  # "ring" or "all_gather"
     chunks: int  # 1 contiguous, 2 zigzag
@@ -71,10 +71,8 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
             _capabilities.check_supported("sequence_parallel", features)
         return None
     axis = sp.axis or seq_axes
-    if isinstance(axis, tuple):
-        if len(axis) != 1:
-            return _decline(asked, f"sequence_parallel: the sequence must be sharded over one mesh axis; got {axis}")
-        axis = axis[0]
+    if isinstance(axis, tuple) and len(axis) == 1:
+        axis = axis[0]  # a tuple of several mesh axes (e.g. data x context) is one ring over all their devices
     if mesh is None:
         mesh = sp.mesh if sp.mesh is not None else jax.sharding.get_abstract_mesh()
     if axis is None:
@@ -83,14 +81,14 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
             "sequence_parallel: name the mesh axis (SequenceParallel(axis=...)); the query's sharding does "
             "not say it (Auto axes, or an unsharded sequence)",
         )
-    if mesh is None or mesh.empty or axis not in mesh.axis_names:
+    if mesh is None or mesh.empty or any(a not in mesh.axis_names for a in _names(axis)):
         names = () if mesh is None or mesh.empty else mesh.axis_names
         return _decline(
             True,
             f"sequence_parallel: no mesh axis {axis!r} (mesh axes {names}); pass SequenceParallel(mesh=...) "
             "or set one with jax.set_mesh",
         )
-    shards = mesh.shape[axis]
+    shards = axes_size(mesh, axis)
     chunks = 2 if sp.layout == "zigzag" else 1
     for name, n in (("query", query.shape[1]), ("key/value", key.shape[1])):
         if n % (shards * chunks):
@@ -109,6 +107,11 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
         if head_axes is not None and key.shape[2] % axes_size(mesh, head_axes):
             head_axes = None
     return SequencePlan(mesh, axis, shards, strategy, chunks, batch_axes, head_axes, explicit)
+
+
+def _names(axis) -> tuple:
+    """The mesh axis names of a sequence axis: one name, or a tuple of them."""
+    return axis if isinstance(axis, tuple) else (axis,)
 
 
 def _decline(strict: bool, message: str) -> SequencePlan | None:
