@@ -21,7 +21,7 @@ class Ring:
     skipped.
     """
 
-    axis: str
+    axis: str | tuple[str, ...]  # a mesh axis, or several making one ring
     shards: int
     chunks: int = 1
     splits: int = 1
