@@ -225,3 +225,15 @@ def test_attention_block_decodes():
     block.init_cache(1, 12)
     outs = [step(block, x[:, :5])] + [step(block, x[:, i : i + 1]) for i in range(5, 9)]
     close(jnp.concatenate(outs, axis=1), full)
+
+
+def test_decode_with_a_mask_mod_on_the_blockwise_kernel_equals_full_attention():
+    """The kernel's per-call block summary of a mask_mod evaluated the mod at positions from 0, not at the
+    decode step's absolute positions: blocks the step needed were skipped (errors of order 1)."""
+    recent = lambda b, h, i, j: j >= i - 3  # noqa: E731  (a sliding window written as a mask_mod)
+    mha = make_mha(2, implementation="blockwise", block_q=4, block_kv=4, mask_mod=recent)
+    x = normal(3, (2, 13, 16))
+    full = mha(x, is_causal=True)
+    mha.init_cache(2, 16)
+    steps = [mha(x[:, :2], is_causal=True)] + [mha(x[:, i : i + 1], is_causal=True) for i in range(2, 13)]
+    close(jnp.concatenate(steps, axis=1), full)
