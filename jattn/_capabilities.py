@@ -94,12 +94,10 @@ DESCRIPTIONS: Mapping[str, str] = {
 CAPABILITIES: Mapping[str, Mapping[str, Support]] = {
     "reference": {SEQUENCE_PARALLEL: Support.NO},
     "blockwise": {SYMBOLIC: Support.NO},
-    # The ring and all-gather passes: mods need global positions and heads in the pair kernels (sinks join
-    # after the merge).
+    # Sinks join after the merge; mods run on the all-gather strategy (the ring's pair kernels do not give
+    # them global key positions yet: _sequence_parallel._plan refuses strategy="ring" with a mod).
     "sequence_parallel": {
         SYMBOLIC: Support.NO,
-        "score_mod": Support.NO,
-        "mask_mod": Support.NO,
         "block_mask": Support.NO,
     },
     "xla": _JAX_NN_LACKS,

@@ -46,7 +46,17 @@ class ConvertedMod:
 
 
 def convert(fn: Callable, kind: str, score_dtype=jnp.float32) -> tuple[ConvertedMod, tuple[Array, ...]]:
-    """Traces ``fn`` on scalars and hoists every array it captured; checks what it returns."""
+    """Traces ``fn`` on scalars and hoists every array it captured; checks what it returns.
+
+    It is traced outside any mesh: the jaxpr is evaluated later on values of one shard inside a
+    ``shard_map`` (sequence parallel) as well as on whole arrays under an explicit mesh, and a jaxpr traced
+    under the caller's explicit mesh would carry that mesh into the manual one.
+    """
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+        return _convert(fn, kind, score_dtype)
+
+
+def _convert(fn: Callable, kind: str, score_dtype) -> tuple[ConvertedMod, tuple[Array, ...]]:
     name = getattr(fn, "__name__", type(fn).__name__)
     index = jax.ShapeDtypeStruct((), jnp.int32)
     if kind == "score":

@@ -7,9 +7,10 @@ retyped. The examples and heads are independent, so the kernel runs per shard
 instead, in a ``shard_map`` over the query's batch and head axes. A query
 sequence sharded over a mesh axis runs sequence-parallel (``_sequence_parallel``)
 where it can; anything else (a sharded dim, heads that do not split into whole
-GQA groups, a sharded sequence with a ``score_mod``, ``mask_mod`` or ``sinks``)
-is gathered first, and so is everything for a call with a ``score_mod``,
-``mask_mod`` or ``sinks`` (they index by the global example and head).
+GQA groups, a sharded sequence with a prebuilt ``block_mask``) is gathered
+first, and so is everything for a call with a ``score_mod``, ``mask_mod`` or
+``sinks`` that does not run sequence-parallel (they index by the global example
+and head).
 """
 
 from __future__ import annotations

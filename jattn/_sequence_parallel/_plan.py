@@ -54,9 +54,11 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
     """How a blockwise call runs sequence-parallel, or None (it runs as before).
 
     Without ``sp`` only a query whose sequence axis is sharded over an explicit
-    mesh axis qualifies, and a call it cannot split (a score_mod, mask_mod or
-    sinks; lengths that do not divide) is left to ``_placement`` (gathered).
-    With ``sp`` those raise ValueError.
+    mesh axis qualifies, and a call it cannot split (a prebuilt block_mask;
+    lengths that do not divide) is left to ``_placement`` (gathered). With
+    ``sp`` those raise ValueError. A score_mod or mask_mod runs on the all-gather
+    strategy with the batch and head axes gathered (the mods see the global
+    example, head and positions); strategy="ring" refuses them.
     """
     query, key = inputs.query, inputs.key
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = explicit_mesh(query)
@@ -97,10 +99,17 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
                 f"sequence_parallel: the {name} sequence ({n}) must divide into {shards * chunks} equal parts "
                 f"({shards} devices on {axis!r}, layout {sp.layout!r})",
             )
-    strategy = sp.strategy if sp.strategy != "auto" else choose_strategy(inputs, shards)
+    static = inputs.opts.static
+    mods = static.score_mod is not None or static.mask_mod is not None
+    if mods and sp.strategy == "ring":
+        raise ValueError(
+            "sequence_parallel: strategy='ring' does not support score_mod or mask_mod yet (the ring's pair "
+            "kernels do not see global key positions); use strategy='all_gather' or 'auto', which picks it"
+        )
+    strategy = "all_gather" if mods else sp.strategy if sp.strategy != "auto" else choose_strategy(inputs, shards)
     explicit = explicit_mesh(query) is not None
     batch_axes = head_axes = None
-    if explicit:
+    if explicit and not mods:  # a mod sees the global example and head: those axes are gathered for it
         batch_axes, head_axes = spec_of(query)[0], spec_of(query)[2]
         if batch_axes is not None and query.shape[0] % axes_size(mesh, batch_axes):
             batch_axes = None
@@ -147,7 +156,10 @@ def run_sequence_parallel(
             *(P(batch_axes, seq, head_axes, None),) * 3,
             None if bias is None else logits_spec(bias),
             None if mask is None else logits_spec(mask),
-            jax.tree.map(lambda x: P(batch_axes, seq) if x.ndim == 2 else P(batch_axes), opts),
+            dataclasses.replace(  # per-example arrays split like the batch (and ids like the sequence)
+                jax.tree.map(lambda x: P(batch_axes, seq) if x.ndim == 2 else P(batch_axes), opts),
+                shared=jax.tree.map(lambda x: P(), opts.shared),  # what mods captured: whole on every device
+            ),
         ]
     )
     if plan.explicit:
@@ -208,7 +220,8 @@ def _all_gather_attention(inputs: AttentionInputs, *, ring: Ring, block_q: int, 
     def one(c):
         q0 = jnp.asarray(chunk_start(ring, me, c, q_chunk), jnp.int32)
         offset = None
-        if static.is_causal or static.local_window_size is not None:
+        positional = static.score_mod is not None or static.mask_mod is not None  # mods see absolute positions
+        if static.is_causal or static.local_window_size is not None or positional:
             offset = q0 + (0 if arrays.q_offset is None else arrays.q_offset) + jnp.zeros(query.shape[:1], jnp.int32)
         chunk = opts.with_arrays(
             arrays._replace(
