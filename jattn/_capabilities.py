@@ -94,8 +94,7 @@ DESCRIPTIONS: Mapping[str, str] = {
 CAPABILITIES: Mapping[str, Mapping[str, Support]] = {
     "reference": {SEQUENCE_PARALLEL: Support.NO},
     "blockwise": {SYMBOLIC: Support.NO},
-    # Sinks join after the merge; mods run on the all-gather strategy (the ring's pair kernels do not give
-    # them global key positions yet: _sequence_parallel._plan refuses strategy="ring" with a mod).
+    # Sinks join after the merge; mods see global positions (each ring pair's chunk starts, kv_offset).
     "sequence_parallel": {
         SYMBOLIC: Support.NO,
         "block_mask": Support.NO,

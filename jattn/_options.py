@@ -46,6 +46,9 @@ class ExampleArrays(NamedTuple):
     q_segment_ids: Array | None = None
     kv_segment_ids: Array | None = None
     q_offset: Array | None = None  # absolute position of query 0 (a KV-cache decode step), int32
+    # Where key 0 sits for the mods alone (a ring pair's K/V chunk), int32: the mods see query
+    # ``q_offset + kv_offset + i`` and key ``kv_offset + j``; the causal and window masks (relative) do not.
+    kv_offset: Array | None = None
 
 
 class SharedArrays(NamedTuple):

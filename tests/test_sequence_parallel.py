@@ -332,9 +332,6 @@ def test_sequence_parallel_refuses_what_it_cannot_split_on_a_one_device_mesh():
     odd = jnp.ones((1, 5, 2, 4), jnp.float32)
     with pytest.raises(ValueError, match="must divide into 2 equal parts"):
         jattn.dot_product_attention(odd, odd, odd, sequence_parallel=SequenceParallel("seq", mesh, layout="zigzag"))
-    with pytest.raises(ValueError, match="strategy='ring' does not support score_mod or mask_mod yet"):
-        ring = SequenceParallel("seq", mesh, strategy="ring")
-        jattn.dot_product_attention(_x, _x, _x, score_mod=lambda s, b, h, i, j: s, sequence_parallel=ring)
     n = _x.shape[1]
     causal = jattn.masks.block_mask(lambda b, h, i, j: j <= i, 1, 1, n, n)
     with pytest.raises(ValueError, match="does not support block_mask"):

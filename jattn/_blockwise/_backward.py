@@ -191,7 +191,7 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
         visible = None
         if masked:
             visible = bm.transposed_block(blocks.visible(qb, kb, query.mask, grid.block_q, grid.block_kv))
-        place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
+        place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
         grads = pair_grads(spec, key, query, visible, acc, consts=consts, want=want.consts, place=place)
         return grads if want.bias else grads._replace(dlogits=None)
 

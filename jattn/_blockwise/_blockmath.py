@@ -18,7 +18,7 @@ from jaxtyping import Array
 
 from .. import _mods, _numerics
 from .._options import StaticOptions
-from ._geometry import Grid, grouped
+from ._geometry import Grid, Placement, grouped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +117,6 @@ def exp_below_zero(x: Array) -> Array:
 
 FORWARD_LAYOUT = "kgqs"  # logits (kv_heads, groups, bq, bk): the forward and the tangent pass
 BACKWARD_LAYOUT = "ksgq"  # transposed logits (kv_heads, bk, groups, bq): the backward
-
-
-class Placement(NamedTuple):
-    """Where a block of logits sits, for a ``score_mod``: the example and the first query and key positions."""
-
-    example: Array
-    q_start: Array | int  # absolute (a decode step's offset included)
-    kv_start: Array | int
 
 
 class Logits(NamedTuple):

@@ -45,7 +45,7 @@ def _example(spec: bm.KernelSpec, ops: Operands, example) -> tuple[ExampleBlocks
     grid = spec.grid
     blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
     visible = blocks.visible(0, 0, ops.mask, grid.q_padded, grid.kv_padded)
-    return blocks, visible, bm.Placement(example, blocks.offset, 0)
+    return blocks, visible, blocks.place(0, 0)
 
 
 def dense_forward(spec: bm.KernelSpec, ops: Operands) -> tuple[Array, Array]:
@@ -108,7 +108,7 @@ def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, *, dlse,
         zeros = (jnp.zeros(arrays.k.shape, acc_dtype), jnp.zeros(arrays.v.shape, acc_dtype))
         dconsts = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
         query = query_block(grid, ops, arrays, lse, dout, at=(0, 0))
-        place = bm.Placement(example, blocks.offset, 0)
+        place = blocks.place(0, 0)
         acc = PairGrads(*zeros, None, None, dconsts)
         grads = pair_grads(
             spec,

@@ -94,7 +94,7 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
 
         def visit(carry, key, kb, masked):
             visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
-            place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
+            place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
             return online_softmax_step(spec, carry, q_blk, key, visible, consts=consts, place=place)
 
         def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL

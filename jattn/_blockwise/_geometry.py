@@ -12,6 +12,8 @@ size ``(q_seq, kv_seq)`` is built unless the caller passed a dense mask.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
@@ -29,6 +31,14 @@ def _ceil_div(a, b):
 def _int32(x):
     """Block indices are int32 whatever jax_enable_x64 says (dynamic_slice wants one type)."""
     return jnp.asarray(x).astype(jnp.int32)
+
+
+class Placement(NamedTuple):
+    """Where a block of logits sits, for a ``score_mod``: the example and the first query and key positions."""
+
+    example: Array
+    q_start: Array | int  # absolute (a decode step's offset included)
+    kv_start: Array | int
 
 
 class ExampleBlocks:
@@ -52,6 +62,7 @@ class ExampleBlocks:
         self.window = opts.static.local_window_size
         arrays = opts.arrays
         self.offset = 0 if arrays.q_offset is None else arrays.q_offset
+        self.kv_offset = 0 if arrays.kv_offset is None else arrays.kv_offset  # mods only (see ExampleArrays)
         self.q_end = grid.q_seq if arrays.q_length is None else jnp.minimum(arrays.q_length, grid.q_seq)
         self.kv_end = grid.kv_seq if arrays.kv_length is None else jnp.minimum(arrays.kv_length, grid.kv_seq)
         self.predicate = opts.mask_mod()
@@ -143,6 +154,11 @@ class ExampleBlocks:
             full = jnp.zeros_like(full)
         return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
 
+    def place(self, q_start, kv_start) -> Placement:
+        """Where a block whose first query and key are ``q_start`` / ``kv_start`` of this call sits, as a
+        ``score_mod`` sees it (absolute positions)."""
+        return Placement(self.example, q_start + self.offset + self.kv_offset, kv_start + self.kv_offset)
+
     def visible(self, qb, kb, dense_blk: Array | None, block_q: int, block_kv: int) -> Array:
         """Boolean ``(kv_heads|1, groups|1, block_q, block_kv)`` visibility of a partial block.
 
@@ -167,8 +183,8 @@ class ExampleBlocks:
                 shape,
                 _mods.Layout("kgqs", self.groups),
                 example=self.example,
-                q_start=qb * block_q + self.offset,
-                kv_start=kb * block_kv,
+                q_start=qb * block_q + self.offset + self.kv_offset,
+                kv_start=kb * block_kv + self.kv_offset,
             )
             visible = visible & user
         return visible

@@ -77,13 +77,18 @@ class Pair:
         """The pair's per-example query offsets and lengths clipped to its chunks (segment ids: the caller's)."""
         static, arrays = opts.static, opts.arrays
         q0, k0 = self.q0, self.k0
-        offset = None
-        if static.is_causal or static.local_window_size is not None:
+        offset = kv_offset = None
+        mods = static.score_mod is not None or static.mask_mod is not None
+        if static.is_causal or static.local_window_size is not None or mods:
             base = jnp.zeros((self.batch,), jnp.int32) if arrays.q_offset is None else arrays.q_offset
             offset = (base + q0 - k0).astype(jnp.int32)
+        if mods:  # the mods see absolute positions: the chunk's queries at q0 (+ base), its keys at k0
+            kv_offset = jnp.broadcast_to(k0, (self.batch,)).astype(jnp.int32)
         q_length = None if arrays.q_length is None else jnp.clip(arrays.q_length - q0, 0, self.q_chunk)
         kv_length = None if arrays.kv_length is None else jnp.clip(arrays.kv_length - k0, 0, self.kv_chunk)
-        return opts.with_arrays(arrays._replace(q_length=q_length, kv_length=kv_length, q_offset=offset))
+        return opts.with_arrays(
+            arrays._replace(q_length=q_length, kv_length=kv_length, q_offset=offset, kv_offset=kv_offset)
+        )
 
     def visible(self, opts: AttentionOptions) -> Array:
         """Whether any query of the pair may see any key, from causal, window and lengths (a bool scalar).

@@ -115,6 +115,7 @@ def ring_tangent(spec, ops: Operands, out, lse, tangents: Tangents, *, pass_fn: 
                     k=kv_side(pair, pair_spec, dk),
                     v=kv_side(pair, pair_spec, dv),
                     bias=padded_logits(pair, pair_spec, tangents.bias),
+                    consts=tangents.consts,  # what a score_mod captured: the same on every pair
                 )
                 rows = (at_chunk(out_k, pair.a), at_chunk(lse_k, pair.a))
                 d_out, d_lse = pass_fn(
@@ -149,25 +150,29 @@ def ring_backward(spec, ops: Operands, out, lse, dout, *, dlse, want: Wanted, pa
     rows = [rows_to_kernel(x, ring, pair_spec, kv_heads) for x in (out, lse, dout, dlse)]
 
     def visit(t, kv, home, dkv):
-        """Adds this device's pairs with K/V shard ``me - t``: dQ (and dbias) into ``home``, dK/dV into ``dkv``."""
+        """Adds this device's pairs with K/V shard ``me - t``: dQ (and dbias, and the gradients of what a
+        score_mod captured) into ``home``, dK/dV into ``dkv``."""
 
         def chunk_pair(pair, carry):
             def compute():
-                (dq, dbias), (dk, dv) = carry
+                (dq, dbias, dconsts), (dk, dv) = carry
                 pair_rows = [at_chunk(x, pair.a) for x in rows]
                 operands = pair_operands(pair, pair_spec, ops, queries, kv)
                 out_p, lse_p, dout_p, dlse_p = pair_rows
                 grads = pass_fn(pair_spec, operands, out_p, lse_p, dout_p, dlse=dlse_p, want=want)
                 dq = add_at_chunk(dq, pair.a, grads.q)
                 dbias = None if dbias is None else add_logits(dbias, pair, grads.bias)
-                return (dq, dbias), (add_kv_side(dk, pair, grads.k), add_kv_side(dv, pair, grads.v))
+                dconsts = tuple(a + g.astype(a.dtype) for a, g in zip(dconsts, grads.consts, strict=True))
+                return (dq, dbias, dconsts), (add_kv_side(dk, pair, grads.k), add_kv_side(dv, pair, grads.v))
 
             return lax.cond(pair.visible(ops.opts), compute, lambda: carry)
 
         return over_pairs(ring, ops, source(ring, t), chunk_pair, (home, dkv))
 
     dbias0 = None if not want.bias or ops.bias is None else jnp.zeros((ops.q.shape[0], *ops.bias.shape[1:]), acc_dtype)
-    home = (jnp.zeros(queries.q.shape, acc_dtype), dbias0)
+    wanted = (c for c, w in zip(ops.opts.shared.score_consts, want.consts, strict=True) if w)
+    dconsts0 = tuple(jnp.zeros((ops.q.shape[0], *c.shape[1:]), acc_dtype) for c in wanted)  # per example
+    home = (jnp.zeros(queries.q.shape, acc_dtype), dbias0, dconsts0)
     local = kv_payload(ops)
     dkv = (jnp.zeros(ops.k.shape, acc_dtype), jnp.zeros(ops.v.shape, acc_dtype))
     if ring.shards > 1:
@@ -184,6 +189,6 @@ def ring_backward(spec, ops: Operands, out, lse, dout, *, dlse, want: Wanted, pa
         kv, travelling, home = lax.fori_loop(1, ring.shards - 1, step, (_send(ring, local), dkv, home))
         home, travelling = visit(ring.shards - 1, kv, home, travelling)
         dkv = _send(ring, travelling)
-    (dq, dbias), (dk, dv) = visit(0, local, home, dkv)
+    (dq, dbias, dconsts), (dk, dv) = visit(0, local, home, dkv)
     dq = rows_from_kernel(dq, pair_spec)
-    return Grads(dq.astype(ops.q.dtype), dk.astype(ops.k.dtype), dv.astype(ops.v.dtype), dbias, None, ())
+    return Grads(dq.astype(ops.q.dtype), dk.astype(ops.k.dtype), dv.astype(ops.v.dtype), dbias, None, dconsts)

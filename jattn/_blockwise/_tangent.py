@@ -158,7 +158,7 @@ def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, *, whole,
 
         def visit(carry, key, kb, masked):
             visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
-            place = bm.Placement(example, qb * grid.block_q + blocks.offset, kb * grid.block_kv)
+            place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
             at = dict(key=key, visible=visible, consts=consts, dconsts=tangents.consts, place=place)
             return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, **at)
 

@@ -56,9 +56,9 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
     Without ``sp`` only a query whose sequence axis is sharded over an explicit
     mesh axis qualifies, and a call it cannot split (a prebuilt block_mask;
     lengths that do not divide) is left to ``_placement`` (gathered). With
-    ``sp`` those raise ValueError. A score_mod or mask_mod runs on the all-gather
-    strategy with the batch and head axes gathered (the mods see the global
-    example, head and positions); strategy="ring" refuses them.
+    ``sp`` those raise ValueError. A call with a score_mod or mask_mod runs with
+    the batch and head axes gathered: the mods see the global example, head and
+    positions.
     """
     query, key = inputs.query, inputs.key
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = explicit_mesh(query)
@@ -101,12 +101,7 @@ def plan_sequence_parallel(inputs: AttentionInputs, sp: SequenceParallel | None)
             )
     static = inputs.opts.static
     mods = static.score_mod is not None or static.mask_mod is not None
-    if mods and sp.strategy == "ring":
-        raise ValueError(
-            "sequence_parallel: strategy='ring' does not support score_mod or mask_mod yet (the ring's pair "
-            "kernels do not see global key positions); use strategy='all_gather' or 'auto', which picks it"
-        )
-    strategy = "all_gather" if mods else sp.strategy if sp.strategy != "auto" else choose_strategy(inputs, shards)
+    strategy = sp.strategy if sp.strategy != "auto" else choose_strategy(inputs, shards)
     explicit = explicit_mesh(query) is not None
     batch_axes = head_axes = None
     if explicit and not mods:  # a mod sees the global example and head: those axes are gathered for it
