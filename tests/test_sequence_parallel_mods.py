@@ -67,3 +67,52 @@ def test_sequence_parallel_with_mods_equals_one_device():
     for name, r in results.items():
         assert max(r["errors"]) < 1e-5, (name, r)
         assert r["split"], (name, r)  # sequence-parallel (a ring or all-gather K/V), not gathered before the kernel
+
+
+NNX_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jattn import nnx as jnnx
+    from jattn.sharding import SequenceParallel
+
+    mesh = jax.make_mesh((4,), ("seq",), axis_types=(AxisType.Explicit,))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 24, 16)), jnp.float32)
+
+    def make(sp):
+        m = jnnx.MultiHeadAttention(
+            4, 16, num_kv_heads=2, use_sinks=True, implementation="blockwise", block_q=3, block_kv=3,
+            score_mod=lambda s, b, h, i, j: s - 0.1 * (i - j).astype(s.dtype),
+            mask_mod=lambda b, h, i, j: (i // 7) == (j // 7), sequence_parallel=sp, rngs=nnx.Rngs(0))
+        m.sinks[...] = jnp.arange(4.0)
+        return m
+
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x, is_causal=True)))
+    one = make(None)
+    want, want_grads = one(x, is_causal=True), nnx.grad(loss)(one, x)
+    results = {}
+    for strategy in ("ring", "all_gather"):
+        m = make(SequenceParallel(axis="seq", strategy=strategy))
+        with jax.set_mesh(mesh):
+            xs = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
+            got, grads = nnx.jit(lambda m, x: m(x, is_causal=True))(m, xs), nnx.jit(nnx.grad(loss))(m, xs)
+        results[strategy] = dict(
+            out=float(jnp.max(jnp.abs(got - want))),
+            grads=max(float(jnp.max(jnp.abs(a - b)))
+                      for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads))),
+            spec=str(got.sharding.spec),
+        )
+    print("RESULTS " + json.dumps(results))
+    """
+)
+
+
+def test_nnx_module_sequence_parallel_with_sinks_and_mods_equals_one_device():
+    """``jattn.nnx.MultiHeadAttention(sequence_parallel=...)`` with GQA, sinks, a score_mod and a mask_mod:
+    the output and every parameter's gradient (the sinks' included) equal one device."""
+    results = run_on_cpu_devices(NNX_SCRIPT, 4)
+    for strategy, r in results.items():
+        assert r["out"] < 1e-5 and r["grads"] < 1e-4, (strategy, r)
+        assert r["spec"] == "P(None, 'seq', None)", (strategy, r)
