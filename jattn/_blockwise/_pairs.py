@@ -27,6 +27,7 @@ from jaxtyping import Array
 from .. import _numerics
 from .._options import AttentionOptions, StaticOptions
 from .._tiling import SKIP, Grid, fitted_block
+from ..masks._block_mask import block_mask_of
 from ._geometry import ExampleBlocks
 from ._layout import Operands, pad_logits_operand
 from ._ring_layout import Ring, chunk_start, splits_for
@@ -188,13 +189,21 @@ def pair_operands(pair: Pair, spec, ops: Operands, queries: QuerySide, kv: tuple
         q_segment_ids=None if queries.q_segment_ids is None else at_chunk(queries.q_segment_ids, pair.a),
         kv_segment_ids=None if kv_ids is None else kv_side(pair, spec, kv_ids, "edge"),
     )
+    opts = opts.with_arrays(arrays)
+    if opts.static.mask_mod is not None and opts.block_mask is None:  # the pair's own summary: it skips blocks
+        _, batch, kv_heads, groups = queries.q.shape[:4]
+        consts = tuple(c[0] for c in opts.shared.mask_consts)
+        summary = block_mask_of(
+            opts.static.mask_mod, consts, batch, kv_heads * groups, grid, arrays.q_offset, arrays.kv_offset
+        )
+        opts = dataclasses.replace(opts, block_mask=summary)
     return Operands(
         at_chunk(queries.q, pair.a),
         kv_side(pair, spec, k),
         kv_side(pair, spec, v),
         padded_logits(pair, spec, ops.bias),
         pad_logits_operand(pair.logits_operand(ops.mask), grid, False),
-        opts.with_arrays(arrays),
+        opts,
     )
 
 

@@ -111,31 +111,40 @@ def block_mask(
 
 
 def block_mask_of(
-    mod: _mods.ConvertedMod, consts, batch: int, heads: int, grid: Grid, q_offset: Array | None = None
+    mod: _mods.ConvertedMod,
+    consts,
+    batch: int,
+    heads: int,
+    grid: Grid,
+    q_offset: Array | None = None,
+    kv_offset: Array | None = None,
 ) -> BlockMask:
     """:func:`block_mask` of a converted mask mod on a given grid (what the kernel builds when given none).
 
-    ``q_offset`` ``(batch,)``: the absolute position of each example's query 0 (a KV-cache decode step, a
-    sequence shard), which is what the mod sees; None: 0.
+    ``q_offset`` / ``kv_offset`` ``(batch,)``, as in ``ExampleArrays``: the mod sees query ``q_offset +
+    kv_offset + i`` and key ``kv_offset + j`` (a KV-cache decode step, a sequence shard, a ring pair's
+    chunks); None: 0.
     """
-    offsets = jnp.zeros((batch,), jnp.int32) if q_offset is None else q_offset.astype(jnp.int32)
-    examples = (jnp.arange(batch, dtype=jnp.int32), offsets)
+    zeros = jnp.zeros((batch,), jnp.int32)
+    q0 = zeros if q_offset is None else q_offset.astype(jnp.int32)
+    k0 = zeros if kv_offset is None else kv_offset.astype(jnp.int32)
+    examples = (jnp.arange(batch, dtype=jnp.int32), q0 + k0, k0)
     kinds = lax.map(lambda e: _example_kinds(mod, consts, e, heads, grid), examples)
     return summarize(kinds, grid)
 
 
-def _example_kinds(mod, consts, example: tuple[Array, Array], heads: int, grid: Grid) -> Array:
-    """``(num_q_blocks, num_kv_blocks)`` kinds of one ``(example, q_offset)``, one query block (all keys) at
-    a time."""
+def _example_kinds(mod, consts, example: tuple[Array, Array, Array], heads: int, grid: Grid) -> Array:
+    """``(num_q_blocks, num_kv_blocks)`` kinds of one ``(example, first query, first key)``, one query block
+    (all keys) at a time."""
     nk, bk = grid.num_kv_blocks, grid.block_kv
     cols = jnp.arange(grid.kv_padded, dtype=jnp.int32) < grid.kv_seq
-    index, offset = example
+    index, offset, kv_offset = example
 
     def one_q_block(qb):
         q_start = qb * grid.block_q
         shape = (heads, grid.block_q, grid.kv_padded)
         visible = _mods.evaluate(
-            mod, consts, shape, _mods.Layout("gqs", heads), example=index, q_start=offset + q_start, kv_start=0
+            mod, consts, shape, _mods.Layout("gqs", heads), example=index, q_start=offset + q_start, kv_start=kv_offset
         )
         rows = (q_start + jnp.arange(grid.block_q, dtype=jnp.int32)) < grid.q_seq
         real = (rows[:, None] & cols[None, :]).reshape(1, grid.block_q, nk, bk)
