@@ -116,3 +116,35 @@ def test_nnx_module_sequence_parallel_with_sinks_and_mods_equals_one_device():
     for strategy, r in results.items():
         assert r["out"] < 1e-5 and r["grads"] < 1e-4, (strategy, r)
         assert r["spec"] == "P(None, 'seq', None)", (strategy, r)
+
+
+def test_ring_pair_block_summary_is_the_global_one_at_the_pairs_chunks():
+    """A ring pair builds its mask_mod's block summary at its chunks' absolute positions (query ``q_offset +
+    kv_offset + i``, key ``kv_offset + j``), so it skips the blocks one device skips: the pair's kinds equal
+    the global summary's blocks at those chunks (before, a pair had no summary and visited every block)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jattn import _mods
+    from jattn._tiling import Grid
+    from jattn.masks import block_mask
+    from jattn.masks._block_mask import block_mask_of
+
+    n, chunk, blk = 30, 6, 3
+    docs = jnp.asarray(np.repeat(np.arange(5), [4, 7, 2, 9, 8]), jnp.int32)
+
+    def mask(b, h, i, j):
+        return (docs[i] == docs[j]) & (j <= i)
+
+    whole = block_mask(mask, 1, 1, n, n, block_q=blk, block_kv=blk).kinds[0]
+    mod, consts = _mods.convert(mask, "mask")
+    grid = Grid(chunk, chunk, blk, blk)
+    skipped = 0
+    for q0 in range(0, n, chunk):
+        for k0 in range(0, n, chunk):
+            offsets = jnp.asarray([q0 - k0], jnp.int32), jnp.asarray([k0], jnp.int32)
+            got = block_mask_of(mod, consts, 1, 1, grid, *offsets).kinds[0]
+            want = whole[q0 // blk : (q0 + chunk) // blk, k0 // blk : (k0 + chunk) // blk]
+            np.testing.assert_array_equal(got, want, err_msg=f"pair at queries {q0}, keys {k0}")
+            skipped += int((got == 0).sum())
+    assert skipped > 0
