@@ -148,3 +148,62 @@ def test_ring_pair_block_summary_is_the_global_one_at_the_pairs_chunks():
             np.testing.assert_array_equal(got, want, err_msg=f"pair at queries {q0}, keys {k0}")
             skipped += int((got == 0).sum())
     assert skipped > 0
+
+
+EVERYTHING_SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import jattn
+    from jattn.sharding import SequenceParallel, zigzag, unzigzag
+
+    mesh = jax.make_mesh((2, 2), ("data", "context"), axis_types=(AxisType.Explicit,) * 2)
+    axes = ("data", "context")
+    B, N, H, KH, d = 1, 40, 2, 1, 8
+    r = np.random.default_rng(1)
+    q = jnp.asarray(r.standard_normal((B, N, H, d)), jnp.float32)
+    k, v = (jnp.asarray(r.standard_normal((B, N, KH, d)), jnp.float32) for _ in range(2))
+    sinks = jnp.asarray(r.standard_normal((H,)), jnp.float32)
+    bias = jnp.asarray(r.standard_normal((N,)), jnp.float32)  # captured by the score_mod, per key
+    ids = jnp.asarray(np.sort(r.integers(0, 3, (B, N))), jnp.int32)
+
+    def loss(sp, layout):
+        order = (lambda x: unzigzag(x, 4, 1)) if layout == "zigzag" else (lambda x: x)
+        def f(q, k, v, sinks, bias, ids):
+            out = jattn.dot_product_attention(
+                q, k, v, is_causal=True, local_window_size=(11, 0), logits_soft_cap=3.0, sinks=sinks,
+                query_segment_ids=ids, key_value_segment_ids=ids, implementation="blockwise", block_q=5,
+                block_kv=5, sequence_parallel=sp, score_mod=lambda s, b, h, i, j: s + bias[j],
+                mask_mod=lambda b, h, i, j: (i - j) % 7 != 3)
+            return jnp.sum(jnp.sin(order(out))), order(out)
+        return jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True)
+
+    (_, want_out), want = jax.jit(loss(None, "contiguous"))(q, k, v, sinks, bias, ids)
+    results = {}
+    for strategy in ("ring", "all_gather"):
+        for layout in ("contiguous", "zigzag"):
+            order = (lambda x: zigzag(x, 4, 1)) if layout == "zigzag" else (lambda x: x)
+            back = (lambda x: unzigzag(x, 4, 1)) if layout == "zigzag" else (lambda x: x)
+            put = lambda x: jax.device_put(order(x), NamedSharding(mesh, P(None, axes)))
+            sp = SequenceParallel(axis=axes, strategy=strategy, layout=layout)
+            with jax.set_mesh(mesh):
+                args = (put(q), put(k), put(v), sinks, bias, put(ids))
+                (_, out), grads = jax.jit(loss(sp, layout))(*args)
+            errors = [float(jnp.max(jnp.abs(out - want_out)))]
+            errors += [float(jnp.max(jnp.abs(back(g) - w))) for g, w in zip(grads[:3], want[:3])]
+            errors += [float(jnp.max(jnp.abs(g - w))) for g, w in zip(grads[3:], want[3:])]
+            results[f"{strategy}/{layout}"] = errors
+    print("RESULTS " + json.dumps(results))
+    """
+)
+
+
+def test_mods_with_every_option_over_a_tuple_of_mesh_axes_equal_one_device():
+    """The sequence over ('data', 'context') (4 devices), ring and all-gather, contiguous and zigzag, with a
+    score_mod capturing a per-key array, a mask_mod, sinks, segment ids, a causal local window and a soft
+    cap together: output and gradients (q, k, v, sinks, the captured array) equal one device."""
+    results = run_on_cpu_devices(EVERYTHING_SCRIPT, 4)
+    assert len(results) == 4
+    for name, errors in results.items():
+        assert max(errors) < 1e-5, (name, errors)
