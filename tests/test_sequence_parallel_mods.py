@@ -143,7 +143,7 @@ def test_ring_pair_block_summary_is_the_global_one_at_the_pairs_chunks():
     for q0 in range(0, n, chunk):
         for k0 in range(0, n, chunk):
             offsets = jnp.asarray([q0 - k0], jnp.int32), jnp.asarray([k0], jnp.int32)
-            got = block_mask_of(mod, consts, 1, 1, grid, *offsets).kinds[0]
+            got = block_mask_of(mod, consts, 1, 1, grid, q_offset=offsets[0], kv_offset=offsets[1]).kinds[0]
             want = whole[q0 // blk : (q0 + chunk) // blk, k0 // blk : (k0 + chunk) // blk]
             np.testing.assert_array_equal(got, want, err_msg=f"pair at queries {q0}, keys {k0}")
             skipped += int((got == 0).sum())

@@ -63,7 +63,7 @@ def blockwise_attention(inputs: AttentionInputs, *, block_q: int, block_kv: int)
         if opts.static.mask_mod is not None:  # no summary given: build one for this call (O(N^2) evaluations)
             consts = tuple(c[0] for c in opts.shared.mask_consts)
             heads = inputs.query.shape[2]
-            summary = block_mask_of(opts.static.mask_mod, consts, batch, heads, grid, opts.arrays.q_offset)
+            summary = block_mask_of(opts.static.mask_mod, consts, batch, heads, grid, q_offset=opts.arrays.q_offset)
             inputs = inputs._replace(opts=dataclasses.replace(opts, block_mask=summary))
     spec = KernelSpec(inputs.opts.static, grid)
     ops = to_kernel_layout(inputs, grid)

@@ -193,9 +193,8 @@ def pair_operands(pair: Pair, spec, ops: Operands, queries: QuerySide, kv: tuple
     if opts.static.mask_mod is not None and opts.block_mask is None:  # the pair's own summary: it skips blocks
         _, batch, kv_heads, groups = queries.q.shape[:4]
         consts = tuple(c[0] for c in opts.shared.mask_consts)
-        summary = block_mask_of(
-            opts.static.mask_mod, consts, batch, kv_heads * groups, grid, arrays.q_offset, arrays.kv_offset
-        )
+        offsets = dict(q_offset=arrays.q_offset, kv_offset=arrays.kv_offset)
+        summary = block_mask_of(opts.static.mask_mod, consts, batch, kv_heads * groups, grid, **offsets)
         opts = dataclasses.replace(opts, block_mask=summary)
     return Operands(
         at_chunk(queries.q, pair.a),

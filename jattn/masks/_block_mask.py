@@ -116,6 +116,7 @@ def block_mask_of(
     batch: int,
     heads: int,
     grid: Grid,
+    *,
     q_offset: Array | None = None,
     kv_offset: Array | None = None,
 ) -> BlockMask:

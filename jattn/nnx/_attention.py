@@ -7,9 +7,8 @@ The attention step itself (jattn's paths, the KV-cache decode step, or a user
 from __future__ import annotations
 
 import functools
-import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -309,21 +308,11 @@ class MultiHeadAttention(AttendMethods, CacheMethods, KerasMethods, PagedMethods
             sinks=None if self.sinks is None else self.sinks[...],
             is_causal=bool(is_causal),
         )
-        context, weights = self._attention_step(
-            query,
-            key,
-            value,
-            call,
-            dtype=dtype,
-            self_attention=self_attention,
-            deterministic=deterministic,
-            rngs=rngs,
-            return_weights=return_weights,
-        )
+        step = self._attention_step
+        context, weights = step(query, key, value, call, dtype=dtype, self_attention=self_attention,
+                                deterministic=deterministic, rngs=rngs, return_weights=return_weights)  # fmt: skip
         out = self.out(context, dtype)
-        if not return_weights:
-            return out
-        return out, typing.cast(Array, weights)  # the step returns the weights when asked for them
+        return (out, cast(Array, weights)) if return_weights else out  # weights: given when asked for
 
     def set_view(self, deterministic: bool | None = None) -> None:
         """Used by ``nnx.view(module, deterministic=...)``."""
