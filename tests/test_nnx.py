@@ -5,6 +5,7 @@ one per eager op) and share a few small shapes, to keep the file fast.
 """
 
 import re
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -295,3 +296,15 @@ def test_from_flax_linen_through_the_nnx_bridge():
     nnx.update(mha, nnx.State(params["attention"]))
     h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"][None, None]
     close(y, expected(mha, h, is_causal=True))
+
+
+def test_the_declared_module_fields_cover_every_checked_size():
+    """``MultiHeadAttention.__init__`` sets every ``HeadSizes`` field by name (a loop the type checker cannot
+    follow); ``ModuleFields`` declares them for it. A size added to one list and not the other fails here."""
+    from jattn.nnx._fields import ModuleFields
+    from jattn.nnx._projection import HeadSizes
+
+    declared = typing.get_type_hints(ModuleFields)
+    assert {name: declared.get(name) for name in HeadSizes._fields} == dict.fromkeys(HeadSizes._fields, int)
+    mha = make_mha(4, 16)
+    assert all(isinstance(getattr(mha, name), int) for name in HeadSizes._fields)
