@@ -172,8 +172,31 @@ def test_decoding_past_max_length_is_an_error_never_a_wrap_around():
     step = jax.jit(step)
     out, state = step(state, x[:, :2])  # fills the cache exactly
     assert np.isfinite(out).all()
+    over, over_state = step(state, x[:, :1])  # traced, by default no host callback: NaN rows, index past the end
+    assert np.isnan(over).all()
+    nnx.update(mha, over_state)
+    np.testing.assert_array_equal(mha.cache_index[...], [9])
+    with pytest.raises(ValueError, match=re.escape("KV cache overflow: decoding would write positions up to 10")):
+        mha(x[:, :1], is_causal=True)  # the next eager call reports it
+
+    mha.init_cache(1, 8, runtime_overflow_error=True)
+    state, step = functional(mha)
+    step = jax.jit(step)
+    out, state = step(state, x[:, :8])
+    assert np.isfinite(out).all()
     with pytest.raises(jax.errors.JaxRuntimeError, match="KV cache overflow"):
-        jax.block_until_ready(step(state, x[:, :1]))  # traced: raised at run time
+        jax.block_until_ready(step(state, x[:, :1]))  # asked for: raised at run time
+
+
+def test_a_decode_step_has_a_host_callback_only_when_asked():
+    """The run-time overflow error is a host callback, which costs a CPU decode step about 0.1 ms: opt-in."""
+    texts = {}
+    for checked in (False, True):
+        mha = make_mha(2)
+        mha.init_cache(1, 8, runtime_overflow_error=checked)
+        state, step = functional(mha)
+        texts[checked] = jax.jit(step).lower(state, normal(3, (1, 1, 16))).as_text()
+    assert "callback" not in texts[False] and "callback" in texts[True]
 
 
 def test_cache_writes_past_the_end_are_dropped():

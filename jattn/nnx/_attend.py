@@ -60,8 +60,9 @@ class AttendMethods(CacheMethods):
         past_end = None
         if (cache := self.kv_cache()) is not None:
             cache, call, past_end = decode_step(
-                cache, key, value, call, heads=self.num_heads, self_attention=self_attention
-            )
+                cache, key, value, call, heads=self.num_heads, self_attention=self_attention,
+                checked=self.runtime_overflow_error,
+            )  # fmt: skip
             self.store_cache(cache)
             key, value = cache.key, cache.value
         dropout_key = self._dropout_key(rngs) if dropping else None

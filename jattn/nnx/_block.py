@@ -148,7 +148,9 @@ class AttentionBlock(BlockPagedMethods, nnx.Module):
         with jax.numpy_dtype_promotion("standard"):
             return self.norm(x)
 
-    def init_cache(self, batch: int, max_length: int, *, dtype: Any = None) -> None:
+    def init_cache(
+        self, batch: int, max_length: int, *, dtype: Any = None, runtime_overflow_error: bool = False
+    ) -> None:
         """Allocates the attention's KV cache; see :meth:`MultiHeadAttention.init_cache`.
 
         Example:
@@ -162,7 +164,7 @@ class AttentionBlock(BlockPagedMethods, nnx.Module):
             >>> block.attention.cache_index[...]
             Array([3], dtype=int32)
         """
-        self.attention.init_cache(batch, max_length, dtype=dtype)
+        self.attention.init_cache(batch, max_length, dtype=dtype, runtime_overflow_error=runtime_overflow_error)
 
     def clear_cache(self) -> None:
         """Drops the attention's KV cache."""
