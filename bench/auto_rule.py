@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .hlo import program_id
 from .runner import machine_info
 
 RESULTS_DIR = Path(__file__).parent / "results"
@@ -94,30 +95,52 @@ def _arrays(options: dict) -> dict:
     return {key: value for key, value in options.items() if not isinstance(value, bool | float)}
 
 
-def measure_group(args: tuple, contenders: dict, *, rounds: int) -> dict[str, Any]:
+def calls_per_sample(calls: dict, min_sample_s: float) -> int:
+    """How many back-to-back calls one timed sample makes so that it lasts ``min_sample_s`` (at least 1): a
+    sample of a sub-millisecond call is mostly timer and dispatch jitter."""
+    if min_sample_s <= 0:
+        return 1
+    fastest = float("inf")
+    for call in calls.values():
+        start = time.perf_counter()
+        call()
+        fastest = min(fastest, time.perf_counter() - start)
+    return max(1, min(1000, round(min_sample_s / max(fastest, 1e-6))))
+
+
+def interleave(calls: dict, *, rounds: int, min_sample_s: float = 0.0) -> dict[str, float]:
+    """Median seconds per call of each blocking ``calls[name]()``, timed round-robin (A B C A B C ...)."""
+    for call in calls.values():
+        call()  # warm-up
+    inner = calls_per_sample(calls, min_sample_s)
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                call()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_group(args: tuple, contenders: dict, *, rounds: int, min_sample_s: float = 0.0) -> dict[str, Any]:
     """Compiles each contender, then times them round-robin; medians and compile seconds per contender."""
     compiled, out = {}, {}
     for name, (fn, options) in contenders.items():
         start = time.perf_counter()
         try:
             compiled[name] = (fn.lower(*args, options).compile(), options)
-            out[name] = {"compile_s": time.perf_counter() - start}
+            out[name] = {"compile_s": time.perf_counter() - start, "program": program_id(compiled[name][0].as_text())}
         except Exception as e:  # e.g. jax.nn refusing an option: recorded, not fatal
             out[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    for call, options in compiled.values():
-        jax.block_until_ready(call(*args, options))  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in compiled}
-    for _ in range(rounds):
-        for name, (call, options) in compiled.items():
-            start = time.perf_counter()
-            jax.block_until_ready(call(*args, options))
-            times[name].append(time.perf_counter() - start)
-    for name, values in times.items():
-        out[name]["median_s"] = statistics.median(values)
+    calls = {name: (lambda c=c, o=o: jax.block_until_ready(c(*args, o))) for name, (c, o) in compiled.items()}
+    for name, median in interleave(calls, rounds=rounds, min_sample_s=min_sample_s).items():
+        out[name]["median_s"] = median
     return out
 
 
-def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool, names=CONTENDERS) -> list[dict]:
+def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool, names=CONTENDERS,
+        min_sample_s: float = 0.0) -> list[dict]:  # fmt: skip
     """One record per (seq, option, mode, dtype) group (``decode`` over ``shape["decode_seq"]`` caches)."""
     records = []
     for dtype in dtypes:
@@ -131,7 +154,7 @@ def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: boo
                             continue
                         given = theirs if name.startswith("jax.nn") else ours
                         group[name] = (_contender(name, mode, given), _arrays(given))
-                    result = measure_group(args[:3], group, rounds=rounds)
+                    result = measure_group(args[:3], group, rounds=rounds, min_sample_s=min_sample_s)
                     peer = result["jax.nn:xla"].get("median_s")
                     for r in result.values():
                         if peer and r.get("median_s"):

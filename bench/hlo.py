@@ -17,6 +17,7 @@ all-gather).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 
@@ -127,3 +128,16 @@ def summary(hlo_text: str) -> dict[str, dict[str, int]]:
 def sizes(hlo_text: str, kind: str) -> np.ndarray:
     """Byte size of each execution of ``kind``, sorted (e.g. to tell K/V transfers from dK/dV ones)."""
     return np.sort(np.array([c.bytes for c in collectives(hlo_text) if c.kind == kind for _ in range(c.count)]))
+
+
+def instructions(hlo_text: str) -> str:
+    """Optimized HLO without names, source locations or stack frames: the instructions only (two calls that
+    compile to the same program give the same text)."""
+    text = re.sub(r",?\s*(metadata=\{[^}]*\}|stack_frame_id=\d+)", "", hlo_text)
+    text = re.sub(r"\b(region|main)_?[\d.]*\b", r"\1", text)
+    return "\n".join(line.strip() for line in text.splitlines() if " = " in line)
+
+
+def program_id(hlo_text: str) -> str:
+    """A short digest of :func:`instructions`: equal for the same compiled program."""
+    return hashlib.sha1(instructions(hlo_text).encode()).hexdigest()[:12]

@@ -8,9 +8,13 @@
   docs/performance.md`` writes it.
 - ``README.md`` between ``<!-- headline:start -->`` and ``<!-- headline:end -->``: the attention
   table of that section and its plot, the landing page's headline numbers.
+- ``README.md`` between ``<!-- common:start -->`` and ``<!-- common:end -->``: the common case (short
+  sequences, decode steps, causal, compile time) against jax.nn and Flax, one line per part, from
+  ``bench/results/common-case-cpu.json`` (``python -m bench.common_case``); ``docs/performance.md``
+  between ``<!-- common-rows:start -->`` and ``<!-- common-rows:end -->``: every row of it.
 
-Both come from ``bench``'s own formatting (``bench.report``, ``bench.table``), so no number is
-typed by hand.
+All come from ``bench``'s own formatting (``bench.report``, ``bench.table``,
+``bench.common_case_report``), so no number is typed by hand.
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import report, table  # noqa: E402
+from bench import common_case_report, report, table  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "README.json"
+COMMON = ROOT / "bench" / "results" / "common-case-cpu.json"
 README = ROOT / "README.md"
 PERFORMANCE = ROOT / "docs" / "performance.md"
 PERF = ("<!-- perf:start -->", "<!-- perf:end -->")
 HEADLINE = ("<!-- headline:start -->", "<!-- headline:end -->")
+COMMON_SUMMARY = ("<!-- common:start -->", "<!-- common:end -->")
+COMMON_ROWS = ("<!-- common-rows:start -->", "<!-- common-rows:end -->")
 
 
 def results() -> dict:
@@ -80,16 +87,30 @@ def region(text: str, markers: tuple[str, str]) -> str:
     return text[i + len(start) : j].strip()
 
 
-def expected() -> dict[Path, tuple[tuple[str, str], str]]:
-    doc = results()
-    return {PERFORMANCE: (PERF, performance_region(doc)), README: (HEADLINE, headline_region(doc))}
+def common_region(doc: dict, *, rows: bool, plot: str) -> str:
+    """The common-case result: one line per part (README) or every row (docs), with its run and plot."""
+    table_ = common_case_report.full_markdown(doc) if rows else common_case_report.summary_markdown(doc)
+    image = f"![each row's ratio against its target]({plot})"
+    return "\n\n".join([common_case_report.run_line(doc), table_, image])
+
+
+def expected() -> list[tuple[Path, tuple[str, str], str]]:
+    """(file, markers, body) of every generated region."""
+    doc, common = results(), json.loads(COMMON.read_text())
+    png = "bench/results/common-case-cpu.png"
+    return [
+        (PERFORMANCE, PERF, performance_region(doc)),
+        (README, HEADLINE, headline_region(doc)),
+        (README, COMMON_SUMMARY, common_region(common, rows=False, plot=png)),
+        (PERFORMANCE, COMMON_ROWS, common_region(common, rows=True, plot=f"../{png}")),
+    ]
 
 
 def stale() -> list[str]:
     """The files whose region differs from what the results give."""
     return [
-        str(path.relative_to(ROOT))
-        for path, (markers, body) in expected().items()
+        f"{path.relative_to(ROOT)} ({markers[0]})"
+        for path, markers, body in expected()
         if region(path.read_text(), markers) != body.strip()
     ]
 
@@ -100,9 +121,9 @@ def main(argv: list[str]) -> int:
             print("stale, run `python docs/regions.py`:", ", ".join(out))
             return 1
         return 0
-    for path, ((start, end), body) in expected().items():
+    for path, (start, end), body in expected():
         path.write_text(report.replace_region(path.read_text(), body, start=start, end=end))
-        print(f"rewrote {path.relative_to(ROOT)}")
+        print(f"rewrote {path.relative_to(ROOT)} {start}")
     return 0
 
 

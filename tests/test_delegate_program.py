@@ -1,12 +1,11 @@
 """``implementation="xla"`` costs nothing: it compiles to the program ``jax.nn.dot_product_attention`` compiles to."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import pytest
 
 import jattn
+from bench.hlo import instructions
 
 Q = jax.ShapeDtypeStruct((2, 11, 4, 8), jnp.float32)
 KV = jax.ShapeDtypeStruct((2, 13, 2, 8), jnp.float32)  # grouped-query: 2 kv heads
@@ -23,10 +22,7 @@ OPTIONS = {
 
 def _program(fn, *args) -> str:
     """Optimized HLO without names, source locations or stack frames: the instructions only."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    text = re.sub(r",?\s*(metadata=\{[^}]*\}|stack_frame_id=\d+)", "", text)
-    text = re.sub(r"\b(region|main)_?[\d.]*\b", r"\1", text)
-    return "\n".join(line.strip() for line in text.splitlines() if " = " in line)
+    return instructions(jax.jit(fn).lower(*args).compile().as_text())
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "grad"])

@@ -1,0 +1,66 @@
+"""``bench.common_case``: every part runs at tiny sizes, its rows are consistent, and its report renders.
+
+Timing is never asserted (figures come from ``bench/`` runs, not tests): only that the rows hold what the
+report and the README's generated region read, and that each ratio and verdict follow from its figures.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from bench import auto_rule, common_case, common_case_report
+
+TINY = ["--seq", "16", "--option", "none", "mask", "--mode", "fwd", "--dtype", "float32", "--decode-batch", "1",
+        "--cache", "3", "--long-seq", "64", "--doc-seq", "64", "--rounds", "1", "--long-rounds", "1",
+        "--compile-rounds", "1", "--compile-seq", "16", "--compile-cache", "4", "--min-sample-ms", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory):
+    out = tmp_path_factory.mktemp("common") / "common.json"
+    common_case.main([*TINY, "--out", str(out)])
+    return json.loads(out.read_text())
+
+
+def test_every_part_gives_rows_whose_ratio_and_verdict_follow_from_their_figures(doc):
+    rows = doc["rows"]
+    assert [p for p in common_case.PARTS if any(r["part"] == p for r in rows)] == list(common_case.PARTS)
+    assert {r["case"] for r in rows if r["part"] == "decode"} == {"batch 1 cache 3 fill 1", "batch 1 cache 3 fill 2"}
+    for r in rows:
+        assert r["ours_value"] > 0 and r["peer_value"] > 0, r
+        assert r["ratio"] == pytest.approx(r["ours_value"] / r["peer_value"])
+        assert r["met"] == (r["ratio"] <= r["target"])
+    assert doc["command"].startswith("python -m bench.common_case --seq 16")
+
+
+def test_report_tables_and_plot(doc, tmp_path):
+    summary = common_case_report.summary_markdown(doc)
+    assert len(summary.splitlines()) == 2 + len(common_case.PARTS)
+    full = common_case_report.full_markdown(doc)
+    assert len(full.splitlines()) == 2 + len(doc["rows"])
+    assert "batch 1 cache 3 fill 2" in full
+    png = common_case_report.plot(doc, tmp_path / "plot.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interleave_times_each_call_and_a_sample_lasts_long_enough():
+    import time
+
+    seen = {"a": 0, "b": 0}
+
+    def call(name, seconds):
+        def f():
+            seen[name] += 1
+            time.sleep(seconds)
+
+        return f
+
+    medians = auto_rule.interleave({"a": call("a", 0.001), "b": call("b", 0.003)}, rounds=3, min_sample_s=0.01)
+    assert medians["a"] < medians["b"]
+    inner = auto_rule.calls_per_sample({"x": lambda: None}, 0.0)
+    assert inner == 1
+    assert seen["a"] == seen["b"] and seen["a"] >= 2 + 3 * 3  # warm-up, calibration, >= 3 calls per sample
