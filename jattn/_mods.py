@@ -15,12 +15,14 @@ logit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Literal
 from jaxtyping import Array
 
 from ._jax_compat import eval_jaxpr
@@ -43,6 +45,21 @@ class ConvertedMod:
 
     def __call__(self, *args, consts):
         return eval_jaxpr(self.jaxpr, list(consts), *args)[0]
+
+    def uses(self, argument: str) -> bool:
+        """Whether the mod's value may depend on ``argument`` (a name of ``SCORE_MOD_ARGS`` or
+        ``MASK_MOD_ARGS``). Conservative: an equation whose result is used uses all its inputs. A mask
+        that ignores the head is evaluated on one head and broadcast (8 heads: 8x less work)."""
+        names = SCORE_MOD_ARGS if self.kind == "score" else MASK_MOD_ARGS
+        return self._used_inputs[names.index(argument)]
+
+    @functools.cached_property
+    def _used_inputs(self) -> tuple[bool, ...]:
+        used = {v for v in self.jaxpr.outvars if not isinstance(v, Literal)}
+        for eqn in reversed(self.jaxpr.eqns):
+            if eqn.effects or any(v in used for v in eqn.outvars):
+                used.update(v for v in eqn.invars if not isinstance(v, Literal))
+        return tuple(v in used for v in self.jaxpr.invars)
 
 
 def convert(fn: Callable, kind: str, score_dtype=jnp.float32) -> tuple[ConvertedMod, tuple[Array, ...]]:

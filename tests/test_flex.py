@@ -212,6 +212,25 @@ def test_block_masks_count_the_visited_blocks():
     np.testing.assert_array_equal(chunked.kv_counts[0], [1, 2] * 4)
 
 
+def test_a_mask_mod_that_ignores_the_head_is_summarized_once_and_one_that_reads_it_per_head():
+    from jattn import _mods
+
+    document, _ = _mods.convert(masks.document(jnp.asarray(DOCS)), "mask")
+    per_head, _ = _mods.convert(lambda b, h, q, k: (k + h) % 2 == 0, "mask")
+    nested, _ = _mods.convert(lambda b, h, q, k: jax.jit(lambda h, k: k > h)(h, k), "mask")
+    assert [document.uses(a) for a in ("batch", "head", "q_idx", "kv_idx")] == [True, False, True, True]
+    assert per_head.uses("head") and not per_head.uses("q_idx") and nested.uses("head")
+    # Head 3 sees only key block 1, the others only key block 0: summarized on one head, block 1 would be SKIP.
+    split = masks.block_mask(lambda b, h, q, k: jnp.where(h == 3, k >= 32, k < 32), 1, 4, 64, 64,
+                             block_q=32, block_kv=32)  # fmt: skip
+    np.testing.assert_array_equal(split.kinds[0], [[2, 2], [2, 2]])  # every block PARTIAL over the heads
+    out = jattn.dot_product_attention(Q, K, V, mask_mod=lambda b, h, q, k: jnp.where(h == 3, k >= 5, k < 5),
+                                      implementation="blockwise", block_q=4, block_kv=4)  # fmt: skip
+    head = np.arange(N)[None, :, None, None]
+    expected = oracle.attention(Q, K, V, mask=np.where(head == 3, COL >= 5, COL < 5)).out
+    np.testing.assert_allclose(out, expected, atol=1e-12)
+
+
 def test_the_kernel_visits_only_the_block_masks_blocks():
     """A mask_mod that hides everything the block mask says is invisible gives the same output: those
     blocks are never computed (NaN keys there would otherwise poison the rows)."""

@@ -176,7 +176,8 @@ class ExampleBlocks:
         if dense_blk is not None:
             visible = visible & grouped(dense_blk, self.kv_heads, self.groups)
         if self.user_mask is not None:
-            shape = (self.kv_heads, self.groups, block_q, block_kv)
+            heads = (self.kv_heads, self.groups) if self.user_mask.uses("head") else (1, 1)  # broadcast over heads
+            shape = (*heads, block_q, block_kv)
             user = _mods.evaluate(
                 self.user_mask,
                 self.user_consts,

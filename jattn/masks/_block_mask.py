@@ -141,6 +141,8 @@ def _example_kinds(mod, consts, example: tuple[Array, Array, Array], heads: int,
     cols = jnp.arange(grid.kv_padded, dtype=jnp.int32) < grid.kv_seq
     index, offset, kv_offset = example
 
+    heads = heads if mod.uses("head") else 1  # one head stands for all when the mask ignores it
+
     def one_q_block(qb):
         q_start = qb * grid.block_q
         shape = (heads, grid.block_q, grid.kv_padded)
