@@ -18,8 +18,9 @@ from jax import lax
 from jaxtyping import Array
 
 from .. import _numerics
+from .._tiling import PARTIAL
 from . import _blockmath as bm
-from ._forward import example_sinks
+from ._forward import example_sinks, splittable
 from ._geometry import ExampleBlocks, Grid, block_start, slice_block
 from ._layout import Operands, over_batch
 
@@ -63,22 +64,26 @@ class Wanted(NamedTuple):
     consts: tuple[bool, ...] = ()  # per score_mod const
 
 
-def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, *, consts, want, place) -> PairGrads:
+def pair_grads(
+    spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, *, consts, want, place, block_q=None
+) -> PairGrads:
     """Adds one block pair's dK/dV (and score_mod const gradients) to ``acc``; also its dQ block and dlogits.
 
     ``visible`` ``(kv_heads|1, bk, groups|1, bq)`` masks a partial block (None: fully visible);
     ``want`` says which of the score_mod's ``consts`` get gradients (``acc.dconsts`` holds those);
-    ``place`` locates the block for the score_mod (transposed layout).
+    ``place`` locates the block for the score_mod (transposed layout); ``block_q``: the query block's
+    rows per group when not the grid's (half a block, :func:`split_pair_grads`).
     """
     options = spec.options
+    bq = spec.grid.block_q if block_q is None else block_q
     if visible is not None:  # (kv_heads|1, bk, groups|1, bq): keys no row sees are selected out
         seen = bm.seen_keys(visible, 1)
         key = KeyBlock(bm.hide_unseen(key.k, seen, 1), bm.hide_unseen(key.v, seen, 1), bm.hide_unseen(key.kt, seen, 2))
     kv_heads, bk = key.k.shape[:2]
-    groups = query.q.shape[1] // spec.grid.block_q
+    groups = query.q.shape[1] // bq
 
     def as_4d(x):  # (kv_heads, bk|1, rows) -> (kv_heads, bk|1, groups, bq)
-        return x.reshape(kv_heads, x.shape[1], groups, spec.grid.block_q)
+        return x.reshape(kv_heads, x.shape[1], groups, bq)
 
     raw = as_4d(bm.mm(key.k, bm.scaled_query(options, query.qt)))  # (kv_heads, bk, groups, bq)
     bias = None if query.bias is None else bm.transposed_block(bm.grouped(query.bias, kv_heads, groups))
@@ -107,6 +112,48 @@ def pair_grads(spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, 
     dk = acc.dk + bm.mm(dst, query.q) * options.scale
     dqt = bm.mm(key.kt, dst) * options.scale  # (kv_heads, dim, rows)
     return PairGrads(dk, dv, dqt, dlogits, dconsts)
+
+
+def split_pair_grads(spec, blocks: ExampleBlocks, key: KeyBlock, query: QueryBlock, acc: PairGrads, *, consts,
+                     want, at) -> PairGrads:  # fmt: skip
+    """:func:`pair_grads` of a partial pair whose top rows see none of the right half of the keys (the causal
+    diagonal): the left half of the keys against every row, the right half against the bottom rows only, a
+    quarter of the products skipped. Without a bias or dense mask (the caller checks)."""
+    qb, kb = at
+    bq, bk = spec.grid.block_q, spec.grid.block_kv
+    hq, hk = bq // 2, bk // 2
+    kv_heads = key.k.shape[0]
+    groups = query.q.shape[1] // bq
+
+    def bottom(x, axis):  # the bottom half of each group's rows along ``axis`` (rows = groups * bq)
+        x = x.reshape(*x.shape[:axis], groups, bq, *x.shape[axis + 1 :])
+        x = lax.slice_in_dim(x, hq, bq, axis=axis + 1)
+        return x.reshape(*x.shape[:axis], groups * hq, *x.shape[axis + 2 :])
+
+    def half(x, axis, right):
+        return lax.slice_in_dim(x, hk if right else 0, bk if right else hk, axis=axis)
+
+    def keys(right):
+        return KeyBlock(half(key.k, 1, right), half(key.v, 1, right), half(key.kt, 2, right))
+
+    def visible(q_block, k_block, rows):
+        return bm.transposed_block(blocks.visible(q_block, k_block, None, rows, hk))
+
+    def acc_half(acc, right):
+        return acc._replace(dk=half(acc.dk, 1, right), dv=half(acc.dv, 1, right))
+
+    left = pair_grads(spec, keys(False), query, visible(qb, 2 * kb, bq), acc_half(acc, False), consts=consts,
+                      want=want, place=blocks.place(qb * bq, kb * bk))  # fmt: skip
+    lower = QueryBlock(bottom(query.q, 1), bottom(query.qt, 2), bottom(query.dout, 1), bottom(query.dout_t, 2),
+                       bottom(query.lse, 2), bottom(query.delta, 2), None, None)  # fmt: skip
+    right = pair_grads(spec, keys(True), lower, visible(2 * qb + 1, 2 * kb + 1, hq),
+                       acc_half(acc, True)._replace(dconsts=left.dconsts), consts=consts, want=want,
+                       place=blocks.place(qb * bq + hq, kb * bk + hk), block_q=hq)  # fmt: skip
+    dim = left.dqt.shape[1]
+    dqt = left.dqt.reshape(kv_heads, dim, groups, bq)
+    dqt = dqt.at[..., hq:].add(right.dqt.reshape(kv_heads, dim, groups, hq)).reshape(left.dqt.shape)
+    dk, dv = (jnp.concatenate([a, b], axis=1) for a, b in ((left.dk, right.dk), (left.dv, right.dv)))
+    return PairGrads(dk, dv, dqt, None, right.dconsts)
 
 
 class BackwardArrays(NamedTuple):
@@ -187,6 +234,8 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
     arrays = backward_arrays(ops, out, dout, dlse)
     consts = ops.opts.shared.score_consts
 
+    can_split = splittable(grid, ops) and not want.bias
+
     def pair(acc, query, qb, kb, key, *, masked):
         visible = None
         if masked:
@@ -213,8 +262,13 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
                 lambda acc, query: pair(acc, query, qb, kb, key, masked=False),
                 lambda acc, query: pair(acc, query, qb, kb, key, masked=True),
             ]
+            kind = blocks.kind(qb, kb)
+            if can_split:  # a fourth branch: the causal diagonal's partial pair, by quadrants
+                branches.append(lambda acc, query: split_pair_grads(spec, blocks, key, query, acc, consts=consts,
+                                                                    want=want.consts, at=(qb, kb)))  # fmt: skip
+                kind = jnp.where((kind == PARTIAL) & blocks.top_half_skips_right_half(qb, kb), len(branches) - 1, kind)
             query = query_block(grid, ops, arrays, lse, dout, at=(qb, kb))
-            grads = lax.switch(blocks.kind(qb, kb), branches, acc, query)
+            grads = lax.switch(kind, branches, acc, query)
             dqt_blk = bm.dynamic_block(dqt, qb, grid.block_q, 3) + grads.dqt.reshape(
                 kv_heads, dim, groups, grid.block_q
             )

@@ -16,6 +16,7 @@ from jax import lax
 from jaxtyping import Array
 
 from .. import _numerics
+from .._tiling import PARTIAL
 from . import _blockmath as bm
 from ._geometry import ExampleBlocks, slice_block
 from ._layout import Operands, over_batch, without_kv
@@ -74,6 +75,38 @@ def finish(carry: OnlineSoftmax, dtype) -> tuple[Array, Array]:
     return out.astype(dtype), lse
 
 
+def splittable(grid, ops: Operands) -> bool:
+    """Whether a call's partial blocks may be visited as quadrants (:func:`visit_split`): a causal or window
+    mask (what makes a diagonal), blocks of at least 32 that halve, and no bias or dense mask block to halve."""
+    static = ops.opts.static
+    diagonal = static.is_causal or static.local_window_size is not None
+    sizes = grid.block_q % 2 == 0 and grid.block_kv % 2 == 0 and min(grid.block_q, grid.block_kv) >= 32
+    return diagonal and sizes and ops.bias is None and ops.mask is None
+
+
+def visit_split(spec, blocks: ExampleBlocks, q_blk, carry: OnlineSoftmax, key: KeyBlock, *, consts, at):
+    """A partial block whose top rows see none of its right half (the causal diagonal): the top half of the
+    rows against the left half of the keys, the bottom half against all of them; a quarter of the block's
+    products are skipped. Without a bias or dense mask block (the caller checks)."""
+    qb, kb = at
+    bq, bk = blocks.grid.block_q, blocks.grid.block_kv
+    hq, hk = bq // 2, bk // 2
+
+    def rows_of(x, half):  # (kv_heads, groups, bq, ...) -> one half of the rows
+        return x[:, :, :hq] if half == 0 else x[:, :, hq:]
+
+    def fold(half, keys: KeyBlock, width: int, kb_sub):
+        visible = blocks.visible(2 * qb + half, kb_sub, None, hq, width)
+        place = blocks.place(qb * bq + half * hq, kb * bk)
+        part = OnlineSoftmax(*(rows_of(x, half) for x in carry))
+        return online_softmax_step(spec, part, rows_of(q_blk, half), keys, visible, consts=consts, place=place)
+
+    left = KeyBlock(kt=key.kt[:, :, :hk], v=key.v[:, :hk], bias=None, mask=None)
+    top = fold(0, left, hk, 2 * kb)
+    bottom = fold(1, key, bk, kb)
+    return OnlineSoftmax(*(jnp.concatenate(pair, axis=2) for pair in zip(top, bottom, strict=True)))
+
+
 def example_sinks(ops: Operands) -> Array | None:
     """One example's sinks as ``(kv_heads, groups)``, or None."""
     sinks = ops.opts.shared.sinks
@@ -88,6 +121,7 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
     acc_dtype = _numerics.compute_dtype(ops.q.dtype)
     blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
     consts = ops.opts.shared.score_consts
+    can_split = splittable(grid, ops)
 
     def one_q_block(qb):
         q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
@@ -111,7 +145,13 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
                 lambda carry, key: visit(carry, key, kb, masked=False),
                 lambda carry, key: visit(carry, key, kb, masked=True),
             ]
-            return lax.switch(blocks.kind(qb, kb), branches, carry, key)
+            kind = blocks.kind(qb, kb)
+            if can_split:  # a fourth branch: the causal diagonal's partial block, by quadrants
+                branches.append(
+                    lambda carry, key: visit_split(spec, blocks, q_blk, carry, key, consts=consts, at=(qb, kb))
+                )
+                kind = jnp.where((kind == PARTIAL) & blocks.top_half_skips_right_half(qb, kb), len(branches) - 1, kind)
+            return lax.switch(kind, branches, carry, key)
 
         init = initial_carry((kv_heads, groups, grid.block_q), v_dim, acc_dtype, example_sinks(ops))
         return finish(blocks.kv_loop(qb, step, init), v.dtype)

@@ -154,6 +154,13 @@ class ExampleBlocks:
             full = jnp.zeros_like(full)
         return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
 
+    def top_half_skips_right_half(self, qb, kb):
+        """Whether no query in the top half of block ``qb`` sees a key in the right half of block ``kb`` (by
+        the interval masks; the others only hide more): the causal diagonal's empty quadrant."""
+        bq, bk = self.grid.block_q, self.grid.block_kv
+        _, hi = self.row_interval(qb * bq + bq // 2 - 1)
+        return hi <= kb * bk + bk // 2
+
     def place(self, q_start, kv_start) -> Placement:
         """Where a block whose first query and key are ``q_start`` / ``kv_start`` of this call sits, as a
         ``score_mod`` sees it (absolute positions)."""
