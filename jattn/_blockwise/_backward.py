@@ -149,9 +149,8 @@ def split_pair_grads(spec, blocks: ExampleBlocks, key: KeyBlock, query: QueryBlo
     right = pair_grads(spec, keys(True), lower, visible(2 * qb + 1, 2 * kb + 1, hq),
                        acc_half(acc, True)._replace(dconsts=left.dconsts), consts=consts, want=want,
                        place=blocks.place(qb * bq + hq, kb * bk + hk), block_q=hq)  # fmt: skip
-    dim = left.dqt.shape[1]
-    dqt = left.dqt.reshape(kv_heads, dim, groups, bq)
-    dqt = dqt.at[..., hq:].add(right.dqt.reshape(kv_heads, dim, groups, hq)).reshape(left.dqt.shape)
+    dqt = left.dqt.reshape(kv_heads, -1, groups, bq).at[..., hq:].add(right.dqt.reshape(kv_heads, -1, groups, hq))
+    dqt = dqt.reshape(left.dqt.shape)
     dk, dv = (jnp.concatenate([a, b], axis=1) for a, b in ((left.dk, right.dk), (left.dv, right.dv)))
     return PairGrads(dk, dv, dqt, None, right.dconsts)
 
