@@ -8,6 +8,7 @@ extension points. They live here so a JAX upgrade is checked in one module;
 Names (what jattn uses each for):
 
 * ``Primitive`` (``jax.extend.core``): the blockwise kernel's primitive.
+* ``Literal`` (``jax.extend.core``): a constant operand of a jaxpr equation (which inputs a user mod reads).
 * ``ad`` (``jax.interpreters.ad``): ``primitive_jvps``, ``primitive_transposes``,
   ``is_undefined_primal``, ``UndefinedPrimal``, ``Zero``, ``instantiate_zeros``.
 * ``batching`` (``jax.interpreters.batching``): ``primitive_batchers``, ``not_mapped``.
@@ -22,6 +23,7 @@ from __future__ import annotations
 from jax.core import ShapedArray as ShapedArray
 from jax.core import Tracer as Tracer
 from jax.core import eval_jaxpr as eval_jaxpr
+from jax.extend.core import Literal as Literal
 from jax.extend.core import Primitive as Primitive
 from jax.interpreters import ad as ad
 from jax.interpreters import batching as batching

@@ -22,10 +22,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.extend.core import Literal
 from jaxtyping import Array
 
-from ._jax_compat import eval_jaxpr
+from ._jax_compat import Literal, eval_jaxpr
 
 SCORE_MOD_ARGS = ("score", "batch", "head", "q_idx", "kv_idx")
 MASK_MOD_ARGS = ("batch", "head", "q_idx", "kv_idx")
