@@ -160,6 +160,8 @@ def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: boo
                         if peer and r.get("median_s"):
                             r["vs_jax_nn"] = r["median_s"] / peer
                     record = {"seq": seq, "option": option, "mode": mode, "dtype": dtype, "results": result}
+                    if option == "decode":
+                        record["kv_bytes"] = kv_bytes(record, shape)
                     records.append(record)
                     if progress:
                         ratios = {n: round(r.get("vs_jax_nn", float("nan")), 2) for n, r in result.items()}
@@ -175,6 +177,8 @@ def crossovers(records: list[dict]) -> dict[str, int]:
       5% of jax.nn or faster everywhere measured, at or below it auto delegates.
     * ``reference_max_seq``: for the options auto cannot delegate (``OWN_OPTIONS``), the longest sequence
       at which the materialized reference was faster than the blockwise kernel in most of the cases there.
+    * ``decode_xla_max_kv_bytes``: the largest key cache (``batch * seq * heads * dim * itemsize`` bytes) at
+      which a one-query ``decode`` step (forward) ran faster on ``jax.nn`` than on the blockwise kernel.
     * ``reference_max_kv``: the longest cache a one-query ``decode`` step (forward) ran faster on the
       reference than on the blockwise kernel (which skips the key blocks past the filled length).
 
@@ -201,11 +205,26 @@ def crossovers(records: list[dict]) -> dict[str, int]:
         and median(r, "jattn:reference")
         and median(r, "jattn:reference") < median(r, "jattn:blockwise")
     ]
+    dense_faster = [
+        r["kv_bytes"]
+        for r in records
+        if r["option"] == "decode"
+        and r["mode"] == "fwd"
+        and median(r, "jattn:blockwise")
+        and median(r, "jax.nn:xla") < median(r, "jattn:blockwise")
+    ]
     return {
+        "decode_xla_max_kv_bytes": max(dense_faster, default=0),
         "xla_max_seq": max(slower, default=0),
         "reference_max_seq": max(reference, default=0),
         "reference_max_kv": max(decode, default=0),
     }
+
+
+def kv_bytes(record: dict, shape: dict) -> int:
+    """Bytes of a record's key cache: batch x seq x heads x dim x itemsize (the run's ``shape``)."""
+    itemsize = jnp.dtype(record["dtype"]).itemsize
+    return shape["batch"] * record["seq"] * shape["heads"] * shape["dim"] * itemsize
 
 
 def main(argv=None) -> dict:

@@ -13,6 +13,7 @@ its thresholds are measurements, each naming the ``bench/`` run and case that se
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -50,6 +51,12 @@ REFERENCE_MAX_KV = 1024
 """A decode step (a few queries) over more keys than this goes blockwise, which skips the key blocks past
 ``key_value_seq_lengths`` (``reference_max_kv``: the longest cache where the reference was faster)."""
 
+DECODE_XLA_MAX_KV_BYTES = 4 * 2**20
+"""A one-query step (a decode step) over a key cache larger than this (``batch * kv_seq * kv_heads * dim``
+bytes) goes blockwise even where auto would delegate: the dense path reads the whole cache, and past the
+CPU's caches XLA also copies it transposed every step (``decode_xla_max_kv_bytes``: the largest cache at
+which jax.nn was still faster for a one-query step)."""
+
 XLA_EXACT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 """Dtypes in which auto delegates to jax.nn (float64: jax.nn's softmax runs in float32, see the table's
 ``float64`` row; float16: jax.nn's CPU path is not checked against jattn's in the conformance suite)."""
@@ -72,6 +79,7 @@ class CallSignature(NamedTuple):
     dim: int
     v_dim: int
     features: frozenset[str] = frozenset()
+    kv_bytes: int | None = None  # the key array's size (None when a dimension is symbolic)
 
 
 def signature_of(inputs: AttentionInputs, backend: str | None = None) -> CallSignature:
@@ -79,6 +87,7 @@ def signature_of(inputs: AttentionInputs, backend: str | None = None) -> CallSig
     query, key, value = inputs.query, inputs.key, inputs.value
     q_seq, kv_seq = query.shape[1], key.shape[1]
     concrete = _checks.is_concrete(q_seq) and _checks.is_concrete(kv_seq)
+    sized = all(_checks.is_concrete(n) for n in key.shape)
     return CallSignature(
         backend=backend or jax.default_backend(),
         dtype=jnp.dtype(query.dtype),
@@ -87,6 +96,7 @@ def signature_of(inputs: AttentionInputs, backend: str | None = None) -> CallSig
         dim=query.shape[-1],
         v_dim=value.shape[-1],
         features=frozenset(_capabilities.features_of(inputs)),
+        kv_bytes=math.prod(key.shape) * jnp.dtype(key.dtype).itemsize if sized else None,
     )
 
 
@@ -100,8 +110,10 @@ def choose(s: CallSignature) -> Implementation:
       with a head dim of at most 128 and a multiple of 8.
     * On backends other than CPU, ``"xla"``: no ``bench/`` run there yet shows
       the blockwise loop beating XLA.
-    * On CPU, ``"xla"`` for sequences up to ``XLA_MAX_SEQ`` in float32 or
-      bfloat16.
+    * On CPU, ``"blockwise"`` for a one-query step over more than
+      ``DECODE_XLA_MAX_KV_BYTES`` of keys (a decode step over a large cache:
+      it skips the blocks past ``key_value_seq_lengths``), else ``"xla"`` for
+      sequences up to ``XLA_MAX_SEQ`` in float32 or bfloat16.
     * Otherwise ``"reference"`` for tiny problems (``REFERENCE_MAX_LOGITS``)
       over at most ``REFERENCE_MAX_KV`` keys or where the blockwise kernel
       cannot run (a symbolic sequence length), else ``"blockwise"``: it skips
@@ -115,6 +127,9 @@ def choose(s: CallSignature) -> Implementation:
         ('blockwise', 'xla', 'xla')
         >>> choose(cpu._replace(backend="gpu", features=frozenset({"sinks"})))
         'blockwise'
+        >>> step = cpu._replace(q_seq=1, kv_seq=1024)  # a decode step: 2 MiB of keys, then 16 MiB
+        >>> choose(step._replace(kv_bytes=2**21)), choose(step._replace(kv_bytes=2**24))
+        ('xla', 'blockwise')
     """
     features = dict.fromkeys(s.features, "")
 
@@ -123,6 +138,9 @@ def choose(s: CallSignature) -> Implementation:
 
     if s.backend == "gpu" and exact("cudnn") and _cudnn_supports(s):
         return "cudnn"
+    big_cache = s.kv_bytes is not None and s.kv_bytes > DECODE_XLA_MAX_KV_BYTES
+    if s.backend == "cpu" and s.q_seq == 1 and big_cache and exact("blockwise"):
+        return "blockwise"
     sizes = None if s.q_seq is None or s.kv_seq is None else (s.q_seq, s.kv_seq)  # None: symbolic
     small = sizes is not None and max(sizes) <= XLA_MAX_SEQ
     if exact("xla") and sizes is not None and s.dtype in XLA_EXACT_DTYPES and (s.backend != "cpu" or small):

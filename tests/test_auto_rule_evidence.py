@@ -20,3 +20,4 @@ def test_the_cpu_thresholds_are_the_recorded_crossovers():
     assert crossovers["xla_max_seq"] == _dispatch.XLA_MAX_SEQ
     assert crossovers["reference_max_seq"] ** 2 == _dispatch.REFERENCE_MAX_LOGITS
     assert crossovers["reference_max_kv"] == _dispatch.REFERENCE_MAX_KV
+    assert crossovers["decode_xla_max_kv_bytes"] == _dispatch.DECODE_XLA_MAX_KV_BYTES

@@ -100,6 +100,25 @@ def test_auto_only_picks_implementations_that_honour_the_call_exactly(feature, b
     assert _capabilities.support(chosen, feature) in (Support.YES, Support.REPAIRED, Support.EMULATED)
 
 
+@pytest.mark.parametrize("feature", list(_CALLS))
+def test_a_decode_step_over_a_large_cache_goes_blockwise_only_where_that_is_exact(feature):
+    step = _dispatch.CallSignature("cpu", jnp.dtype(jnp.float32), 1, 1024, 8, 8, frozenset(_features(feature)))
+    chosen = _dispatch.choose(step._replace(kv_bytes=2**24))
+    assert _capabilities.support(chosen, feature) in (Support.YES, Support.REPAIRED, Support.EMULATED)
+
+
+def test_the_decode_rule_reads_the_cache_size():
+    lengths = jax.ShapeDtypeStruct((8,), jnp.int32)
+    for batch, expected in ((1, "xla"), (8, "blockwise")):  # keys of 2 MiB, then 16 MiB (DECODE_XLA_MAX_KV_BYTES)
+        step = jax.ShapeDtypeStruct((batch, 1, 8, 64), jnp.float32)
+        cache = jax.ShapeDtypeStruct((batch, 1024, 8, 64), jnp.float32)
+        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        got = jattn.auto_implementation(step, cache, cache, key_value_seq_lengths=lengths, backend="cpu")
+        assert got == expected
+        prefill = jax.ShapeDtypeStruct((batch, 2, 8, 64), jnp.float32)  # two queries: not a one-query step
+        assert jattn.auto_implementation(prefill, cache, cache, key_value_seq_lengths=lengths, backend="cpu") == "xla"
+
+
 @pytest.mark.parametrize("implementation", list(jattn.IMPLEMENTATIONS))
 @pytest.mark.parametrize("feature", [f for f in _CALLS if f in _capabilities.OPTIONS or f == _capabilities.V_DIM])
 def test_an_explicit_implementation_refuses_exactly_the_options_its_row_says_no_to(implementation, feature):
