@@ -197,22 +197,14 @@ def crossovers(records: list[dict]) -> dict[str, int]:
         if r["option"] in OWN_OPTIONS and median(r, "jattn:reference"):
             wins.setdefault(r["seq"], []).append(median(r, "jattn:reference") < median(r, "jattn:blockwise"))
     reference = [seq for seq, won in wins.items() if sum(won) > len(won) / 2]
-    decode = [
-        r["seq"]
-        for r in records
-        if r["option"] == "decode"
-        and r["mode"] == "fwd"
-        and median(r, "jattn:reference")
-        and median(r, "jattn:reference") < median(r, "jattn:blockwise")
-    ]
-    dense_faster = [
-        r["kv_bytes"]
-        for r in records
-        if r["option"] == "decode"
-        and r["mode"] == "fwd"
-        and median(r, "jattn:blockwise")
-        and median(r, "jax.nn:xla") < median(r, "jattn:blockwise")
-    ]
+
+    def faster_decode_steps(name):  # forward decode records where ``name`` beat the blockwise kernel
+        mine = [r for r in records if r["option"] == "decode" and r["mode"] == "fwd"]
+        timed = [r for r in mine if median(r, name) and median(r, "jattn:blockwise")]
+        return [r for r in timed if median(r, name) < median(r, "jattn:blockwise")]
+
+    decode = [r["seq"] for r in faster_decode_steps("jattn:reference")]
+    dense_faster = [r["kv_bytes"] for r in faster_decode_steps("jax.nn:xla")]
     return {
         "decode_xla_max_kv_bytes": max(dense_faster, default=0),
         "xla_max_seq": max(slower, default=0),
