@@ -17,9 +17,12 @@ shape). The package, in the order a call goes through it:
 * ``_ring_layout`` (where a device's pieces sit), ``_pairs`` (one chunk pair's
   operands and merge) and ``_ring`` (the passes over a sequence split across
   devices: ring attention);
-* ``_primitive`` (the primitive and its JAX rules), ``_passes`` (passes as
+* ``_fused`` (forward mode's output and tangent in one sweep) and
+  ``_partial_eval`` (how reverse mode splits that sweep into the forward and
+  the tangent pass);
+* ``_primitive`` (the primitives and their JAX rules), ``_passes`` (passes as
   primitive parameters, the generic higher-order pass) and ``_autodiff`` (the
-  forward, tangent and cotangent passes and the kernel's entry point).
+  forward, fused, tangent and cotangent passes and the kernel's entry point).
 """
 
 from __future__ import annotations

@@ -1,25 +1,30 @@
-"""How the blockwise kernel meets JAX's autodiff: one primitive, three hand-written passes.
+"""How the blockwise kernel meets JAX's autodiff: two primitives, four hand-written passes.
 
 JAX offers no decorator for this: a ``custom_vjp`` function has no forward mode,
 ``custom_jvp`` and ``custom_vjp`` cannot be combined, and a tangent function
 wrapped in ``custom_vjp`` cannot be transposed. JAX's own primitives get both
-modes another way, and so does this kernel: ``kernel_p`` is a primitive whose
-``kernel`` parameter says which pass it runs.
+modes another way, and so does this kernel: ``kernel_p`` (and ``fused_p``) is
+a primitive whose ``kernel`` parameter says which pass it runs.
 
 * :class:`Forward` ``(ops) -> (out, lse)``: the blockwise online softmax. Its
-  JVP rule returns the primal from ``Forward`` and the tangent from
-  :class:`Tangent`.
+  JVP rule binds :class:`FusedJvp` (``fused_p``, a primitive of its own).
+* :class:`FusedJvp` ``(ops, dops) -> (out, lse, dout, dlse)``: the primal and
+  its tangent in one online sweep (``_fused``), 6 block products where the
+  forward followed by the tangent pass would take 7.
 * :class:`Tangent` ``(ops, out, lse, dops) -> (dout, dlse)``: blockwise, linear
   in the tangents (dQ, dK, dV, dbias) given the saved log-sum-exp. Its
   transpose rule is :class:`Cotangent`.
 * :class:`Cotangent` ``(ops, out, lse, g_out, g_lse) -> grads``: the
   hand-written blockwise backward.
 
-So ``jax.jvp`` runs Forward + Tangent (O(N) memory, blocks skipped as in the
-forward), and ``jax.grad`` linearizes (Forward, with Tangent staged as the
-linear part) and transposes Tangent into Cotangent: the same two passes, the
-same residuals (q, k, v, bias, out, lse) as a ``custom_vjp`` had, so reverse
-mode keeps its speed and memory.
+So ``jax.jvp`` runs one fused sweep (O(N) memory, blocks skipped as in the
+forward), and ``jax.grad`` linearizes: ``_partial_eval``'s rules split the
+fused call with known primals into Forward (known) and Tangent (staged as the
+linear part), and JAX transposes Tangent into Cotangent: the same two passes,
+the same residuals (q, k, v, bias, out, lse) as a ``custom_vjp`` had, so
+reverse mode keeps its speed and memory. ``vmap`` over the tangents alone
+(``jacfwd``) runs Forward once and Tangent batched (``_primitive``); a ring
+(sequence parallel) runs Forward and Tangent apart.
 
 Higher orders are generic. The JVP of Tangent or Cotangent (an HVP forward
 over reverse, ``jacfwd`` of ``jacfwd``, ``hessian``) is :class:`JvpOf` that
@@ -46,9 +51,11 @@ from ._backward import Grads, Wanted, backward
 from ._blockmath import KernelSpec
 from ._dense import dense_cotangent, dense_forward, dense_tangent
 from ._forward import forward
+from ._fused import fused
 from ._layout import Operands
+from ._partial_eval import split_equation  # noqa: F401  (registers how reverse mode splits fused_p)
 from ._passes import OperandsPass, grads_tree
-from ._primitive import is_zero, kernel_p, zero_like
+from ._primitive import fused_p, is_zero, kernel_p, zero_like
 from ._ring import ring_backward, ring_forward, ring_tangent
 from ._tangent import tangent
 
@@ -78,14 +85,63 @@ class Forward(OperandsPass):
         return self.ops_broadcast()
 
     def jvp(self, primals, tangents):
-        out, lse = kernel_p.bind(*primals, kernel=self)
         slots = self.slots()
         present = tuple(not is_zero(tangents[i]) for i in slots)
         if not any(present):
+            out, lse = kernel_p.bind(*primals, kernel=self)
             return (out, lse), [zero_like(out), zero_like(lse)]
         given = [tangents[i] for i, p in zip(slots, present, strict=True) if p]
-        kernel = Tangent(self.spec, self.treedef, present)
-        return (out, lse), kernel_p.bind(*primals, out, lse, *given, kernel=kernel)
+        if self.spec.ring is None:  # one sweep; partial evaluation splits it for reverse mode (_partial_eval)
+            out, lse, dout, dlse = fused_p.bind(*primals, *given, kernel=FusedJvp(self.spec, self.treedef, present))
+            return (out, lse), [dout, dlse]
+        out, lse = kernel_p.bind(*primals, kernel=self)
+        return (out, lse), kernel_p.bind(*primals, out, lse, *given, kernel=Tangent(self.spec, self.treedef, present))
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedJvp(OperandsPass):
+    """``jax.jvp`` of :class:`Forward` in one sweep (``_fused``), a pass of ``fused_p``.
+
+    Arguments: ops, then the tangents of the ``present`` slots. Results: out, lse, dout, dlse. It is the
+    composition of :class:`Forward` and :class:`Tangent`, which is how it is split for reverse mode and
+    how it is differentiated again.
+    """
+
+    present: tuple[bool, ...]
+
+    def forward_pass(self) -> Forward:
+        return Forward(self.spec, self.treedef)
+
+    def tangent_pass(self) -> Tangent:
+        return Tangent(self.spec, self.treedef, self.present)
+
+    def blockwise(self, *args):
+        n = self.num_ops
+        return fused(self.spec, self.ops(args), self.tangents(self.present, args[n:]))
+
+    def dense(self, *args):
+        n = self.num_ops
+        ops = self.ops(args)
+        out, lse = dense_forward(self.spec, ops)
+        return (out, lse, *dense_tangent(self.spec, ops, out, lse, self.tangents(self.present, args[n:])))
+
+    def out_avals(self, *avals):
+        results = self.result_avals(avals)
+        return [*results, *results]
+
+    def broadcast(self):
+        ops = self.ops_broadcast()
+        return (*ops, *(ops[i] for i, p in zip(self.slots(), self.present, strict=True) if p))
+
+    def jvp(self, primals, tangents):
+        """The JVP of the composition (jacfwd of jacfwd, reverse over forward): what the unfused passes give."""
+        n = self.num_ops
+
+        def unfused(*args):
+            out, lse = kernel_p.bind(*args[:n], kernel=self.forward_pass())
+            return (out, lse, *kernel_p.bind(*args[:n], out, lse, *args[n:], kernel=self.tangent_pass()))
+
+        return jax.jvp(unfused, tuple(primals), tuple(ad.instantiate_zeros(t) for t in tangents))
 
 
 @dataclasses.dataclass(frozen=True)

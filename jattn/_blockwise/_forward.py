@@ -43,6 +43,12 @@ def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visibl
         seen = bm.seen_keys(visible, 3)
         key = key._replace(kt=bm.hide_unseen(key.kt, seen, 2), v=bm.hide_unseen(key.v, seen, 1))
     s = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place).s
+    return fold_logits(carry, s, key.v, visible)[0]
+
+
+def fold_logits(carry: OnlineSoftmax, s: Array, v: Array, visible) -> tuple[OnlineSoftmax, Array, Array]:
+    """Folds a block's logits ``s`` (and values ``v``) into the carry; also returns the block's weights
+    ``exp(s - new max)`` (0 where hidden) and the factor ``alpha`` that rescaled the old carry."""
     neg = _numerics.masked_value(s.dtype)
     if visible is not None:
         s = jnp.where(visible, s, neg)
@@ -51,8 +57,8 @@ def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visibl
     if visible is not None:
         p = jnp.where(visible, p, 0)
     alpha = jnp.exp(carry.max - m_new)
-    pv = bm.mm(bm.rows(p.astype(key.v.dtype)), key.v).reshape(carry.acc.shape)
-    return OnlineSoftmax(carry.acc * alpha[..., None] + pv, m_new, carry.sum * alpha + p.sum(axis=-1))
+    pv = bm.mm(bm.rows(p.astype(v.dtype)), v).reshape(carry.acc.shape)
+    return OnlineSoftmax(carry.acc * alpha[..., None] + pv, m_new, carry.sum * alpha + p.sum(axis=-1)), p, alpha
 
 
 def initial_carry(shape, v_dim: int, dtype, sinks: Array | None) -> OnlineSoftmax:

@@ -1,0 +1,150 @@
+"""The fused forward-mode pass: the output, its log-sum-exp and their tangents in one online sweep.
+
+``jax.jvp`` needs the primal and the tangent together. Run apart, the forward
+(2 block products) and the tangent pass (``_tangent``: 5, the logits
+recomputed from the saved log-sum-exp) cost 7 products per block; fused, the
+logits and their weights are computed once and both accumulate from them, 6
+products per block (``Q K^T``, ``dQ K^T``, ``Q dK^T``, ``e V``, ``(e ds) V``,
+``e dV``).
+
+The tangent accumulators follow the forward's running max: with
+``e = exp(s - m)`` the weights of the forward's online softmax, they hold
+``sum_j e_ij (ds_ij v_j + dv_j)`` and ``sum_j e_ij ds_ij``, rescaled by the
+same ``alpha`` whenever the max moves, and are divided by the row's sum at the
+end, which gives what the tangent pass sums with exact probabilities (see
+``_tangent``'s formulas).
+
+Only forward mode runs it: reverse mode linearizes into the forward and the
+tangent pass apart (``_partial_eval``), so the tangent pass stays the one that
+transposes into the backward.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array
+
+from .. import _numerics
+from . import _blockmath as bm
+from ._forward import OnlineSoftmax, example_sinks, finish, fold_logits, initial_carry
+from ._geometry import ExampleBlocks, slice_block
+from ._layout import Operands, over_batch, without_kv
+from ._tangent import TangentCarry, TangentKeyBlock, Tangents, finish_tangent, logits_tangent
+
+
+class FusedCarry(NamedTuple):
+    """The forward's online softmax and the unnormalized tangent accumulators of one query block."""
+
+    primal: OnlineSoftmax
+    tangent: TangentCarry  # sum_j e_ij (ds_ij v_j + dv_j), sum_j e_ij ds_ij; e = exp(s - running max)
+
+
+def fused_step(spec, carry: FusedCarry, q_blk, dq_blk, *, key: TangentKeyBlock, visible, consts, dconsts, place):
+    """Folds one key block into both accumulators; ``visible`` masks a partial block."""
+    if visible is not None:  # keys no row sees are selected out (padding may hold NaN)
+        seen = bm.seen_keys(visible, 3)
+        key = key._replace(
+            kt=bm.hide_unseen(key.kt, seen, 2),
+            v=bm.hide_unseen(key.v, seen, 1),
+            dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
+            dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
+        )
+    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place)
+    primal, e, alpha = fold_logits(carry.primal, logits.s, key.v, visible)
+    acc = carry.tangent.acc * alpha[..., None]
+    rowsum = carry.tangent.rowsum * alpha
+    ds = logits_tangent(spec, q_blk, dq_blk, key, logits, consts=consts, dconsts=dconsts, place=place)
+    if ds is not None:
+        eds = e * ds
+        if visible is not None:  # hidden: 0, whatever ds holds
+            eds = jnp.where(visible, eds, 0)
+        if key.bias is not None or spec.options.score_mod is not None:  # a logit of -inf hides its key
+            eds = jnp.where(logits.s == -jnp.inf, 0, eds)
+        acc = acc + bm.mm(bm.rows(eds.astype(key.v.dtype)), key.v).reshape(acc.shape)
+        rowsum = rowsum + eds.sum(axis=-1)
+    if key.dv is not None:
+        acc = acc + bm.mm(bm.rows(e.astype(key.dv.dtype)), key.dv).reshape(acc.shape)
+    return FusedCarry(primal, TangentCarry(acc, rowsum))
+
+
+def finish_fused(carry: FusedCarry, dtype, sinks, dsinks) -> tuple[Array, Array, Array, Array]:
+    """``(out, lse, dout, dlse)`` of one query block; rows that saw no key get zero tangents."""
+    out, lse = finish(carry.primal, dtype)
+    total = carry.primal.sum
+    seen = total != 0
+    safe = jnp.where(seen, total, 1)
+    exact_out = jnp.where(seen[..., None], carry.primal.acc / safe[..., None], 0)  # unrounded, for dout
+    normalized = TangentCarry(carry.tangent.acc / safe[..., None], carry.tangent.rowsum / safe)
+    dout, dlse = finish_tangent(normalized, exact_out, lse, sinks, dsinks)
+    return out, lse, dout.astype(dtype), dlse
+
+
+def fused_example(spec, ops: Operands, tangents: Tangents, *, whole, example):
+    """One example's ``(out, lse, dout, dlse)``; ``whole`` holds K, V, dK, dV with their batch axis."""
+    grid = spec.grid
+    kv_heads, groups, _, _ = ops.q.shape
+    k, v, dk, dv = whole
+    acc_dtype = _numerics.compute_dtype(ops.q.dtype)
+    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
+    consts = ops.opts.shared.score_consts
+    sinks, dsinks = example_sinks(ops), None if tangents.sinks is None else tangents.sinks.reshape(kv_heads, groups)
+
+    def one_q_block(qb):
+        q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
+        dq_blk = None if tangents.q is None else bm.dynamic_block(tangents.q, qb, grid.block_q, 2)
+
+        def visit(carry, key, kb, masked):
+            visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
+            place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
+            at = dict(key=key, visible=visible, consts=consts, dconsts=tangents.consts, place=place)
+            return fused_step(spec, carry, q_blk, dq_blk, **at)
+
+        def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
+            def block_of(x, transpose):  # a block of a whole K/V-like array, transposed for the products
+                return None if x is None else bm.kv_block(x, example, kb, grid.block_kv).transpose(transpose)
+
+            def logits_block(x):
+                return None if x is None else slice_block(x, qb, kb, grid)
+
+            key = TangentKeyBlock(
+                kt=block_of(k, (1, 2, 0)),
+                v=block_of(v, (1, 0, 2)),
+                bias=logits_block(ops.bias),
+                mask=logits_block(ops.mask),
+                dkt=block_of(dk, (1, 2, 0)),
+                dv=block_of(dv, (1, 0, 2)),
+                dbias=logits_block(tangents.bias),
+            )
+            branches = [
+                lambda carry, key: carry,
+                lambda carry, key: visit(carry, key, kb, masked=False),
+                lambda carry, key: visit(carry, key, kb, masked=True),
+            ]
+            return lax.switch(blocks.kind(qb, kb), branches, carry, key)
+
+        shape = (kv_heads, groups, grid.block_q)
+        primal = initial_carry(shape, v.shape[-1], acc_dtype, sinks)
+        zeros = TangentCarry(jnp.zeros((*shape, v.shape[-1]), acc_dtype), jnp.zeros(shape, acc_dtype))
+        return finish_fused(blocks.kv_loop(qb, step, FusedCarry(primal, zeros)), v.dtype, sinks, dsinks)
+
+    if grid.num_q_blocks == 1:
+        results = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))
+    else:
+        results = lax.map(one_q_block, jnp.arange(grid.num_q_blocks, dtype=jnp.int32))
+    # (num_q_blocks, kv_heads, groups, bq, ...) -> (kv_heads, groups, q_padded, ...)
+    return tuple(jnp.moveaxis(x, 0, 2).reshape(kv_heads, groups, grid.q_padded, *x.shape[4:]) for x in results)
+
+
+def fused(spec, ops: Operands, tangents: Tangents) -> tuple[Array, Array, Array, Array]:
+    """``(out, lse, dout, dlse)`` in the kernel layout (see ``_forward.forward``)."""
+
+    def one_example(example, mapped, whole):
+        ops, tangents = mapped
+        return fused_example(spec, ops, tangents, whole=whole, example=example)
+
+    mapped = (without_kv(ops), tangents._replace(k=None, v=None))
+    return over_batch(one_example, ops.q.shape[0], mapped, whole=(ops.k, ops.v, tangents.k, tangents.v))
