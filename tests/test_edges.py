@@ -210,3 +210,16 @@ def test_junk_in_padded_keys_and_values_changes_nothing(implementation, blocks):
         for d, c in zip(dirty[1][1:], clean[1][1:], strict=True):  # dK, dV of the real keys
             np.testing.assert_array_equal(np.where(padded, 0.0, np.asarray(d)), np.where(padded, 0.0, np.asarray(c)))
         np.testing.assert_allclose(tangent(dirty_k, dirty_v), tangent(k, v), atol=1e-12)
+
+
+@pytest.mark.parametrize(("implementation", "blocks"), OWN, ids=OWN_IDS)
+def test_a_sink_of_minus_infinity_is_no_sink(implementation, blocks):
+    """Head 0's sink is -inf: its rows are those of a call without sinks, the row that sees no key included."""
+    q, k, v = normal((2, 7, 2, 4), 1), normal((2, 7, 2, 4), 2), normal((2, 7, 2, 4), 3)
+    options = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 5]))
+    sinks = jnp.array([-jnp.inf, 0.5])
+    with_sink = attention(implementation, blocks, sinks=sinks, **options)(q, k, v)
+    without = attention(implementation, blocks, **options)(q, k, v)
+    np.testing.assert_allclose(with_sink[:, :, 0], without[:, :, 0], rtol=1e-12, atol=1e-12)
+    assert np.isfinite(np.asarray(with_sink)).all()
+    assert not np.allclose(with_sink[1, :, 1], without[1, :, 1])  # head 1's finite sink takes its share

@@ -49,13 +49,12 @@ def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visibl
 def fold_logits(carry: OnlineSoftmax, s: Array, v: Array, visible) -> tuple[OnlineSoftmax, Array, Array]:
     """Folds a block's logits ``s`` (and values ``v``) into the carry; also returns the block's weights
     ``exp(s - new max)`` (0 where hidden) and the factor ``alpha`` that rescaled the old carry."""
-    neg = _numerics.masked_value(s.dtype)
     if visible is not None:
-        s = jnp.where(visible, s, neg)
+        # -inf, not the finite masking sentinel: the running max starts at that sentinel (or a sink), so it
+        # is finite and exp(-inf - max) is exactly 0 for every hidden logit; no second select after exp.
+        s = jnp.where(visible, s, -jnp.inf)
     m_new = jnp.maximum(carry.max, s.max(axis=-1))
     p = jnp.exp(s - m_new[..., None])
-    if visible is not None:
-        p = jnp.where(visible, p, 0)
     alpha = jnp.exp(carry.max - m_new)
     pv = bm.mm(bm.rows(p.astype(v.dtype)), v).reshape(carry.acc.shape)
     return OnlineSoftmax(carry.acc * alpha[..., None] + pv, m_new, carry.sum * alpha + p.sum(axis=-1)), p, alpha
@@ -63,13 +62,17 @@ def fold_logits(carry: OnlineSoftmax, s: Array, v: Array, visible) -> tuple[Onli
 
 def initial_carry(shape, v_dim: int, dtype, sinks: Array | None) -> OnlineSoftmax:
     """An empty accumulator; with attention sinks ``(kv_heads, groups)`` the row starts at ``exp(sink)``:
-    the sink joins every row's denominator (as a key whose value is zero)."""
+    the sink joins every row's denominator (as a key whose value is zero).
+
+    The running max starts finite (the masking sentinel, or a sink above it), which
+    :func:`fold_logits` relies on; a sink of -inf starts the row empty, as no sink does.
+    """
+    neg = _numerics.masked_value(dtype)
     if sinks is None:
-        return OnlineSoftmax(
-            jnp.zeros((*shape, v_dim), dtype), jnp.full(shape, _numerics.masked_value(dtype)), jnp.zeros(shape, dtype)
-        )
-    start = jnp.broadcast_to(sinks.astype(dtype)[..., None], shape)
-    return OnlineSoftmax(jnp.zeros((*shape, v_dim), dtype), start, jnp.ones(shape, dtype))
+        return OnlineSoftmax(jnp.zeros((*shape, v_dim), dtype), jnp.full(shape, neg), jnp.zeros(shape, dtype))
+    sinks = jnp.broadcast_to(sinks.astype(dtype)[..., None], shape)
+    start = jnp.maximum(sinks, neg)
+    return OnlineSoftmax(jnp.zeros((*shape, v_dim), dtype), start, jnp.exp(sinks - start))
 
 
 def finish(carry: OnlineSoftmax, dtype) -> tuple[Array, Array]:
