@@ -104,7 +104,7 @@ class FusedJvp(OperandsPass):
 
     Arguments: ops, then the tangents of the ``present`` slots. Results: out, lse, dout, dlse. It is the
     composition of :class:`Forward` and :class:`Tangent`, which is how it is split for reverse mode and
-    how it is differentiated again.
+    how it is differentiated again (so it needs no dense twin: only a ``JvpOf`` is transposed densely).
     """
 
     present: tuple[bool, ...]
@@ -118,12 +118,6 @@ class FusedJvp(OperandsPass):
     def blockwise(self, *args):
         n = self.num_ops
         return fused(self.spec, self.ops(args), self.tangents(self.present, args[n:]))
-
-    def dense(self, *args):
-        n = self.num_ops
-        ops = self.ops(args)
-        out, lse = dense_forward(self.spec, ops)
-        return (out, lse, *dense_tangent(self.spec, ops, out, lse, self.tangents(self.present, args[n:])))
 
     def out_avals(self, *avals):
         results = self.result_avals(avals)
