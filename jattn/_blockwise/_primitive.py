@@ -1,7 +1,9 @@
-"""The blockwise kernel's JAX primitive and its rules: evaluation, lowering, JVP, transpose and batching.
+"""The blockwise kernel's JAX primitives and their rules: evaluation, lowering, JVP, transpose and batching.
 
 ``kernel_p``'s ``kernel`` parameter is the pass it runs (``_passes``, ``_autodiff``): every rule asks that
 pass, so the rules are the same for the forward, its tangent, its backward and their derivatives.
+``fused_p`` runs forward mode's fused pass the same way; its partial-evaluation rules are in
+``_partial_eval``.
 """
 
 from __future__ import annotations
