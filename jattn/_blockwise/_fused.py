@@ -33,7 +33,7 @@ from . import _blockmath as bm
 from ._forward import OnlineSoftmax, example_sinks, finish, fold_logits, initial_carry
 from ._geometry import ExampleBlocks, slice_block
 from ._layout import Operands, over_batch, without_kv
-from ._tangent import TangentCarry, TangentKeyBlock, Tangents, finish_tangent, logits_tangent
+from ._tangent import TangentCarry, TangentKeyBlock, Tangents, accumulate_tangent, finish_tangent, hide_unseen_keys
 
 
 class FusedCarry(NamedTuple):
@@ -45,30 +45,12 @@ class FusedCarry(NamedTuple):
 
 def fused_step(spec, carry: FusedCarry, q_blk, dq_blk, *, key: TangentKeyBlock, visible, consts, dconsts, place):
     """Folds one key block into both accumulators; ``visible`` masks a partial block."""
-    if visible is not None:  # keys no row sees are selected out (padding may hold NaN)
-        seen = bm.seen_keys(visible, 3)
-        key = key._replace(
-            kt=bm.hide_unseen(key.kt, seen, 2),
-            v=bm.hide_unseen(key.v, seen, 1),
-            dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
-            dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
-        )
+    key = hide_unseen_keys(key, visible)
     logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place)
     primal, e, alpha = fold_logits(carry.primal, logits.s, key.v, visible)
-    acc = carry.tangent.acc * alpha[..., None]
-    rowsum = carry.tangent.rowsum * alpha
-    ds = logits_tangent(spec, q_blk, dq_blk, key, logits, consts=consts, dconsts=dconsts, place=place)
-    if ds is not None:
-        eds = e * ds
-        if visible is not None:  # hidden: 0, whatever ds holds
-            eds = jnp.where(visible, eds, 0)
-        if key.bias is not None or spec.options.score_mod is not None:  # a logit of -inf hides its key
-            eds = jnp.where(logits.s == -jnp.inf, 0, eds)
-        acc = acc + bm.mm(bm.rows(eds.astype(key.v.dtype)), key.v).reshape(acc.shape)
-        rowsum = rowsum + eds.sum(axis=-1)
-    if key.dv is not None:
-        acc = acc + bm.mm(bm.rows(e.astype(key.dv.dtype)), key.dv).reshape(acc.shape)
-    return FusedCarry(primal, TangentCarry(acc, rowsum))
+    rescaled = TangentCarry(carry.tangent.acc * alpha[..., None], carry.tangent.rowsum * alpha)
+    at = dict(key=key, logits=logits, visible=visible, consts=consts, dconsts=dconsts, place=place)
+    return FusedCarry(primal, accumulate_tangent(spec, rescaled, e, q_blk, dq_blk, **at))
 
 
 def finish_fused(carry: FusedCarry, dtype, sinks, dsinks) -> tuple[Array, Array, Array, Array]:

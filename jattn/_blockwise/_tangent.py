@@ -102,31 +102,45 @@ def logits_tangent(spec, q_blk, dq_blk, key: TangentKeyBlock, logits: bm.Logits,
     return jax.jvp(modded, (logits.pre_mod, bm.wanted(consts, want)), (d_pre, tangents))[1]
 
 
-def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, *, key, visible, consts, dconsts, place):
-    """Folds one key block into the tangent accumulators; ``visible`` masks a partial block."""
-    if visible is not None:  # (kv_heads|1, groups|1, bq, bk): keys no row sees are selected out
-        seen = bm.seen_keys(visible, 3)
-        key = key._replace(
-            kt=bm.hide_unseen(key.kt, seen, 2),
-            v=bm.hide_unseen(key.v, seen, 1),
-            dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
-            dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
-        )
-    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place)
-    p = probabilities(logits.s, lse_blk, visible)
+def hide_unseen_keys(key: TangentKeyBlock, visible) -> TangentKeyBlock:
+    """The key block with the keys no row of a partial block sees selected out (padding may hold NaN)."""
+    if visible is None:
+        return key
+    seen = bm.seen_keys(visible, 3)  # visible: (kv_heads|1, groups|1, bq, bk)
+    return key._replace(
+        kt=bm.hide_unseen(key.kt, seen, 2),
+        v=bm.hide_unseen(key.v, seen, 1),
+        dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
+        dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
+    )
+
+
+def accumulate_tangent(spec, carry: TangentCarry, weights, q_blk, dq_blk, *, key, logits, visible, consts, dconsts,
+                       place) -> TangentCarry:  # fmt: skip
+    """Adds ``sum_j w_ij (ds_ij v_j + dv_j)`` and ``sum_j w_ij ds_ij`` of one key block to the carry, for the
+    block's ``weights`` w (exact probabilities in the tangent pass, the online softmax's in the fused one)."""
     acc, rowsum = carry
     ds = logits_tangent(spec, q_blk, dq_blk, key, logits, consts=consts, dconsts=dconsts, place=place)
     if ds is not None:
-        pds = p * ds
+        wds = weights * ds
         if visible is not None:  # hidden: 0, whatever ds holds
-            pds = jnp.where(visible, pds, 0)
+            wds = jnp.where(visible, wds, 0)
         if key.bias is not None or spec.options.score_mod is not None:  # a logit of -inf hides its key
-            pds = jnp.where(logits.s == -jnp.inf, 0, pds)
-        acc = acc + bm.mm(bm.rows(pds.astype(key.v.dtype)), key.v).reshape(acc.shape)
-        rowsum = rowsum + pds.sum(axis=-1)
+            wds = jnp.where(logits.s == -jnp.inf, 0, wds)
+        acc = acc + bm.mm(bm.rows(wds.astype(key.v.dtype)), key.v).reshape(acc.shape)
+        rowsum = rowsum + wds.sum(axis=-1)
     if key.dv is not None:
-        acc = acc + bm.mm(bm.rows(p.astype(key.dv.dtype)), key.dv).reshape(acc.shape)
+        acc = acc + bm.mm(bm.rows(weights.astype(key.dv.dtype)), key.dv).reshape(acc.shape)
     return TangentCarry(acc, rowsum)
+
+
+def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, *, key, visible, consts, dconsts, place):
+    """Folds one key block into the tangent accumulators; ``visible`` masks a partial block."""
+    key = hide_unseen_keys(key, visible)
+    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place)
+    p = probabilities(logits.s, lse_blk, visible)
+    at = dict(key=key, logits=logits, visible=visible, consts=consts, dconsts=dconsts, place=place)
+    return accumulate_tangent(spec, carry, p, q_blk, dq_blk, **at)
 
 
 def finish_tangent(carry: TangentCarry, out: Array, lse: Array, sinks, dsinks) -> tuple[Array, Array]:
