@@ -197,9 +197,11 @@ def attend(
     block_q: int | None = None,
     block_kv: int | None = None,
     sequence_parallel: SequenceParallel | None = None,
+    kv_cache: bool = False,
 ):
-    """``dot_product_attention`` with its options as one record (what ``jattn.nnx`` calls)."""
-    execution = Execution(implementation, block_q, block_kv, sequence_parallel, return_residual)
+    """``dot_product_attention`` with its options as one record (what ``jattn.nnx`` calls; ``kv_cache``: key
+    and value are the KV cache of a decode step, written by a scatter, see ``_one_query``)."""
+    execution = Execution(implementation, block_q, block_kv, sequence_parallel, return_residual, kv_cache)
     return run_prepared(prepare(query, key, value, call), execution)
 
 
@@ -248,6 +250,7 @@ def auto_implementation(
     mask: Bool[ArrayLike, "*#batch #heads #q_seq #kv_seq"] | jax.ShapeDtypeStruct | None = None,
     *,
     backend: str | None = None,
+    kv_cache: bool = False,
     **options,
 ) -> Implementation:
     """The implementation ``dot_product_attention(..., implementation=None)`` runs for these arguments.
@@ -264,7 +267,9 @@ def auto_implementation(
     * on other non-CPU backends, ``"xla"``;
     * on CPU, ``"xla"`` for float32/bfloat16 sequences up to 1024, else
       ``"reference"`` for tiny problems (``q_seq * kv_seq <= 64**2`` over at
-      most 1024 keys), else ``"blockwise"``;
+      most 1024 keys), else ``"blockwise"`` (a one-query step over more than
+      4 MiB of keys goes ``"blockwise"``, and ``jattn.nnx``'s own decode steps
+      run the one-query form of ``"reference"``, see ``kv_cache``);
     * ``"blockwise"`` (sequence-parallel) when the query's sequence axis is
       sharded over an ``Explicit`` mesh axis (see :mod:`jattn.sharding`).
 
@@ -274,6 +279,10 @@ def auto_implementation(
     Args:
         query, key, value, bias, mask: as for :func:`jattn.dot_product_attention`.
         backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; default ``jax.default_backend()``.
+        kv_cache: what a ``jattn.nnx`` decode step runs instead, attending over the module's own KV
+            cache: on CPU, one query over at most 4 MiB of keys, up to 8 kv heads, in float32 or
+            float64, with lengths, ``is_causal`` or a window only, runs ``"reference"`` in a form that
+            reads the cache as it lies (``jax.nn``'s program copies it transposed every step).
         **options: the keyword options of :func:`jattn.dot_product_attention`
             (``is_causal``, lengths, segment ids, ``local_window_size``, ...).
 
@@ -294,6 +303,11 @@ def auto_implementation(
         >>> jattn.auto_implementation(q.update(dtype=jnp.bfloat16), q.update(dtype=jnp.bfloat16),
         ...                           q.update(dtype=jnp.bfloat16), backend="gpu")
         'cudnn'
+        >>> token, cache = q.update(shape=(1, 1, 8, 64)), q.update(shape=(1, 1024, 8, 64))
+        >>> lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+        >>> [jattn.auto_implementation(token, cache, cache, backend="cpu", key_value_seq_lengths=lengths,
+        ...                            kv_cache=nnx_step) for nnx_step in (False, True)]
+        ['xla', 'reference']
     """
     array_names = set(option_names(static=False)) - {"bias", "mask"}
     unknown = set(options) - array_names - set(option_names(static=True))
@@ -305,7 +319,7 @@ def auto_implementation(
 
     def trace(qkv, bias, mask, arrays):
         prepared = prepare(*qkv, CallOptions(bias=bias, mask=mask, **arrays, **static))
-        chosen.append(_dispatch.route(prepared, Execution(), backend).implementation)
+        chosen.append(_dispatch.route(prepared, Execution(kv_cache=kv_cache), backend).implementation)
 
     jax.eval_shape(trace, (query, key, value), bias, mask, arrays)
     return chosen[0]

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from . import _capabilities, _checks, _numerics
+from . import _capabilities, _checks, _numerics, _one_query
 from ._blockwise import blockwise_attention
 from ._jax_nn import jax_nn_attention, repair_rows, with_segment_mask
-from ._mesh import like_query, whole_sequences
+from ._mesh import explicit_mesh, like_query, whole_sequences
 from ._options import AttentionInputs, Execution
 from ._prepare import Prepared, clipped_lengths
 from ._reference import reference_attention
@@ -80,10 +80,13 @@ class CallSignature(NamedTuple):
     v_dim: int
     features: frozenset[str] = frozenset()
     kv_bytes: int | None = None  # the key array's size (None when a dimension is symbolic)
+    kv_heads: int | None = None
+    kv_cache: bool = False  # key/value are jattn.nnx's KV cache, written by a scatter this step (_one_query)
 
 
-def signature_of(inputs: AttentionInputs, backend: str | None = None) -> CallSignature:
-    """The :class:`CallSignature` of a checked call on ``backend`` (default: JAX's default backend)."""
+def signature_of(inputs: AttentionInputs, backend: str | None = None, *, kv_cache: bool = False) -> CallSignature:
+    """The :class:`CallSignature` of a checked call on ``backend`` (default: JAX's default backend); ``kv_cache``:
+    key and value are jattn.nnx's KV cache (``Execution.kv_cache``)."""
     query, key, value = inputs.query, inputs.key, inputs.value
     q_seq, kv_seq = query.shape[1], key.shape[1]
     concrete = _checks.is_concrete(q_seq) and _checks.is_concrete(kv_seq)
@@ -97,6 +100,8 @@ def signature_of(inputs: AttentionInputs, backend: str | None = None) -> CallSig
         v_dim=value.shape[-1],
         features=frozenset(_capabilities.features_of(inputs)),
         kv_bytes=math.prod(key.shape) * jnp.dtype(key.dtype).itemsize if sized else None,
+        kv_heads=key.shape[2],
+        kv_cache=kv_cache,
     )
 
 
@@ -112,8 +117,11 @@ def choose(s: CallSignature) -> Implementation:
       the blockwise loop beating XLA.
     * On CPU, ``"blockwise"`` for a one-query step over more than
       ``DECODE_XLA_MAX_KV_BYTES`` of keys (a decode step over a large cache:
-      it skips the blocks past ``key_value_seq_lengths``), else ``"xla"`` for
-      sequences up to ``XLA_MAX_SEQ`` in float32 or bfloat16.
+      it skips the blocks past ``key_value_seq_lengths``); for a smaller
+      ``jattn.nnx`` decode step (``kv_cache``) of what ``_one_query``
+      computes, ``"reference"`` in its one-query form, which reads the cache
+      as it lies where jax.nn's program copies it transposed every step;
+      else ``"xla"`` for sequences up to ``XLA_MAX_SEQ`` in float32 or bfloat16.
     * Otherwise ``"reference"`` for tiny problems (``REFERENCE_MAX_LOGITS``)
       over at most ``REFERENCE_MAX_KV`` keys or where the blockwise kernel
       cannot run (a symbolic sequence length), else ``"blockwise"``: it skips
@@ -130,6 +138,8 @@ def choose(s: CallSignature) -> Implementation:
         >>> step = cpu._replace(q_seq=1, kv_seq=1024)  # a decode step: 2 MiB of keys, then 16 MiB
         >>> choose(step._replace(kv_bytes=2**21)), choose(step._replace(kv_bytes=2**24))
         ('xla', 'blockwise')
+        >>> choose(step._replace(kv_bytes=2**21, kv_heads=8, kv_cache=True))  # jattn.nnx's decode step
+        'reference'
     """
     features = dict.fromkeys(s.features, "")
 
@@ -141,6 +151,8 @@ def choose(s: CallSignature) -> Implementation:
     big_cache = s.kv_bytes is not None and s.kv_bytes > DECODE_XLA_MAX_KV_BYTES
     if s.backend == "cpu" and s.q_seq == 1 and big_cache and exact("blockwise"):
         return "blockwise"
+    if s.backend == "cpu" and s.kv_cache and _one_query.applies(s.q_seq, s.kv_heads, s.dtype, s.features):
+        return "reference"  # in its one-query form (_one_query), which never copies the cache
     sizes = None if s.q_seq is None or s.kv_seq is None else (s.q_seq, s.kv_seq)  # None: symbolic
     small = sizes is not None and max(sizes) <= XLA_MAX_SEQ
     if exact("xla") and sizes is not None and s.dtype in XLA_EXACT_DTYPES and (s.backend != "cpu" or small):
@@ -165,6 +177,7 @@ class Route(NamedTuple):
     implementation: Implementation
     sequence_plan: SequencePlan | None = None
     repair: bool = False
+    one_query: bool = False  # auto's "reference" for a decode step: its one-query form (_one_query)
 
 
 def route(prepared: Prepared, execution: Execution, backend: str | None = None) -> Route:
@@ -178,8 +191,13 @@ def route(prepared: Prepared, execution: Execution, backend: str | None = None) 
         if plan is not None:
             return Route("blockwise", plan)
     if implementation is None:
-        chosen = choose(signature_of(prepared.inputs, backend))
-        return Route(chosen, repair=_capabilities.repaired(chosen, _capabilities.features_of(prepared.inputs)))
+        # The one-query form's reshapes of the cache are not written for an explicit mesh's shardings.
+        kv_cache = execution.kv_cache and explicit_mesh(*jax.tree.leaves(prepared.inputs)) is None
+        s = signature_of(prepared.inputs, backend, kv_cache=kv_cache)
+        chosen = choose(s)
+        one_query = chosen == "reference" and _one_query.applies(s.q_seq, s.kv_heads, s.dtype, s.features)
+        repair = _capabilities.repaired(chosen, dict.fromkeys(s.features, ""))
+        return Route(chosen, repair=repair, one_query=one_query and s.kv_cache)
     _capabilities.check_supported(implementation, _capabilities.features_of(prepared.inputs))
     return Route(implementation)
 
@@ -205,6 +223,9 @@ def run_route(prepared: Prepared, where: Route, execution: Execution) -> tuple[A
     block_kv = execution.block_kv or default_block_size()
     inputs = clipped_lengths(prepared.inputs)  # jattn's own kernels; the jax.nn delegate gets them as given
     match where:
+        case Route("reference", None, _, True):
+            out, lse = _one_query.one_query_attention(whole_sequences(inputs))
+            out, lse = like_query(out, inputs.query), like_query(lse, inputs.query)
         case Route("reference"):
             out, lse, _ = reference_attention(whole_sequences(inputs))
             out, lse = like_query(out, inputs.query), like_query(lse, inputs.query)

@@ -167,6 +167,7 @@ class Execution:
     block_kv: int | None = None
     sequence_parallel: Any = None  # a jattn.sharding.SequenceParallel, or None
     return_residual: bool = False
+    kv_cache: bool = False  # key/value are a KV cache jattn.nnx wrote by a scatter in this step (see _one_query)
 
 
 class AttentionInputs(NamedTuple):

@@ -23,9 +23,11 @@ dispatched from Python with the previous call's cache and blocks on the result
 
 What each side attends: jattn tells its kernel the filled length (``f + 1``
 keys), so the blockwise kernel skips key blocks past it; flax attends over all
-``max_length`` positions with a mask. Note ``implementation=None`` picks
-``"reference"`` (dense over ``max_length``) while ``max_length <= 1024`` for one
-query; the notes say which was picked.
+``max_length`` positions with a mask. On CPU ``implementation=None`` picks the
+one-query form of ``"reference"`` (dense over ``max_length``, reading the cache as
+it lies, see ``jattn.auto_implementation(kv_cache=True)``) up to 4 MiB of cached
+keys, else ``"blockwise"``;
+the notes say which was picked.
 
 FLOPs: ``bench.flops.decode_flops``: the four projections of one token plus
 attention of one query over the ``f + 1`` visible keys (the same count for both).
@@ -162,7 +164,8 @@ def build(impl: str, params: dict) -> Target:
 
 
 def decode_implementation(params: dict) -> str:
-    """What ``implementation=None`` picks for one decode step of ``params`` (the attention of jattn's module)."""
+    """What ``implementation=None`` picks for one decode step of ``params``: the attention call of jattn's
+    module over its own KV cache (``kv_cache=True``: on CPU ``"reference"`` is its one-query form)."""
     import jattn
 
     batch, heads, dtype = params["batch"], params["heads"], jnp.dtype(params["dtype"])
@@ -170,7 +173,7 @@ def decode_implementation(params: dict) -> str:
     query = jax.ShapeDtypeStruct((batch, 1, heads, head_dim), dtype)
     cache = jax.ShapeDtypeStruct((batch, params["max_length"], heads, head_dim), dtype)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    return jattn.auto_implementation(query, cache, cache, key_value_seq_lengths=lengths)
+    return jattn.auto_implementation(query, cache, cache, is_causal=True, key_value_seq_lengths=lengths, kv_cache=True)
 
 
 def cases(cfg: BenchConfig) -> Iterator[Case]:

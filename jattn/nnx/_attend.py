@@ -73,7 +73,9 @@ class AttendMethods(CacheMethods):
             execution = dict(implementation=self.implementation, block_q=self.block_q, block_kv=self.block_kv)
             # A decode step stays on one device.
             parallel = None if cache is not None else self.sequence_parallel
-            context = _fast_path(query, key, value, call, **execution, sequence_parallel=parallel)
+            context = _fast_path(
+                query, key, value, call, **execution, sequence_parallel=parallel, kv_cache=cache is not None
+            )
         if past_end is not None:  # NaN context rows give NaN output rows through any projection
             context = jnp.where(past_end[:, :, None, None], jnp.asarray(jnp.nan, context.dtype), context)
         return context, weights
@@ -89,9 +91,10 @@ class AttendMethods(CacheMethods):
         return rngs
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "block_q", "block_kv", "sequence_parallel"))
+@functools.partial(jax.jit, static_argnames=("implementation", "block_q", "block_kv", "sequence_parallel", "kv_cache"))
 def _fast_path(query, key, value, call: CallOptions, **execution):
-    """jattn's kernels (``execution``: ``implementation``, ``block_q``, ``block_kv``, ``sequence_parallel``)."""
+    """jattn's kernels (``execution``: ``implementation``, ``block_q``, ``block_kv``, ``sequence_parallel``,
+    ``kv_cache``)."""
     return _api.attend(query, key, value, call, **execution)
 
 
