@@ -199,8 +199,7 @@ def attend(
     sequence_parallel: SequenceParallel | None = None,
     kv_cache: bool = False,
 ):
-    """``dot_product_attention`` with its options as one record (what ``jattn.nnx`` calls; ``kv_cache``: key
-    and value are the KV cache of a decode step, written by a scatter, see ``_one_query``)."""
+    """``dot_product_attention`` with its options as one record (what ``jattn.nnx`` calls; see ``Execution``)."""
     execution = Execution(implementation, block_q, block_kv, sequence_parallel, return_residual, kv_cache)
     return run_prepared(prepare(query, key, value, call), execution)
 
@@ -267,9 +266,8 @@ def auto_implementation(
     * on other non-CPU backends, ``"xla"``;
     * on CPU, ``"xla"`` for float32/bfloat16 sequences up to 1024, else
       ``"reference"`` for tiny problems (``q_seq * kv_seq <= 64**2`` over at
-      most 1024 keys), else ``"blockwise"`` (a one-query step over more than
-      4 MiB of keys goes ``"blockwise"``, and ``jattn.nnx``'s own decode steps
-      run the one-query form of ``"reference"``, see ``kv_cache``);
+      most 1024 keys), else ``"blockwise"`` (one query over more than 4 MiB
+      of keys: ``"blockwise"``; see ``kv_cache`` for ``jattn.nnx``'s steps);
     * ``"blockwise"`` (sequence-parallel) when the query's sequence axis is
       sharded over an ``Explicit`` mesh axis (see :mod:`jattn.sharding`).
 
@@ -279,10 +277,8 @@ def auto_implementation(
     Args:
         query, key, value, bias, mask: as for :func:`jattn.dot_product_attention`.
         backend: ``"cpu"``, ``"gpu"``, ``"tpu"``; default ``jax.default_backend()``.
-        kv_cache: what a ``jattn.nnx`` decode step runs instead, attending over the module's own KV
-            cache: on CPU, one query over at most 4 MiB of keys, up to 8 kv heads, in float32 or
-            float64, with lengths, ``is_causal`` or a window only, runs ``"reference"`` in a form that
-            reads the cache as it lies (``jax.nn``'s program copies it transposed every step).
+        kv_cache: what a ``jattn.nnx`` decode step over the module's KV cache runs instead (on CPU,
+            ``"reference"`` in a form reading the cache as it lies, where ``jax.nn`` copies it).
         **options: the keyword options of :func:`jattn.dot_product_attention`
             (``is_causal``, lengths, segment ids, ``local_window_size``, ...).
 
@@ -304,9 +300,7 @@ def auto_implementation(
         ...                           q.update(dtype=jnp.bfloat16), backend="gpu")
         'cudnn'
         >>> token, cache = q.update(shape=(1, 1, 8, 64)), q.update(shape=(1, 1024, 8, 64))
-        >>> lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-        >>> [jattn.auto_implementation(token, cache, cache, backend="cpu", key_value_seq_lengths=lengths,
-        ...                            kv_cache=nnx_step) for nnx_step in (False, True)]
+        >>> [jattn.auto_implementation(token, cache, cache, backend="cpu", kv_cache=c) for c in (False, True)]
         ['xla', 'reference']
     """
     array_names = set(option_names(static=False)) - {"bias", "mask"}
