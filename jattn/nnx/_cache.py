@@ -68,13 +68,13 @@ class KVCache:
 
         def put(old, new):
             split = {} if explicit_mesh(old) is None else {"out_sharding": jax.typeof(old).sharding}
-            # One more update, at max_length, which mode="drop" discards: a scatter of a single update is
-            # rewritten by XLA as a dynamic-update-slice, which it then fuses into each reader of the cache,
-            # copying the whole cache for every one (a batch-1 decode step: 4 copies per cache and step).
-            # (Built from slices of positions and new, so they keep their batch split on an explicit mesh.)
-            at = jnp.concatenate([positions, jnp.full_like(positions[:, :1], old.shape[1])], axis=1)
-            new = new.astype(old.dtype)
-            new = jnp.concatenate([new, jnp.zeros_like(new[:, :1])], axis=1)
+            at, new = positions, new.astype(old.dtype)
+            if batch * n_new == 1:
+                # One more update, at max_length, which mode="drop" discards: XLA rewrites a scatter of a
+                # single update as a dynamic-update-slice, fuses that into each reader of the cache and copies
+                # the whole cache for every one (a batch-1 decode step: 4 copies per cache and step).
+                at = jnp.concatenate([at, jnp.full_like(at, old.shape[1])], axis=1)
+                new = jnp.concatenate([new, jnp.zeros_like(new)], axis=1)
             return old.at[rows, at].set(new, mode="drop", **split)
 
         return KVCache(put(cache.key, key), put(cache.value, value), cache.index + align_batch(n_valid, key, batch))
