@@ -14,6 +14,7 @@ from jaxtyping import Array
 from . import _numerics
 from ._options import AttentionInputs
 from .masks import _combine, _positions
+from .masks._positions import key_interval
 
 # jax.nn's overloads key the result type on a literal return_residual; this module passes a bool.
 _jax_nn_dpa: Any = jax.nn.dot_product_attention
@@ -77,18 +78,15 @@ def rows_with_a_key(inputs: AttentionInputs) -> Array:
     i = jnp.arange(q_seq, dtype=jnp.int32)[None, :]  # (1, q_seq)
     position = i if arrays.q_offset is None else i + arrays.q_offset[:, None]
     end = jnp.full((batch, 1), kv_seq, jnp.int32) if arrays.kv_length is None else arrays.kv_length[:, None]
-    lo, hi = jnp.zeros_like(position), jnp.clip(end, 0, kv_seq) - 1 + jnp.zeros_like(position)
-    if static.local_window_size is not None:
-        left, right = static.local_window_size
-        lo, hi = jnp.maximum(lo, position - left), jnp.minimum(hi, position + right)
-    if static.is_causal:
-        hi = jnp.minimum(hi, position)
-    rows = (lo <= hi) if arrays.q_length is None else (lo <= hi) & (i < arrays.q_length[:, None])
-    rows = jnp.broadcast_to(rows, (batch, q_seq))[:, :, None]  # (batch, q_seq, 1)
+    end = jnp.clip(end, 0, kv_seq)
+    interval = key_interval(position, end, causal=static.is_causal, window=static.local_window_size)
+    lo, hi = (jnp.broadcast_to(x, (batch, q_seq)) for x in interval)  # keys [lo, hi) of each row
+    rows = (lo < hi) if arrays.q_length is None else (lo < hi) & (i < arrays.q_length[:, None])
+    rows = rows[:, :, None]  # (batch, q_seq, 1)
     if mask is None:
         return rows
     j = jnp.arange(kv_seq, dtype=jnp.int32)[None, None, :]
-    in_range = (j >= lo[..., None]) & (j <= hi[..., None])  # (batch, q_seq, kv_seq)
+    in_range = (j >= lo[..., None]) & (j < hi[..., None])  # (batch, q_seq, kv_seq)
     visible = (in_range[:, None] & mask).any(-1)  # (batch, heads|1, q_seq)
     return rows & visible.transpose(0, 2, 1)
 

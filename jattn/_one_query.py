@@ -38,6 +38,7 @@ from jaxtyping import Array, Float
 
 from . import _capabilities, _numerics
 from ._options import AttentionInputs
+from .masks._positions import key_interval
 
 FEATURES = frozenset(
     {"scale", "is_causal", "key_value_seq_lengths", "query_offset", "local_window_size"}
@@ -72,16 +73,10 @@ def visible_keys(inputs: AttentionInputs) -> Array:
     arrays, static = inputs.opts.arrays, inputs.opts.static
     batch, kv_seq = inputs.key.shape[:2]
     pos = jnp.zeros((batch,), jnp.int32) if arrays.q_offset is None else arrays.q_offset.astype(jnp.int32)
-    lo = jnp.zeros((batch,), jnp.int32)
-    hi = jnp.full((batch,), kv_seq, jnp.int32) if arrays.kv_length is None else arrays.kv_length.astype(jnp.int32)
-    if static.is_causal:
-        hi = jnp.minimum(hi, pos + 1)
-    if static.local_window_size is not None:
-        left, right = static.local_window_size
-        lo = jnp.maximum(pos - left, 0)
-        hi = jnp.minimum(hi, pos + right + 1)
+    end = jnp.full((batch,), kv_seq, jnp.int32) if arrays.kv_length is None else arrays.kv_length.astype(jnp.int32)
+    lo, hi = key_interval(pos, end, causal=static.is_causal, window=static.local_window_size)
     keys = jnp.arange(kv_seq, dtype=jnp.int32)[None, :]
-    return (keys >= lo[:, None]) & (keys < hi[:, None])
+    return (keys >= jnp.broadcast_to(lo, (batch,))[:, None]) & (keys < hi[:, None])
 
 
 def one_query_attention(

@@ -23,17 +23,22 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 from jaxtyping import Array
 
 from .. import _numerics
 from . import _blockmath as bm
-from ._forward import OnlineSoftmax, example_sinks, finish, fold_logits, initial_carry
-from ._geometry import ExampleBlocks, slice_block
+from ._forward import OnlineSoftmax, finish, fold_logits, initial_carry
 from ._layout import Operands, over_batch, without_kv
-from ._tangent import TangentCarry, TangentKeyBlock, Tangents, accumulate_tangent, finish_tangent, hide_unseen_keys
+from ._tangent import (
+    TangentCarry,
+    TangentKeyBlock,
+    Tangents,
+    TangentSweep,
+    accumulate_tangent,
+    finish_tangent,
+    hide_unseen_keys,
+)
 
 
 class FusedCarry(NamedTuple):
@@ -67,58 +72,21 @@ def finish_fused(carry: FusedCarry, dtype, sinks, dsinks) -> tuple[Array, Array,
 
 def fused_example(spec, ops: Operands, tangents: Tangents, *, whole, example):
     """One example's ``(out, lse, dout, dlse)``; ``whole`` holds K, V, dK, dV with their batch axis."""
-    grid = spec.grid
-    kv_heads, groups, _, _ = ops.q.shape
-    k, v, dk, dv = whole
+    sweep = TangentSweep.of(spec, ops, tangents, whole, example)
+    v_dim = whole[1].shape[-1]
     acc_dtype = _numerics.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
-    consts = ops.opts.shared.score_consts
-    sinks, dsinks = example_sinks(ops), None if tangents.sinks is None else tangents.sinks.reshape(kv_heads, groups)
 
     def one_q_block(qb):
-        q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
-        dq_blk = None if tangents.q is None else bm.dynamic_block(tangents.q, qb, grid.block_q, 2)
+        q_blk, dq_blk = sweep.query_blocks(qb)
 
-        def visit(carry, key, kb, masked):
-            visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
-            place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
-            at = dict(key=key, visible=visible, consts=consts, dconsts=tangents.consts, place=place)
-            return fused_step(spec, carry, q_blk, dq_blk, **at)
+        def visit(carry, key, **at):
+            return fused_step(spec, carry, q_blk, dq_blk, key=key, **at)
 
-        def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
-            def block_of(x, transpose):  # a block of a whole K/V-like array, transposed for the products
-                return None if x is None else bm.kv_block(x, example, kb, grid.block_kv).transpose(transpose)
+        primal = initial_carry((*ops.q.shape[:2], spec.grid.block_q), v_dim, acc_dtype, sweep.sinks)
+        carry = sweep.over_keys(qb, visit, FusedCarry(primal, sweep.zero_carry()))
+        return finish_fused(carry, whole[1].dtype, sweep.sinks, sweep.dsinks)
 
-            def logits_block(x):
-                return None if x is None else slice_block(x, qb, kb, grid)
-
-            key = TangentKeyBlock(
-                kt=block_of(k, (1, 2, 0)),
-                v=block_of(v, (1, 0, 2)),
-                bias=logits_block(ops.bias),
-                mask=logits_block(ops.mask),
-                dkt=block_of(dk, (1, 2, 0)),
-                dv=block_of(dv, (1, 0, 2)),
-                dbias=logits_block(tangents.bias),
-            )
-            branches = [
-                lambda carry, key: carry,
-                lambda carry, key: visit(carry, key, kb, masked=False),
-                lambda carry, key: visit(carry, key, kb, masked=True),
-            ]
-            return lax.switch(blocks.kind(qb, kb), branches, carry, key)
-
-        shape = (kv_heads, groups, grid.block_q)
-        primal = initial_carry(shape, v.shape[-1], acc_dtype, sinks)
-        zeros = TangentCarry(jnp.zeros((*shape, v.shape[-1]), acc_dtype), jnp.zeros(shape, acc_dtype))
-        return finish_fused(blocks.kv_loop(qb, step, FusedCarry(primal, zeros)), v.dtype, sinks, dsinks)
-
-    if grid.num_q_blocks == 1:
-        results = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))
-    else:
-        results = lax.map(one_q_block, jnp.arange(grid.num_q_blocks, dtype=jnp.int32))
-    # (num_q_blocks, kv_heads, groups, bq, ...) -> (kv_heads, groups, q_padded, ...)
-    return tuple(jnp.moveaxis(x, 0, 2).reshape(kv_heads, groups, grid.q_padded, *x.shape[4:]) for x in results)
+    return sweep.over_queries(one_q_block)
 
 
 def fused(spec, ops: Operands, tangents: Tangents) -> tuple[Array, Array, Array, Array]:

@@ -22,6 +22,7 @@ from .. import _mods
 from .._options import AttentionOptions
 from .._tiling import FULL, PARTIAL, SKIP, Grid
 from .._tiling import fitted_block as fitted_block
+from ..masks._positions import key_interval
 
 
 def _ceil_div(a, b):
@@ -80,15 +81,7 @@ class ExampleBlocks:
 
     def row_interval(self, i):
         """Visible keys ``[lo, hi)`` of query row ``i`` (at position ``i + offset``) from the interval masks."""
-        pos = i + self.offset
-        lo, hi = 0, self.kv_end
-        if self.causal:
-            hi = jnp.minimum(hi, pos + 1)
-        if self.window is not None:
-            left, right = self.window
-            lo = jnp.maximum(pos - left, 0)
-            hi = jnp.minimum(hi, pos + right + 1)
-        return lo, hi
+        return key_interval(i + self.offset, self.kv_end, causal=self.causal, window=self.window)
 
     def kv_block_range(self, qb):
         """Key blocks ``[lo, hi)`` that query block ``qb`` may see."""

@@ -17,7 +17,7 @@ passed, and their products are skipped.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,63 +155,102 @@ def finish_tangent(carry: TangentCarry, out: Array, lse: Array, sinks, dsinks) -
     return dout.astype(out.dtype), rowsum
 
 
-def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, *, whole, example):
-    """One example's ``(dout, dlse)``; ``whole`` holds K, V, dK, dV with their batch axis."""
-    grid = spec.grid
-    kv_heads, groups, _, _ = ops.q.shape
-    k, v, dk, dv = whole
-    acc_dtype = _numerics.compute_dtype(ops.q.dtype)
-    blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
-    consts = ops.opts.shared.score_consts
-    sinks, dsinks = example_sinks(ops), None if tangents.sinks is None else tangents.sinks.reshape(kv_heads, groups)
+class TangentSweep(NamedTuple):
+    """One example's loop over query blocks and their visible key blocks, as the tangent and the fused pass
+    (``_fused``) both run it: operands with their tangents, the block geometry, the sinks."""
 
-    def one_q_block(qb):
-        q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
-        dq_blk = None if tangents.q is None else bm.dynamic_block(tangents.q, qb, grid.block_q, 2)
-        lse_blk = bm.dynamic_block(lse, qb, grid.block_q, 2)
+    spec: Any  # the KernelSpec
+    ops: Operands
+    tangents: Tangents
+    whole: tuple  # K, V, dK, dV with their batch axis
+    example: Array
+    blocks: ExampleBlocks
+    sinks: Array | None  # (kv_heads, groups)
+    dsinks: Array | None
 
-        def visit(carry, key, kb, masked):
+    @classmethod
+    def of(cls, spec, ops: Operands, tangents: Tangents, whole, example) -> TangentSweep:
+        kv_heads, groups = ops.q.shape[:2]
+        blocks = ExampleBlocks(ops.opts, spec.grid, ops.mask, example, heads=(kv_heads, groups))
+        dsinks = None if tangents.sinks is None else tangents.sinks.reshape(kv_heads, groups)
+        return cls(spec, ops, tangents, whole, example, blocks, example_sinks(ops), dsinks)
+
+    def query_blocks(self, qb) -> tuple[Array, Array | None]:
+        """Query block ``qb`` and its tangent (None: zero)."""
+        bq, dq = self.spec.grid.block_q, self.tangents.q
+        return bm.dynamic_block(self.ops.q, qb, bq, 2), None if dq is None else bm.dynamic_block(dq, qb, bq, 2)
+
+    def zero_carry(self) -> TangentCarry:
+        shape = (*self.ops.q.shape[:2], self.spec.grid.block_q)
+        acc_dtype = _numerics.compute_dtype(self.ops.q.dtype)
+        return TangentCarry(jnp.zeros((*shape, self.whole[1].shape[-1]), acc_dtype), jnp.zeros(shape, acc_dtype))
+
+    def key_block(self, qb, kb) -> TangentKeyBlock:
+        """Key block ``kb`` (beside query block ``qb``) with its tangents, transposed for the products."""
+        grid, (k, v, dk, dv) = self.spec.grid, self.whole
+
+        def block_of(x, transpose):
+            return None if x is None else bm.kv_block(x, self.example, kb, grid.block_kv).transpose(transpose)
+
+        def logits_block(x):
+            return None if x is None else slice_block(x, qb, kb, grid)
+
+        return TangentKeyBlock(
+            kt=block_of(k, (1, 2, 0)),
+            v=block_of(v, (1, 0, 2)),
+            bias=logits_block(self.ops.bias),
+            mask=logits_block(self.ops.mask),
+            dkt=block_of(dk, (1, 2, 0)),
+            dv=block_of(dv, (1, 0, 2)),
+            dbias=logits_block(self.tangents.bias),
+        )
+
+    def over_keys(self, qb, visit, init):
+        """``visit(carry, key, visible=..., consts=..., dconsts=..., place=...)`` folded over the key blocks
+        query block ``qb`` sees (``visible`` None for a fully visible block)."""
+        grid, blocks = self.spec.grid, self.blocks
+        at = dict(consts=self.ops.opts.shared.score_consts, dconsts=self.tangents.consts)
+
+        def masked_visit(carry, key, kb, masked):
             visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
-            place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
-            at = dict(key=key, visible=visible, consts=consts, dconsts=tangents.consts, place=place)
-            return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, **at)
+            return visit(carry, key, visible=visible, place=blocks.place(qb * grid.block_q, kb * grid.block_kv), **at)
 
         def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
-            def block_of(x):  # (size, kv_heads, x) block of a whole K/V-like array
-                return None if x is None else bm.kv_block(x, example, kb, grid.block_kv)
-
-            def logits_block(x):
-                return None if x is None else slice_block(x, qb, kb, grid)
-
-            dk_blk = block_of(dk)
-            key = TangentKeyBlock(
-                kt=block_of(k).transpose(1, 2, 0),
-                v=block_of(v).transpose(1, 0, 2),
-                bias=logits_block(ops.bias),
-                mask=logits_block(ops.mask),
-                dkt=None if dk_blk is None else dk_blk.transpose(1, 2, 0),
-                dv=None if dv is None else block_of(dv).transpose(1, 0, 2),
-                dbias=logits_block(tangents.bias),
-            )
             branches = [
                 lambda carry, key: carry,
-                lambda carry, key: visit(carry, key, kb, masked=False),
-                lambda carry, key: visit(carry, key, kb, masked=True),
+                lambda carry, key: masked_visit(carry, key, kb, masked=False),
+                lambda carry, key: masked_visit(carry, key, kb, masked=True),
             ]
-            return lax.switch(blocks.kind(qb, kb), branches, carry, key)
+            return lax.switch(blocks.kind(qb, kb), branches, carry, self.key_block(qb, kb))
 
-        shape = (kv_heads, groups, grid.block_q)
-        init = TangentCarry(jnp.zeros((*shape, v.shape[-1]), acc_dtype), jnp.zeros(shape, acc_dtype))
-        out_blk = bm.dynamic_block(out, qb, grid.block_q, 2)
-        return finish_tangent(blocks.kv_loop(qb, step, init), out_blk, lse_blk, sinks, dsinks)
+        return blocks.kv_loop(qb, step, init)
 
-    if grid.num_q_blocks == 1:
-        dout, dlse = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))
-    else:
-        dout, dlse = lax.map(one_q_block, jnp.arange(grid.num_q_blocks, dtype=jnp.int32))
-    dout = jnp.moveaxis(dout, 0, 2).reshape(out.shape)
-    dlse = jnp.moveaxis(dlse, 0, 2).reshape(lse.shape)
-    return dout, dlse
+    def over_queries(self, one_q_block) -> tuple[Array, ...]:
+        """``one_q_block(qb)`` of every query block, each result laid out ``(kv_heads, groups, q_padded, ...)``."""
+        grid = self.spec.grid
+        if grid.num_q_blocks == 1:  # no loop needed over one query block
+            results = jax.tree.map(lambda x: x[None], one_q_block(jnp.int32(0)))
+        else:
+            results = lax.map(one_q_block, jnp.arange(grid.num_q_blocks, dtype=jnp.int32))
+        # (num_q_blocks, kv_heads, groups, bq, ...) -> (kv_heads, groups, q_padded, ...)
+        return tuple(jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], grid.q_padded, *x.shape[4:]) for x in results)
+
+
+def tangent_example(spec, ops: Operands, out, lse, tangents: Tangents, *, whole, example):
+    """One example's ``(dout, dlse)``; ``whole`` holds K, V, dK, dV with their batch axis."""
+    sweep = TangentSweep.of(spec, ops, tangents, whole, example)
+
+    def one_q_block(qb):
+        q_blk, dq_blk = sweep.query_blocks(qb)
+        lse_blk, out_blk = (bm.dynamic_block(x, qb, spec.grid.block_q, 2) for x in (lse, out))
+
+        def visit(carry, key, **at):
+            return tangent_step(spec, carry, q_blk, dq_blk, lse_blk, key=key, **at)
+
+        carry = sweep.over_keys(qb, visit, sweep.zero_carry())
+        return finish_tangent(carry, out_blk, lse_blk, sweep.sinks, sweep.dsinks)
+
+    return sweep.over_queries(one_q_block)
 
 
 def tangent(spec, ops: Operands, out: Array, lse: Array, tangents: Tangents) -> tuple[Array, Array]:

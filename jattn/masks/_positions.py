@@ -15,6 +15,26 @@ def _as_index(x: ArrayLike, like: ArrayLike) -> Array:
     return jnp.asarray(x).astype(jnp.result_type(like))
 
 
+def key_interval(position, end, *, causal: bool, window: tuple[int, int] | None):
+    """The keys ``[lo, hi)`` a query at ``position`` sees among keys ``[0, end)`` under the interval masks:
+    ``causal`` and a ``(left, right)`` window (broadcast over ``position`` and ``end``; ``lo`` may be 0).
+
+    Example:
+        >>> lo, hi = key_interval(jnp.array([0, 5, 9]), 8, causal=True, window=(2, 0))
+        >>> lo.tolist(), hi.tolist()
+        ([0, 3, 7], [1, 6, 8])
+    """
+    lo: Array | int = 0
+    hi = end
+    if causal:
+        hi = jnp.minimum(hi, position + 1)
+    if window is not None:
+        left, right = window
+        lo = jnp.maximum(position - left, 0)
+        hi = jnp.minimum(hi, position + right + 1)
+    return lo, hi
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Causal:
     """Query ``i`` (at absolute position ``i + offset``) sees keys ``j <= i + offset``."""
