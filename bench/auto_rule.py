@@ -140,8 +140,9 @@ def measure_group(args: tuple, contenders: dict, *, rounds: int, min_sample_s: f
 
 
 def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: bool, names=CONTENDERS,
-        min_sample_s: float = 0.0) -> list[dict]:  # fmt: skip
-    """One record per (seq, option, mode, dtype) group (``decode`` over ``shape["decode_seq"]`` caches)."""
+        min_sample_s: float = 0.0, on_record=None) -> list[dict]:  # fmt: skip
+    """One record per (seq, option, mode, dtype) group (``decode`` over ``shape["decode_seq"]`` caches);
+    ``on_record(records)`` is called with the records so far after each one (to save a partial run)."""
     records = []
     for dtype in dtypes:
         for option in options:
@@ -163,6 +164,8 @@ def run(seqs, options, modes, dtypes, *, shape: dict, rounds: int, progress: boo
                     if option == "decode":
                         record["kv_bytes"] = kv_bytes(record, shape)
                     records.append(record)
+                    if on_record is not None:
+                        on_record(records)
                     if progress:
                         ratios = {n: round(r.get("vs_jax_nn", float("nan")), 2) for n, r in result.items()}
                         print(f"{dtype:8} {option:8} {mode:7} T={seq:<5} {ratios}", flush=True)
@@ -191,10 +194,14 @@ def crossovers(records: list[dict]) -> dict[str, int]:
     def counted(r):  # a decode step is inference: its forward+backward (recorded) sets no threshold
         return r["option"] in EXACT_WITH_JAX_NN and not (r["option"] == "decode" and r["mode"] != "fwd")
 
-    slower = [r["seq"] for r in records if counted(r) and median(r, "jattn:blockwise") > 1.05 * median(r, "jax.nn:xla")]
+    def slower_than_xla(r):  # a contender that failed (no median) counts as neither
+        ours, theirs = median(r, "jattn:blockwise"), median(r, "jax.nn:xla")
+        return ours is not None and theirs is not None and ours > 1.05 * theirs
+
+    slower = [r["seq"] for r in records if counted(r) and slower_than_xla(r)]
     wins: dict[int, list[bool]] = {}
     for r in records:
-        if r["option"] in OWN_OPTIONS and median(r, "jattn:reference"):
+        if r["option"] in OWN_OPTIONS and median(r, "jattn:reference") and median(r, "jattn:blockwise"):
             wins.setdefault(r["seq"], []).append(median(r, "jattn:reference") < median(r, "jattn:blockwise"))
     reference = [seq for seq, won in wins.items() if sum(won) > len(won) / 2]
 
@@ -237,18 +244,24 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     shape = {"batch": args.batch, "heads": 8, "dim": 64, "reference_max_seq": args.reference_max_seq,
              "decode_seq": args.decode_seq}  # fmt: skip
-    records = run(args.seq, args.option, args.mode, args.dtype, shape=shape, rounds=args.rounds,
-                  progress=not args.no_progress, names=args.contenders)  # fmt: skip
-    doc = {
-        "machine": machine_info(),
-        "command": "python -m bench.auto_rule " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "shape": shape,
-        "rounds": args.rounds,
-        "crossovers": crossovers(records) if "jattn:blockwise" in args.contenders else None,
-        "records": records,
-    }
     out = args.out or RESULTS_DIR / f"auto-rule-{jax.default_backend()}.json"
-    out.write_text(json.dumps(doc, indent=1) + "\n")
+    command = "python -m bench.auto_rule " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+
+    def save(records: list[dict]) -> dict:  # after every record: a run cut short keeps what it measured
+        doc = {
+            "machine": machine_info(),
+            "command": command,
+            "shape": shape,
+            "rounds": args.rounds,
+            "crossovers": crossovers(records) if "jattn:blockwise" in args.contenders else None,
+            "records": records,
+        }
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        return doc
+
+    records = run(args.seq, args.option, args.mode, args.dtype, shape=shape, rounds=args.rounds,
+                  progress=not args.no_progress, names=args.contenders, on_record=save)  # fmt: skip
+    doc = save(records)
     print("crossovers:", doc["crossovers"], "->", out)
     return doc
 
