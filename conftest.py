@@ -8,7 +8,8 @@ compiled memory figures the tests assert are the same. XLA:CPU's older
 elemental emitters (``--xla_cpu_use_fusion_emitters=false``) generate the code
 in about a third of the time of its MLIR fusion emitters (the blockwise order-2
 ``check_grads``: 30 s -> 10 s of backend compile); fusion differs in details,
-the temp-memory figures of the memory tests do not. A user's own XLA_FLAGS win.
+the temp-memory figures of the memory tests do not. jaxlib 0.11 has no such
+flag (XLA aborts on a flag it does not know), so it is set below 0.11 only. A user's own XLA_FLAGS win.
 
 Tests also compile many identical programs (the same case through several
 checks), so each pytest-xdist worker keeps JAX's persistent compilation cache:
@@ -23,9 +24,12 @@ wrote itself, so no entry is read while being written.
 import os
 import tempfile
 
-_FAST_COMPILE = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
-)
+import jaxlib.version  # the version only: the backend has not started yet
+
+_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if tuple(int(part) for part in jaxlib.version.__version__.split(".")[:2]) < (0, 11):
+    # jaxlib 0.11 removed this flag, and XLA aborts the process on a flag it does not know
+    _FAST_COMPILE += " --xla_cpu_use_fusion_emitters=false"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
