@@ -65,8 +65,46 @@ def full_markdown(doc: dict[str, Any]) -> str:
 def run_line(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v and k in ("jax", "flax"))
-    return (f"Made by `{doc['command']}` on backend `{m['backend']}`, {m['cpu_count']} CPUs ({versions}); "
+    device = "" if m["backend"] == "cpu" else f" ({m['device_kind']})"
+    return (f"Made by `{doc['command']}` on backend `{m['backend']}`{device}, {m['cpu_count']} CPUs ({versions}); "
             "interleaved rounds, medians, every ratio from one run.")  # fmt: skip
+
+
+def auto_rule_markdown(doc: dict[str, Any]) -> str:
+    """A ``python -m bench.auto_rule`` result as a table: jax.nn's XLA time, each other contender's time over
+    it, and what the auto rule picks for that case on the run's backend (``jattn.auto_implementation``)."""
+    timed = (n for r in doc["records"] for n, res in r["results"].items() if "vs_jax_nn" in res)
+    names = [n for n in dict.fromkeys(timed) if n != "jax.nn:xla"]  # a contender that never ran has no column
+    lines = [f"| case | jax.nn:xla | {' | '.join(f'{n} / xla' for n in names)} | auto picks |",
+             "|---|---|" + "---|" * len(names) + "---|"]  # fmt: skip
+    for r in doc["records"]:
+        res = r["results"]
+        ratios = [f"{res[n]['vs_jax_nn']:.2f}" if "vs_jax_nn" in res.get(n, {}) else "-" for n in names]
+        case = f"{r['dtype']} {r['option']} {r['mode']} T={r['seq']}"
+        picked = auto_pick(r, doc["shape"], doc["machine"]["backend"])
+        lines.append(f"| {case} | {fmt_time(res['jax.nn:xla'].get('median_s'))} | {' | '.join(ratios)} | {picked} |")
+    return "\n".join(lines)
+
+
+def auto_pick(record: dict, shape: dict, backend: str) -> str:
+    """``jattn.auto_implementation`` for one ``bench.auto_rule`` record's shapes and option on ``backend``."""
+    import jax
+    import jax.numpy as jnp
+
+    import jattn
+
+    batch, heads, dim, seq, dtype = shape["batch"], shape["heads"], shape["dim"], record["seq"], record["dtype"]
+    option = record["option"]
+    struct = jax.ShapeDtypeStruct
+    kv = struct((batch, seq, 2 if option == "gqa" else heads, dim), dtype)
+    q = struct((batch, 1 if option == "decode" else seq, heads, dim), dtype)
+    lengths = struct((batch,), jnp.int32)
+    options = {"causal": {"is_causal": True}, "lengths": {"key_value_seq_lengths": lengths},
+               "decode": {"key_value_seq_lengths": lengths}, "bias": {"bias": struct((batch, heads, seq, seq), dtype)},
+               "soft_cap": {"logits_soft_cap": 30.0}, "mask": {"mask": struct((batch, 1, 1, seq), jnp.bool_)},
+               "segments": {"query_segment_ids": struct((batch, seq), jnp.int32),
+                            "key_value_segment_ids": struct((batch, seq), jnp.int32)}}.get(option, {})  # fmt: skip
+    return jattn.auto_implementation(q, kv, kv, **options, backend=backend)
 
 
 def plot(doc: dict[str, Any], path: str | Path) -> Path:

@@ -12,6 +12,10 @@
   sequences, decode steps, causal, compile time) against jax.nn and Flax, one line per part, from
   ``bench/results/common-case-cpu.json`` (``python -m bench.common_case``); ``docs/performance.md``
   between ``<!-- common-rows:start -->`` and ``<!-- common-rows:end -->``: every row of it.
+- ``docs/performance.md`` between ``<!-- common-gpu:start -->`` and ``<!-- common-gpu:end -->``, and
+  ``<!-- auto-rule-gpu:start -->`` and ``<!-- auto-rule-gpu:end -->``: the same suite's rows and the
+  auto rule's measurements on a GPU (``bench/results/common-case-gpu.json``, ``auto-rule-gpu.json``;
+  ``bash bench/device_check.sh`` made them).
 
 All come from ``bench``'s own formatting (``bench.report``, ``bench.table``,
 ``bench.common_case_report``), so no number is typed by hand.
@@ -37,6 +41,10 @@ PERF = ("<!-- perf:start -->", "<!-- perf:end -->")
 HEADLINE = ("<!-- headline:start -->", "<!-- headline:end -->")
 COMMON_SUMMARY = ("<!-- common:start -->", "<!-- common:end -->")
 COMMON_ROWS = ("<!-- common-rows:start -->", "<!-- common-rows:end -->")
+COMMON_GPU = ROOT / "bench" / "results" / "common-case-gpu.json"
+AUTO_RULE_GPU = ROOT / "bench" / "results" / "auto-rule-gpu.json"
+GPU_ROWS = ("<!-- common-gpu:start -->", "<!-- common-gpu:end -->")
+GPU_AUTO_RULE = ("<!-- auto-rule-gpu:start -->", "<!-- auto-rule-gpu:end -->")
 
 
 def results() -> dict:
@@ -94,15 +102,25 @@ def common_region(doc: dict, *, rows: bool, plot: str) -> str:
     return "\n\n".join([common_case_report.run_line(doc), table_, image])
 
 
+def auto_rule_region(doc: dict) -> str:
+    """A ``bench.auto_rule`` run: its command and machine, then every case with what the rule picks."""
+    m = doc["machine"]
+    line = (f"Made by `{doc['command']}` on backend `{m['backend']}` ({m['device_kind']}), {doc['rounds']} "
+            f"interleaved rounds, medians; crossovers `{json.dumps(doc['crossovers'])}`.")  # fmt: skip
+    return "\n\n".join([line, common_case_report.auto_rule_markdown(doc)])
+
+
 def expected() -> list[tuple[Path, tuple[str, str], str]]:
     """(file, markers, body) of every generated region."""
-    doc, common = results(), json.loads(COMMON.read_text())
+    doc, common, gpu = results(), json.loads(COMMON.read_text()), json.loads(COMMON_GPU.read_text())
     png = "bench/results/common-case-cpu.png"
     return [
         (PERFORMANCE, PERF, performance_region(doc)),
         (README, HEADLINE, headline_region(doc)),
         (README, COMMON_SUMMARY, common_region(common, rows=False, plot=png)),
         (PERFORMANCE, COMMON_ROWS, common_region(common, rows=True, plot=f"../{png}")),
+        (PERFORMANCE, GPU_ROWS, common_region(gpu, rows=True, plot="../bench/results/common-case-gpu.png")),
+        (PERFORMANCE, GPU_AUTO_RULE, auto_rule_region(json.loads(AUTO_RULE_GPU.read_text()))),
     ]
 
 

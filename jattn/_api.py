@@ -262,7 +262,8 @@ def auto_implementation(
     where a query row sees no key, and segment ids reach it as a dense mask):
 
     * on GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) in float16/bfloat16
-      with a head dim of at most 128 and a multiple of 8;
+      with a head dim of at most 128 and a multiple of 8, else ``"xla"``, else
+      ``"reference"`` up to ``256**2`` logits, else ``"blockwise"``;
     * on other non-CPU backends, ``"xla"``;
     * on CPU, ``"xla"`` for float32/bfloat16 sequences up to 1024, else
       ``"reference"`` for tiny problems (``q_seq * kv_seq <= 64**2`` over at
@@ -271,8 +272,8 @@ def auto_implementation(
     * ``"blockwise"`` (sequence-parallel) when the query's sequence axis is
       sharded over an ``Explicit`` mesh axis (see :mod:`jattn.sharding`).
 
-    The CPU thresholds are the crossovers ``python -m bench.auto_rule``
-    measured (``bench/results/auto-rule-cpu.json``, see ``jattn._dispatch``).
+    The thresholds are the crossovers ``python -m bench.auto_rule`` measured
+    (``bench/results/auto-rule-cpu.json`` and ``-gpu.json``, see ``jattn._dispatch``).
 
     Args:
         query, key, value, bias, mask: as for :func:`jattn.dot_product_attention`.

@@ -51,6 +51,13 @@ REFERENCE_MAX_KV = 1024
 """A decode step (a few queries) over more keys than this goes blockwise, which skips the key blocks past
 ``key_value_seq_lengths`` (``reference_max_kv``: the longest cache where the reference was faster)."""
 
+GPU_REFERENCE_MAX_LOGITS = 256 * 256
+"""The same threshold on GPU, from bench/results/auto-rule-gpu.json (an H200, float32; the run's bfloat16 and
+decode cases were cut by its time box): the reference beat the blockwise kernel in every bias and soft-cap
+case at 256, the longest it ran at. There the blockwise kernel was 1.1-5.2x slower than jax.nn's XLA
+attention at every length measured (256-4096), so the GPU rule has no ``XLA_MAX_SEQ``: it delegates
+wherever jax.nn is exact."""
+
 DECODE_XLA_MAX_KV_BYTES = 4 * 2**20
 """A one-query step (a decode step) over a key cache larger than this (``batch * kv_seq * kv_heads * dim``
 bytes) goes blockwise even where auto would delegate: the dense path reads the whole cache, and past the
@@ -113,8 +120,8 @@ def choose(s: CallSignature) -> Implementation:
 
     * On GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) in float16/bfloat16
       with a head dim of at most 128 and a multiple of 8.
-    * On backends other than CPU, ``"xla"``: no ``bench/`` run there yet shows
-      the blockwise loop beating XLA.
+    * On backends other than CPU, ``"xla"``: on GPU the blockwise loop was slower
+      than XLA at every length measured (``GPU_REFERENCE_MAX_LOGITS`` cites the run).
     * On CPU, ``"blockwise"`` for a one-query step over more than
       ``DECODE_XLA_MAX_KV_BYTES`` of keys (a decode step over a large cache:
       it skips the blocks past ``key_value_seq_lengths``); for a smaller
@@ -122,7 +129,7 @@ def choose(s: CallSignature) -> Implementation:
       computes, ``"reference"`` in its one-query form, which reads the cache
       as it lies where jax.nn's program copies it transposed every step;
       else ``"xla"`` for sequences up to ``XLA_MAX_SEQ`` in float32 or bfloat16.
-    * Otherwise ``"reference"`` for tiny problems (``REFERENCE_MAX_LOGITS``)
+    * Otherwise ``"reference"`` for small problems (``REFERENCE_MAX_LOGITS``, on GPU ``GPU_REFERENCE_MAX_LOGITS``)
       over at most ``REFERENCE_MAX_KV`` keys or where the blockwise kernel
       cannot run (a symbolic sequence length), else ``"blockwise"``: it skips
       blocks no query sees.
@@ -135,6 +142,8 @@ def choose(s: CallSignature) -> Implementation:
         ('blockwise', 'xla', 'xla')
         >>> choose(cpu._replace(backend="gpu", features=frozenset({"sinks"})))
         'blockwise'
+        >>> choose(cpu._replace(backend="gpu", q_seq=256, kv_seq=256, features=frozenset({"sinks"})))
+        'reference'
         >>> step = cpu._replace(q_seq=1, kv_seq=1024)  # a decode step: 2 MiB of keys, then 16 MiB
         >>> choose(step._replace(kv_bytes=2**21)), choose(step._replace(kv_bytes=2**24))
         ('xla', 'blockwise')
@@ -160,7 +169,8 @@ def choose(s: CallSignature) -> Implementation:
     if not exact("blockwise") or sizes is None:  # blockwise lacks symbolic lengths: the table says so too
         return "reference"
     q_seq, kv_seq = sizes
-    if q_seq * kv_seq <= REFERENCE_MAX_LOGITS and kv_seq <= REFERENCE_MAX_KV:
+    max_logits = GPU_REFERENCE_MAX_LOGITS if s.backend == "gpu" else REFERENCE_MAX_LOGITS
+    if q_seq * kv_seq <= max_logits and kv_seq <= REFERENCE_MAX_KV:
         return "reference"
     return "blockwise"
 
