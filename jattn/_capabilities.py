@@ -53,6 +53,7 @@ V_DIM = "v_dim != dim"
 EMPTY_ROWS = "rows that may see no key"
 BIAS_ROWS = "bias rows of -inf"
 FLOAT64 = "float64"
+WIDE_FLOATS = "float32 or float64 inputs"
 ONE_SIDED_WINDOW_ONLY = "window with right > 0"
 SEQUENCE_PARALLEL = "sequence_parallel"
 
@@ -62,6 +63,7 @@ PROPERTIES: Mapping[str, str] = {
     EMPTY_ROWS: "a query row can see no key (lengths, masks, a window): jattn gives zeros, jax.nn the mean of V",
     BIAS_ROWS: "a bias row of -inf hides every key: jattn gives zeros, jax.nn NaN",
     FLOAT64: "float64 inputs: jattn's softmax runs in float64, jax.nn's in float32",
+    WIDE_FLOATS: "float32 or float64 inputs (jax.nn's cuDNN kernel takes float16 and bfloat16)",
     ONE_SIDED_WINDOW_ONLY: "a local window that reaches right of the diagonal without is_causal",
     SEQUENCE_PARALLEL: "the sequence split over a mesh axis (ring or all-gather K/V)",
 }
@@ -100,7 +102,7 @@ CAPABILITIES: Mapping[str, Mapping[str, Support]] = {
         "block_mask": Support.NO,
     },
     "xla": _JAX_NN_LACKS,
-    "cudnn": {**_JAX_NN_LACKS, ONE_SIDED_WINDOW_ONLY: Support.NO},
+    "cudnn": {**_JAX_NN_LACKS, ONE_SIDED_WINDOW_ONLY: Support.NO, WIDE_FLOATS: Support.NO},
 }
 """implementation -> feature -> support; a feature not listed in a row is :attr:`Support.YES`."""
 
@@ -119,7 +121,7 @@ def features_of(inputs: AttentionInputs) -> dict[str, str]:
         >>> from jattn._prepare import prepare
         >>> q, v = jnp.zeros((1, 3, 2, 4), jnp.float32), jnp.zeros((1, 3, 2, 5), jnp.float32)
         >>> sorted(features_of(prepare(q, q, v, CallOptions(is_causal=True)).inputs))
-        ['is_causal', 'scale', 'v_dim != dim']
+        ['float32 or float64 inputs', 'is_causal', 'scale', 'v_dim != dim']
     """
     query, key, value, bias, mask, opts = inputs
     static, arrays, shared = opts.static, opts.arrays, opts.shared
@@ -158,6 +160,8 @@ def features_of(inputs: AttentionInputs) -> dict[str, str]:
         features[BIAS_ROWS] = BIAS_ROWS
     if jnp.dtype(query.dtype) == jnp.float64:
         features[FLOAT64] = FLOAT64
+    if jnp.dtype(query.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        features[WIDE_FLOATS] = f"{jnp.dtype(query.dtype).name} inputs"
     if window is not None and window[1] > 0 and not static.is_causal:
         features[ONE_SIDED_WINDOW_ONLY] = ONE_SIDED_WINDOW_ONLY
     return features

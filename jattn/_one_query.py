@@ -43,6 +43,7 @@ from .masks._positions import key_interval
 FEATURES = frozenset(
     {"scale", "is_causal", "key_value_seq_lengths", "query_offset", "local_window_size"}
     | {_capabilities.EMPTY_ROWS, _capabilities.V_DIM, _capabilities.FLOAT64, _capabilities.ONE_SIDED_WINDOW_ONLY}
+    | {_capabilities.WIDE_FLOATS}
 )
 """The capability-table features the one-query form computes (a call using any other goes elsewhere)."""
 

@@ -64,6 +64,8 @@ def skip_unsupported_upstream(implementation: str, dtype) -> None:
     """Skips combinations jax.nn itself cannot run (not jattn bugs)."""
     if implementation == "xla" and jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
         pytest.skip("jax.nn.dot_product_attention does not compile float16 on CPU (F16_F16_F32 dot precision)")
+    if implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        pytest.skip("jax.nn's cuDNN kernel takes float16 and bfloat16 only (jattn refuses the rest: test_capabilities)")
 
 
 # --- tolerances -----------------------------------------------------------------------------------
