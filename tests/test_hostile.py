@@ -40,7 +40,7 @@ def forward_and_grads(query, key, value, bias, mask, kv_lengths, cotangent, *, i
 
 
 def run(implementation, dtype, query, key, value, bias=None, mask=None, kv_lengths=None, scale=None, causal=False):
-    skip_unsupported_upstream(implementation, dtype)
+    skip_unsupported_upstream(implementation, dtype, query, key, bias_grad=True)
     cast = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
     cot = jnp.asarray(np.random.default_rng(7).standard_normal((*np.shape(query)[:-1], np.shape(value)[-1])), dtype)
     bias = jnp.zeros((1, 1, 1, 1), dtype) if bias is None else bias

@@ -60,12 +60,23 @@ def promotion_for(implementation: str, dtype):
         yield
 
 
-def skip_unsupported_upstream(implementation: str, dtype) -> None:
-    """Skips combinations jax.nn itself cannot run (not jattn bugs)."""
+def skip_unsupported_upstream(implementation: str, dtype, query=None, key=None, *, bias_grad: bool = False) -> None:
+    """Skips combinations jax.nn itself cannot run (not jattn bugs). For cuDNN, given the (batched) query and key,
+    also the shapes its flash kernel refuses, as jax.nn checks them (``check_is_flash_attention``): a head dim
+    up to 128 (256 from Hopper on) and a multiple of 8, and even sequence lengths for a bias gradient."""
     if implementation == "xla" and jnp.dtype(dtype) == jnp.float16 and jax.default_backend() == "cpu":
         pytest.skip("jax.nn.dot_product_attention does not compile float16 on CPU (F16_F16_F32 dot precision)")
-    if implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+    if implementation != "cudnn":
+        return
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
         pytest.skip("jax.nn's cuDNN kernel takes float16 and bfloat16 only (jattn refuses the rest: test_capabilities)")
+    if query is None or key is None:
+        return
+    (q_seq, _, dim), kv_seq = np.shape(query)[-3:], np.shape(key)[-3]  # arrays or shapes, (..., seq, heads, dim)
+    if dim % 8 or dim > 128:
+        pytest.skip(f"jax.nn's cuDNN kernel needs a head dim <= 128 (256 on Hopper), a multiple of 8: {dim}")
+    if bias_grad and (q_seq % 2 or kv_seq % 2):
+        pytest.skip(f"jax.nn's cuDNN kernel needs even lengths for a bias gradient: {q_seq}, {kv_seq}")
 
 
 # --- tolerances -----------------------------------------------------------------------------------
