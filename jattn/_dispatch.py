@@ -54,9 +54,9 @@ REFERENCE_MAX_KV = 1024
 GPU_REFERENCE_MAX_LOGITS = 256 * 256
 """The same threshold on GPU, from bench/results/auto-rule-gpu.json (an H200, float32; the run's bfloat16 and
 decode cases were cut by its time box): the reference beat the blockwise kernel in every bias and soft-cap
-case at 256, the longest it ran at. There the blockwise kernel was 1.1-5.2x slower than jax.nn's XLA
-attention at every length measured (256-4096), so the GPU rule has no ``XLA_MAX_SEQ``: it delegates
-wherever jax.nn is exact."""
+case at 256, the longest it ran at. The blockwise kernel was 1.2-4.6x slower than jax.nn's XLA attention
+in every case at 1024 and 4096 (at 256, 0.91-5.2x: calls of about 0.1 ms), so the GPU rule has no
+``XLA_MAX_SEQ``: it delegates wherever jax.nn is exact."""
 
 DECODE_XLA_MAX_KV_BYTES = 4 * 2**20
 """A one-query step (a decode step) over a key cache larger than this (``batch * kv_seq * kv_heads * dim``
@@ -121,7 +121,7 @@ def choose(s: CallSignature) -> Implementation:
     * On GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) in float16/bfloat16
       with a head dim of at most 128 and a multiple of 8.
     * On backends other than CPU, ``"xla"``: on GPU the blockwise loop was slower
-      than XLA at every length measured (``GPU_REFERENCE_MAX_LOGITS`` cites the run).
+      than XLA at 1024 and 4096 (``GPU_REFERENCE_MAX_LOGITS`` cites the run).
     * On CPU, ``"blockwise"`` for a one-query step over more than
       ``DECODE_XLA_MAX_KV_BYTES`` of keys (a decode step over a large cache:
       it skips the blocks past ``key_value_seq_lengths``); for a smaller
