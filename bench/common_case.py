@@ -72,7 +72,7 @@ def part_auto(args) -> list[dict]:
         same = ours["program"] == theirs["program"]  # then the ratio is this machine's noise
         rows.append(row("auto", case, ("jattn:auto", ours["median_s"]), ("jax.nn:xla", theirs["median_s"]),
                         same_program=same))  # fmt: skip
-        report(rows[-1])
+        report(rows[-1], args)
     return rows
 
 
@@ -91,7 +91,7 @@ def part_decode(args) -> list[dict]:
                 case = f"batch {batch} cache {max_length} fill {fill}"
                 notes = {"implementation": ours.notes.get("implementation")}
                 rows.append(row("decode", case, (decode.MINE, times["jattn"]), (decode.PEER, times["flax"]), **notes))
-                report(rows[-1])
+                report(rows[-1], args)
     return rows
 
 
@@ -116,7 +116,7 @@ def part_causal(args) -> list[dict]:
         times = auto_rule.interleave(calls, rounds=args.long_rounds)
         case = f"{mode} T={args.long_seq}"
         rows.append(row("causal", case, ("jattn causal", times[True]), ("jattn non-causal", times[False])))
-        report(rows[-1])
+        report(rows[-1], args)
     return rows
 
 
@@ -151,9 +151,9 @@ def part_compile(args) -> list[dict]:
                 ("jax.nn:xla", s["jax.nn:xla"]),
             )
         )
-        report(rows[-1])
+        report(rows[-1], args)
     rows.append(decode_compile(args))
-    report(rows[-1])
+    report(rows[-1], args)
     return rows
 
 
@@ -191,7 +191,7 @@ def part_jvp(args) -> list[dict]:
         rows.append(row("jvp", f"temp memory {case}", ("jattn jvp", memory[0]), ("jax.nn:xla jvp", memory[1]),
                         target_key="jvp_memory", unit="bytes"))  # fmt: skip
     for r in rows:
-        report(r)
+        report(r, args)
     return rows
 
 
@@ -223,13 +223,16 @@ def part_mask_mod(args) -> list[dict]:
     times = auto_rule.interleave({n: blocking(g, q, k, v, fs[n][1]) for n, g in grads.items()}, rounds=args.long_rounds)
     r = row("mask_mod", f"fwd+bwd {docs} documents T={seq}", ("mask_mod", times["mod"]), ("dense mask", times["dense"]),
             compile_s=compile_s)  # fmt: skip
-    report(r)
+    report(r, args)
     return [r]
 
 
-def report(r: dict) -> None:
+def report(r: dict, args: argparse.Namespace | None = None) -> None:
+    """Prints a row, and hands it to ``args.on_row`` where ``main`` set one (it saves the run so far)."""
     mark = "ok " if r["met"] else "MISS"
     print(f"{mark} {r['part']:8} {r['case']:40} {r['ratio']:6.2f} (target {r['target']})", flush=True)
+    if args is not None and getattr(args, "on_row", None) is not None:
+        args.on_row(r)
 
 
 def parse(argv) -> argparse.Namespace:
@@ -262,10 +265,23 @@ def main(argv=None) -> dict:
     args = parse(argv)
     rows: list[dict] = []
     out = args.out or auto_rule.RESULTS_DIR / f"common-case-{jax.default_backend()}.json"
+
+    def save(partial: list[dict]) -> dict:  # after every row: a run cut short keeps what it measured
+        doc = {"machine": machine_info(), "command": " ".join(["python -m bench.common_case", *argv]),
+               "rows": rows + partial}  # fmt: skip
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        return doc
+
     for part in args.part:
+        partial: list[dict] = []  # this part's rows so far
+
+        def on_row(r: dict, partial: list[dict] = partial) -> None:
+            partial.append(r)
+            save(partial)
+
+        args.on_row = on_row
         rows += globals()[f"part_{part}"](args)
-        doc = {"machine": machine_info(), "command": " ".join(["python -m bench.common_case", *argv]), "rows": rows}
-        out.write_text(json.dumps(doc, indent=1) + "\n")  # after each part: a run cut short keeps the parts done
+    doc = save([])
     met = sum(r["met"] for r in rows)
     print(f"{met}/{len(rows)} rows meet their target -> {out}")
     return doc
