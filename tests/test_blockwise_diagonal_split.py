@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn._blockwise import _backward, _forward
+from jattn._blockwise import _backward, _blockmath, _forward
 
 B, T, H, KH, D = 2, 71, 4, 2, 8  # blocks of 32: a partial third block, GQA
 BLOCKS = {"block_q": 32, "block_kv": 32}
@@ -99,3 +99,55 @@ def test_only_the_causal_diagonal_blocks_qualify():
         # a decode-like offset of 16: block (qb, qb) is full, the partial one is (qb, qb + 1)
         assert qualifies(True, 16, qb, qb + 1) and not qualifies(True, 16, qb, qb)
         assert not qualifies(False, 0, qb, qb)
+
+
+def hides_for(q_seq: int, **options) -> bool:
+    """Whether the blockwise forward and backward (blocks of 32) select out unseen keys anywhere."""
+    calls = []
+    original = _blockmath.hide_unseen
+
+    def spy(*args):
+        calls.append(1)
+        return original(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_blockmath, "hide_unseen", spy)
+        options = {**BLOCKS, **options}
+        f = lambda q, k, v: jnp.sum(jattn.dot_product_attention(q, k, v, implementation="blockwise", **options))  # noqa: E731
+        jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(Q[:, :q_seq], K[:, :q_seq], V[:, :q_seq])
+    return bool(calls)
+
+
+def test_a_plain_causal_square_grid_of_whole_blocks_hides_no_key():
+    # Its partial blocks are the diagonal ones, where the last row sees every key: hiding would be a no-op.
+    assert not hides_for(64, is_causal=True)
+    assert not hides_for(64, is_causal=True, score_mod=jattn.score_mods.alibi(SLOPES))  # a mod hides nothing
+    # Anything that may hide a key from every row of a piece keeps the select.
+    assert hides_for(71, is_causal=True)  # a padded last block
+    assert hides_for(64, is_causal=True, key_value_seq_lengths=jnp.array([40, 64]))
+    assert hides_for(64, is_causal=True, query_seq_lengths=jnp.array([64, 20]))
+    assert hides_for(64, is_causal=True, local_window_size=(20, 0))
+    ids = jnp.array([[0] * 30 + [1] * 34] * 2)
+    assert hides_for(64, is_causal=True, query_segment_ids=ids, key_value_segment_ids=ids)
+    assert hides_for(64, is_causal=True, mask=jnp.ones((1, 1, 64, 64), bool))
+    assert hides_for(64, is_causal=True, block_q=32, block_kv=16)
+
+
+@pytest.mark.parametrize("score_mod", [False, True], ids=["plain", "alibi"])
+def test_whole_blocks_without_hiding_equal_the_reference(score_mod):
+    q, k, v, cotangent = Q[:, :64], K[:, :64], V[:, :64], COTANGENT[:, :64]
+
+    def loss(implementation):
+        def f(q, k, v, slopes):
+            mod = jattn.score_mods.alibi(slopes) if score_mod else None
+            extra = {} if implementation == "reference" else BLOCKS
+            out = jattn.dot_product_attention(q, k, v, is_causal=True, score_mod=mod, implementation=implementation,
+                                              **extra)  # fmt: skip
+            return jnp.sum(out * cotangent)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(q, k, v, SLOPES)
+
+    ours, expected = loss("blockwise"), loss("reference")
+    np.testing.assert_allclose(ours[0], expected[0], rtol=1e-12)
+    for got, want in zip(ours[1], expected[1], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-11)

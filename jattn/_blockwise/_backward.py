@@ -10,6 +10,7 @@ matmuls (see ``_blockmath.mm``).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -20,7 +21,7 @@ from jaxtyping import Array
 from .. import _numerics
 from .._tiling import PARTIAL
 from . import _blockmath as bm
-from ._forward import example_sinks, splittable
+from ._forward import example_sinks, keys_all_seen, splittable
 from ._geometry import ExampleBlocks, Grid, block_start, slice_block
 from ._layout import Operands, over_batch
 
@@ -65,18 +66,18 @@ class Wanted(NamedTuple):
 
 
 def pair_grads(
-    spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, *, consts, want, place, block_q=None
+    spec, key: KeyBlock, query: QueryBlock, visible, acc: PairGrads, *, consts, want, place, block_q=None, hide=True
 ) -> PairGrads:
     """Adds one block pair's dK/dV (and score_mod const gradients) to ``acc``; also its dQ block and dlogits.
 
     ``visible`` ``(kv_heads|1, bk, groups|1, bq)`` masks a partial block (None: fully visible);
     ``want`` says which of the score_mod's ``consts`` get gradients (``acc.dconsts`` holds those);
     ``place`` locates the block for the score_mod (transposed layout); ``block_q``: the query block's
-    rows per group when not the grid's (half a block, :func:`split_pair_grads`).
+    rows per group when not the grid's (half a block, :func:`split_pair_grads`); ``hide``: as in the forward.
     """
     options = spec.options
     bq = spec.grid.block_q if block_q is None else block_q
-    if visible is not None:  # (kv_heads|1, bk, groups|1, bq): keys no row sees are selected out
+    if visible is not None and hide:  # (kv_heads|1, bk, groups|1, bq): keys no row sees are selected out
         seen = bm.seen_keys(visible, 1)
         key = KeyBlock(bm.hide_unseen(key.k, seen, 1), bm.hide_unseen(key.v, seen, 1), bm.hide_unseen(key.kt, seen, 2))
     kv_heads, bk = key.k.shape[:2]
@@ -115,7 +116,7 @@ def pair_grads(
 
 
 def split_pair_grads(spec, blocks: ExampleBlocks, key: KeyBlock, query: QueryBlock, acc: PairGrads, *, consts,
-                     want, at) -> PairGrads:  # fmt: skip
+                     want, at, hide=True) -> PairGrads:  # fmt: skip
     """:func:`pair_grads` of a partial pair whose top rows see none of the right half of the keys (the causal
     diagonal): the left half of the keys against every row, the right half against the bottom rows only, a
     quarter of the products skipped. Without a bias or dense mask (the caller checks)."""
@@ -143,12 +144,12 @@ def split_pair_grads(spec, blocks: ExampleBlocks, key: KeyBlock, query: QueryBlo
         return acc._replace(dk=half(acc.dk, 1, right), dv=half(acc.dv, 1, right))
 
     left = pair_grads(spec, keys(False), query, visible(qb, 2 * kb, bq), acc_half(acc, False), consts=consts,
-                      want=want, place=blocks.place(qb * bq, kb * bk))  # fmt: skip
+                      want=want, place=blocks.place(qb * bq, kb * bk), hide=hide)  # fmt: skip
     lower = QueryBlock(bottom(query.q, 1), bottom(query.qt, 2), bottom(query.dout, 1), bottom(query.dout_t, 2),
                        bottom(query.lse, 2), bottom(query.delta, 2), None, None)  # fmt: skip
     right = pair_grads(spec, keys(True), lower, visible(2 * qb + 1, 2 * kb + 1, hq),
                        acc_half(acc, True)._replace(dconsts=left.dconsts), consts=consts, want=want,
-                       place=blocks.place(qb * bq + hq, kb * bk + hk), block_q=hq)  # fmt: skip
+                       place=blocks.place(qb * bq + hq, kb * bk + hk), block_q=hq, hide=hide)  # fmt: skip
     dqt = left.dqt.reshape(kv_heads, -1, groups, bq).at[..., hq:].add(right.dqt.reshape(kv_heads, -1, groups, hq))
     dqt = dqt.reshape(left.dqt.shape)
     dk, dv = (jnp.concatenate([a, b], axis=1) for a, b in ((left.dk, right.dk), (left.dv, right.dv)))
@@ -234,13 +235,14 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
     consts = ops.opts.shared.score_consts
 
     can_split = splittable(grid, ops) and not want.bias
+    hide = not keys_all_seen(grid, ops)
 
     def pair(acc, query, qb, kb, key, *, masked):
         visible = None
         if masked:
             visible = bm.transposed_block(blocks.visible(qb, kb, query.mask, grid.block_q, grid.block_kv))
         place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
-        grads = pair_grads(spec, key, query, visible, acc, consts=consts, want=want.consts, place=place)
+        grads = pair_grads(spec, key, query, visible, acc, consts=consts, want=want.consts, place=place, hide=hide)
         return grads if want.bias else grads._replace(dlogits=None)
 
     def one_kv_block(carry, kb):
@@ -251,10 +253,8 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
             return acc._replace(dqt=jnp.zeros((kv_heads, dim, rows), acc_dtype), dlogits=dlogits)
 
         def step(qb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
-            # The switch only carries block-sized values: the full-size dQ (and
-            # dbias) are updated in place outside it, so no branch copies them.
-            # Blocks are sliced here, outside the switch, so no branch takes a
-            # full-size array as an operand.
+            # The switch only carries block-sized values: the full-size dQ (and dbias) are updated in place
+            # outside it, and blocks are sliced before it, so no branch takes or copies a full-size array.
             acc, dqt, dbias = carry
             branches = [
                 lambda acc, query: skip(acc),
@@ -263,10 +263,13 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
             ]
             kind = blocks.kind(qb, kb)
             if can_split:  # a fourth branch: the causal diagonal's partial pair, by quadrants
-                branches.append(lambda acc, query: split_pair_grads(spec, blocks, key, query, acc, consts=consts,
-                                                                    want=want.consts, at=(qb, kb)))  # fmt: skip
+                split = functools.partial(split_pair_grads, spec, blocks, key, consts=consts, want=want.consts,
+                                          at=(qb, kb), hide=hide)  # fmt: skip
+                branches.append(lambda acc, query: split(query, acc))
                 kind = jnp.where((kind == PARTIAL) & blocks.top_half_skips_right_half(qb, kb), len(branches) - 1, kind)
             query = query_block(grid, ops, arrays, lse, dout, at=(qb, kb))
+            # The barrier keeps XLA from hoisting the split's row halves as a second slice of each query array.
+            query = lax.optimization_barrier(query) if can_split else query
             grads = lax.switch(kind, branches, acc, query)
             dqt_blk = bm.dynamic_block(dqt, qb, grid.block_q, 3) + grads.dqt.reshape(
                 kv_heads, dim, groups, grid.block_q

@@ -8,6 +8,7 @@ log-sum-exp of every row, which the backward uses to recompute probabilities.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -37,9 +38,11 @@ class KeyBlock(NamedTuple):
     mask: Array | None  # slice_block of the dense mask
 
 
-def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visible, *, consts, place: bm.Placement):
-    """Folds one key block into the carry; ``visible`` masks a partial block (None: fully visible)."""
-    if visible is not None:  # (kv_heads|1, groups|1, bq, bk)
+def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visible, *, consts, place: bm.Placement,
+                        hide: bool = True):  # fmt: skip
+    """Folds one key block into the carry; ``visible`` masks a partial block (None: fully visible); ``hide``:
+    select out the keys no row of the block sees (False only where every key is seen, :func:`keys_all_seen`)."""
+    if visible is not None and hide:  # (kv_heads|1, groups|1, bq, bk)
         seen = bm.seen_keys(visible, 3)
         key = key._replace(kt=bm.hide_unseen(key.kt, seen, 2), v=bm.hide_unseen(key.v, seen, 1))
     s = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place).s
@@ -93,10 +96,23 @@ def splittable(grid, ops: Operands) -> bool:
     return diagonal and sizes and ops.bias is None and ops.mask is None
 
 
-def visit_split(spec, blocks: ExampleBlocks, q_blk, carry: OnlineSoftmax, key: KeyBlock, *, consts, at):
+def keys_all_seen(grid, ops: Operands) -> bool:
+    """Whether, in each piece :func:`visit_split` (and the backward's split) visits, some row sees every key, so
+    hiding unseen keys is a no-op there and is skipped: a plain causal mask on a square grid of whole blocks.
+    Its only partial blocks are then the diagonal ones, and no length, offset, segment, window or mask hides a
+    key from every row of a piece (the diagonal's last row sees every key of its block)."""
+    static, arrays = ops.opts.static, ops.opts.arrays
+    plain = static.is_causal and static.local_window_size is None and static.mask_mod is None
+    hidden = (ops.mask, ops.opts.block_mask, *arrays)  # every per-example array: lengths, segment ids, offsets
+    square = grid.q_seq == grid.kv_seq and grid.block_q == grid.block_kv and grid.q_seq % grid.block_q == 0
+    return plain and square and all(x is None for x in hidden)
+
+
+def visit_split(spec, blocks: ExampleBlocks, q_blk, carry: OnlineSoftmax, key: KeyBlock, *, consts, at, hide=True):
     """A partial block whose top rows see none of its right half (the causal diagonal): the top half of the
     rows against the left half of the keys, the bottom half against all of them; a quarter of the block's
-    products are skipped. Without a bias or dense mask block (the caller checks)."""
+    products are skipped. Without a bias or dense mask block (the caller checks); ``hide`` as in
+    :func:`online_softmax_step`."""
     qb, kb = at
     bq, bk = blocks.grid.block_q, blocks.grid.block_kv
     hq, hk = bq // 2, bk // 2
@@ -108,7 +124,8 @@ def visit_split(spec, blocks: ExampleBlocks, q_blk, carry: OnlineSoftmax, key: K
         visible = blocks.visible(2 * qb + half, kb_sub, None, hq, width)
         place = blocks.place(qb * bq + half * hq, kb * bk)
         part = OnlineSoftmax(*(rows_of(x, half) for x in carry))
-        return online_softmax_step(spec, part, rows_of(q_blk, half), keys, visible, consts=consts, place=place)
+        return online_softmax_step(spec, part, rows_of(q_blk, half), keys, visible, consts=consts, place=place,
+                                   hide=hide)  # fmt: skip
 
     left = KeyBlock(kt=key.kt[:, :, :hk], v=key.v[:, :hk], bias=None, mask=None)
     top = fold(0, left, hk, 2 * kb)
@@ -131,6 +148,7 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
     blocks = ExampleBlocks(ops.opts, grid, ops.mask, example, heads=(kv_heads, groups))
     consts = ops.opts.shared.score_consts
     can_split = splittable(grid, ops)
+    hide = not keys_all_seen(grid, ops)
 
     def one_q_block(qb):
         q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
@@ -138,7 +156,7 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
         def visit(carry, key, kb, masked):
             visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
             place = blocks.place(qb * grid.block_q, kb * grid.block_kv)
-            return online_softmax_step(spec, carry, q_blk, key, visible, consts=consts, place=place)
+            return online_softmax_step(spec, carry, q_blk, key, visible, consts=consts, place=place, hide=hide)
 
         def step(kb, carry):  # branches in the order of _geometry.SKIP, FULL, PARTIAL
             # Blocks are sliced here, outside the switch: a branch that took the
@@ -156,9 +174,8 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
             ]
             kind = blocks.kind(qb, kb)
             if can_split:  # a fourth branch: the causal diagonal's partial block, by quadrants
-                branches.append(
-                    lambda carry, key: visit_split(spec, blocks, q_blk, carry, key, consts=consts, at=(qb, kb))
-                )
+                split = functools.partial(visit_split, spec, blocks, q_blk, consts=consts, at=(qb, kb), hide=hide)
+                branches.append(split)
                 kind = jnp.where((kind == PARTIAL) & blocks.top_half_skips_right_half(qb, kb), len(branches) - 1, kind)
             return lax.switch(kind, branches, carry, key)
 
