@@ -12,6 +12,10 @@ Options: ``none``, ``causal``, ``lengths`` (``key_value_seq_lengths``, every exa
 packed sequences; ``jax.nn`` gets the same mask dense, as a user without segment ids would pass it),
 ``bias`` (a float bias), ``soft_cap`` (``logits_soft_cap=30``; jax.nn has none, so it runs plain) and
 ``decode`` (one query over ``seq`` cached keys filled to half: ``key_value_seq_lengths``).
+
+``--keep EARLIER.json`` refreshes part of a result: the earlier run's records of cases this run does not
+measure are kept, each marked with the command that measured it (for a device lent for minutes, where the
+whole sweep does not fit in one call).
 """
 
 from __future__ import annotations
@@ -226,6 +230,30 @@ def kv_bytes(record: dict, shape: dict) -> int:
     return shape["batch"] * record["seq"] * shape["heads"] * shape["dim"] * itemsize
 
 
+def _case(record: dict) -> tuple:
+    return record["seq"], record["option"], record["mode"], record["dtype"]
+
+
+def kept_records(earlier: dict, args) -> list[dict]:
+    """The records of an ``earlier`` result (a device run cut short, say) that this run keeps: those of cases it
+    does not measure, each marked with the command that measured it. The earlier run must have had this run's
+    batch and rounds, else its times are not comparable."""
+    if earlier["shape"]["batch"] != args.batch or earlier["rounds"] != args.rounds:
+        raise ValueError(
+            f"--keep: the earlier run had batch {earlier['shape']['batch']} and {earlier['rounds']} rounds; "
+            f"this one has {args.batch} and {args.rounds} (rerun with the same)"
+        )
+    if earlier["machine"]["backend"] != jax.default_backend():
+        raise ValueError(f"--keep: the earlier run was on {earlier['machine']['backend']}, not {jax.default_backend()}")
+    return [{"from": earlier["command"], **r} if "from" not in r else r for r in earlier["records"]]
+
+
+def merged(kept: list[dict], records: list[dict]) -> list[dict]:
+    """``kept`` records of the cases ``records`` lacks, then ``records``."""
+    measured = {_case(r) for r in records}
+    return [r for r in kept if _case(r) not in measured] + records
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m bench.auto_rule", description=__doc__.split("\n")[0].strip("`: "))
     p.add_argument("--seq", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
@@ -241,13 +269,17 @@ def main(argv=None) -> dict:
         "--contenders", nargs="+", default=list(CONTENDERS), help="e.g. jax.nn:xla jattn:auto (the default path)"
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--keep", type=Path, help="an earlier result: its cases this run does not measure are kept (marked)")
     args = p.parse_args(argv)
     shape = {"batch": args.batch, "heads": 8, "dim": 64, "reference_max_seq": args.reference_max_seq,
              "decode_seq": args.decode_seq}  # fmt: skip
     out = args.out or RESULTS_DIR / f"auto-rule-{jax.default_backend()}.json"
     command = "python -m bench.auto_rule " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
 
+    kept = kept_records(json.loads(args.keep.read_text()), args) if args.keep else []
+
     def save(records: list[dict]) -> dict:  # after every record: a run cut short keeps what it measured
+        records = merged(kept, records)
         doc = {
             "machine": machine_info(),
             "command": command,

@@ -80,7 +80,7 @@ def auto_rule_markdown(doc: dict[str, Any]) -> str:
     for r in doc["records"]:
         res = r["results"]
         ratios = [f"{res[n]['vs_jax_nn']:.2f}" if "vs_jax_nn" in res.get(n, {}) else "-" for n in names]
-        case = f"{r['dtype']} {r['option']} {r['mode']} T={r['seq']}"
+        case = f"{r['dtype']} {r['option']} {r['mode']} T={r['seq']}" + (" (kept)" if "from" in r else "")
         picked = auto_pick(r, doc["shape"], doc["machine"]["backend"])
         lines.append(f"| {case} | {fmt_time(res['jax.nn:xla'].get('median_s'))} | {' | '.join(ratios)} | {picked} |")
     return "\n".join(lines)

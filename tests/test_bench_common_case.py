@@ -64,3 +64,33 @@ def test_interleave_times_each_call_and_a_sample_lasts_long_enough():
     inner = auto_rule.calls_per_sample({"x": lambda: None}, 0.0)
     assert inner == 1
     assert seen["a"] == seen["b"] and seen["a"] >= 2 + 3 * 3  # warm-up, calibration, >= 3 calls per sample
+
+
+def test_auto_rule_keep_refreshes_some_cases_and_marks_the_kept_ones(tmp_path):
+    import jax
+
+    earlier_args = ["--seq", "8", "16", "--option", "none", "--mode", "fwd", "--dtype", "float32", "--rounds", "1"]
+    earlier = tmp_path / "earlier.json"
+    auto_rule.main([*earlier_args, "--no-progress", "--out", str(earlier)])
+    later = tmp_path / "later.json"
+    doc = auto_rule.main(["--seq", "16", "--option", "none", "--mode", "fwd", "--dtype", "float32", "--rounds", "1",
+                          "--no-progress", "--keep", str(earlier), "--out", str(later)])  # fmt: skip
+    assert [(r["seq"], "from" in r) for r in doc["records"]] == [(8, True), (16, False)]
+    assert doc["records"][0]["from"] == json.loads(earlier.read_text())["command"]
+    assert json.loads(later.read_text())["crossovers"] == auto_rule.crossovers(doc["records"])
+    assert "T=8 (kept)" in common_case_report.auto_rule_markdown(doc)
+    # a third run keeps the first run's record with its own origin, not the second run's command
+    third = auto_rule.main(["--seq", "32", "--option", "none", "--mode", "fwd", "--dtype", "float32", "--rounds", "1",
+                            "--no-progress", "--keep", str(later), "--out", str(tmp_path / "third.json")])  # fmt: skip
+    assert [r.get("from") for r in third["records"]] == [doc["records"][0]["from"], doc["command"], None]
+
+    for bad, message in ((["--rounds", "2"], "the earlier run had batch 4 and 1 rounds"),
+                         (["--batch", "2"], "the earlier run had batch 4")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            auto_rule.main([*earlier_args, *bad, "--no-progress", "--keep", str(earlier), "--out", str(later)])
+    other = json.loads(earlier.read_text())
+    other["machine"]["backend"] = "tpu" if jax.default_backend() != "tpu" else "gpu"
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="the earlier run was on"):
+        auto_rule.main([*earlier_args, "--no-progress", "--keep", str(elsewhere), "--out", str(later)])
