@@ -263,7 +263,7 @@ def auto_implementation(
 
     * on GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) in float16/bfloat16
       with a head dim of at most 128 and a multiple of 8, else ``"xla"``, else
-      ``"reference"`` up to ``256**2`` logits, else ``"blockwise"``;
+      ``"reference"`` up to ``4096**2`` logits over at most 4096 keys, else ``"blockwise"``;
     * on other non-CPU backends, ``"xla"``;
     * on CPU, ``"xla"`` for float32/bfloat16 sequences up to 1024, else
       ``"reference"`` for tiny problems (``q_seq * kv_seq <= 64**2`` over at

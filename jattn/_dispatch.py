@@ -51,12 +51,16 @@ REFERENCE_MAX_KV = 1024
 """A decode step (a few queries) over more keys than this goes blockwise, which skips the key blocks past
 ``key_value_seq_lengths`` (``reference_max_kv``: the longest cache where the reference was faster)."""
 
-GPU_REFERENCE_MAX_LOGITS = 256 * 256
-"""The same threshold on GPU, from bench/results/auto-rule-gpu.json (an H200, float32; the run's bfloat16 and
-decode cases were cut by its time box): the reference beat the blockwise kernel in every bias and soft-cap
-case at 256, the longest it ran at. The blockwise kernel was 1.2-4.6x slower than jax.nn's XLA attention
-in every case at 1024 and 4096 (at 256, 0.91-5.2x: calls of about 0.1 ms), so the GPU rule has no
-``XLA_MAX_SEQ``: it delegates wherever jax.nn is exact."""
+GPU_REFERENCE_MAX_LOGITS = 4096 * 4096
+"""The same threshold on GPU, from bench/results/auto-rule-gpu.json (an H200, float32): the reference beat the
+blockwise kernel in every bias and soft-cap case at 256, 1024 and 4096, the longest it ran at (1.0-1.35x
+jax.nn's XLA time against 1.9-3.2x above 256). The blockwise kernel was 1.2-4.6x slower than XLA in every
+case jax.nn computes exactly at 1024 and 4096 (at 256, 0.91-5.2x: calls of about 0.1 ms), so the GPU rule
+has no ``XLA_MAX_SEQ``: it delegates wherever jax.nn is exact."""
+
+GPU_REFERENCE_MAX_KV = 4096
+"""On GPU the reference also takes up to this many keys: the same run's longest sequence (no decode step was
+measured there, so no longer cache is known to favour it)."""
 
 DECODE_XLA_MAX_KV_BYTES = 4 * 2**20
 """A one-query step (a decode step) over a key cache larger than this (``batch * kv_seq * kv_heads * dim``
@@ -130,7 +134,7 @@ def choose(s: CallSignature) -> Implementation:
       as it lies where jax.nn's program copies it transposed every step;
       else ``"xla"`` for sequences up to ``XLA_MAX_SEQ`` in float32 or bfloat16.
     * Otherwise ``"reference"`` for small problems (``REFERENCE_MAX_LOGITS``, on GPU ``GPU_REFERENCE_MAX_LOGITS``)
-      over at most ``REFERENCE_MAX_KV`` keys or where the blockwise kernel
+      over at most ``REFERENCE_MAX_KV`` keys (on GPU ``GPU_REFERENCE_MAX_KV``) or where the blockwise kernel
       cannot run (a symbolic sequence length), else ``"blockwise"``: it skips
       blocks no query sees.
 
@@ -141,9 +145,9 @@ def choose(s: CallSignature) -> Implementation:
         >>> choose(cpu), choose(cpu._replace(q_seq=8, kv_seq=8)), choose(cpu._replace(backend="gpu"))
         ('blockwise', 'xla', 'xla')
         >>> choose(cpu._replace(backend="gpu", features=frozenset({"sinks"})))
-        'blockwise'
-        >>> choose(cpu._replace(backend="gpu", q_seq=256, kv_seq=256, features=frozenset({"sinks"})))
         'reference'
+        >>> choose(cpu._replace(backend="gpu", q_seq=8192, kv_seq=8192, features=frozenset({"sinks"})))
+        'blockwise'
         >>> step = cpu._replace(q_seq=1, kv_seq=1024)  # a decode step: 2 MiB of keys, then 16 MiB
         >>> choose(step._replace(kv_bytes=2**21)), choose(step._replace(kv_bytes=2**24))
         ('xla', 'blockwise')
@@ -169,8 +173,10 @@ def choose(s: CallSignature) -> Implementation:
     if not exact("blockwise") or sizes is None:  # blockwise lacks symbolic lengths: the table says so too
         return "reference"
     q_seq, kv_seq = sizes
-    max_logits = GPU_REFERENCE_MAX_LOGITS if s.backend == "gpu" else REFERENCE_MAX_LOGITS
-    if q_seq * kv_seq <= max_logits and kv_seq <= REFERENCE_MAX_KV:
+    gpu = s.backend == "gpu"
+    max_logits = GPU_REFERENCE_MAX_LOGITS if gpu else REFERENCE_MAX_LOGITS
+    max_kv = GPU_REFERENCE_MAX_KV if gpu else REFERENCE_MAX_KV
+    if q_seq * kv_seq <= max_logits and kv_seq <= max_kv:
         return "reference"
     return "blockwise"
 

@@ -29,8 +29,9 @@ def test_the_cpu_thresholds_are_the_recorded_crossovers():
 def test_the_gpu_rule_follows_the_gpu_run():
     """On GPU the rule delegates wherever jax.nn is exact, at any length: that needs the blockwise kernel to
     have been slower than XLA at the longest length the run measured (else there is a crossover to obey).
-    And the reference's threshold is the run's ``reference_max_seq``, squared."""
+    And the reference's thresholds are the run's ``reference_max_seq``, squared, and itself for the keys."""
     doc = json.loads(GPU_EVIDENCE.read_text())
     longest = max(r["seq"] for r in doc["records"] if r["option"] != "decode")
     assert doc["crossovers"]["xla_max_seq"] == longest
     assert doc["crossovers"]["reference_max_seq"] ** 2 == _dispatch.GPU_REFERENCE_MAX_LOGITS
+    assert doc["crossovers"]["reference_max_seq"] == _dispatch.GPU_REFERENCE_MAX_KV
