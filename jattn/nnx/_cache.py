@@ -69,10 +69,12 @@ class KVCache:
         def put(old, new):
             split = {} if explicit_mesh(old) is None else {"out_sharding": jax.typeof(old).sharding}
             at, new = positions, new.astype(old.dtype)
-            if batch * n_new == 1:
-                # One more update, at max_length, which mode="drop" discards: XLA rewrites a scatter of a
+            if batch * n_new == 1 and jax.default_backend() == "cpu":
+                # One more update, at max_length, which mode="drop" discards: XLA:CPU rewrites a scatter of a
                 # single update as a dynamic-update-slice, fuses that into each reader of the cache and copies
-                # the whole cache for every one (a batch-1 decode step: 4 copies per cache and step).
+                # the whole cache for every one (a batch-1 decode step: 4 copies per cache and step). On an H200
+                # the two-update scatter cost 7-15% of a batch-1 step, the copies nothing measurable (a probe of
+                # the decode bench's step, issue 22's closing note), so other backends write the one update.
                 at = jnp.concatenate([at, jnp.full_like(at, old.shape[1])], axis=1)
                 new = jnp.concatenate([new, jnp.zeros_like(new)], axis=1)
             return old.at[rows, at].set(new, mode="drop", **split)
