@@ -138,6 +138,13 @@ def test_decode_weights_cover_the_filled_cache_only():
 
 
 @pytest.mark.parametrize(("batch", "max_length"), [(1, 8192), (3, 16000)])
+@pytest.mark.xfail(
+    jax.default_backend() == "gpu",
+    strict=True,
+    reason="XLA:GPU lays the blockwise loop's K and V out transposed and copies the whole cache into that layout "
+    "before the loop (seen in an H200's optimized program, issue 22's closing note); on GPU auto picks blockwise "
+    "for a decode step only for options jax.nn lacks over more than 4096 keys",
+)
 def test_a_donated_decode_step_never_copies_the_cache(batch, max_length):
     """A step costs what the filled length costs: nothing cache-sized is copied, whatever max_length is."""
     mha = make_mha(4, implementation="blockwise")
