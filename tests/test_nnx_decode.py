@@ -267,3 +267,34 @@ def test_decode_with_a_mask_mod_on_the_blockwise_kernel_equals_full_attention():
     mha.init_cache(2, 16)
     steps = [mha(x[:, :2], is_causal=True)] + [mha(x[:, i : i + 1], is_causal=True) for i in range(2, 13)]
     close(jnp.concatenate(steps, axis=1), full)
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["cpu-write", "one-update-write"])
+def test_both_forms_of_a_batch_1_write_drop_past_the_end_and_decode_alike(padded, monkeypatch):
+    """A one-token write at batch 1 is a scatter with a dropped second update on CPU and a plain one elsewhere
+    (``_cache._pad_single_updates``): both write the same cache, drop writes past the end and decode alike."""
+    from jattn.nnx import _cache
+
+    monkeypatch.setattr(_cache, "_pad_single_updates", lambda: padded)
+    zeros = jnp.zeros((1, 4, 1, 2), F32)
+    for index, expected in ((2, [0, 0, 1, 0]), (3, [0, 0, 0, 1]), (4, [0, 0, 0, 0])):
+        one = jnp.ones((1, 1, 1, 2), F32)
+        written = jax.jit(_cache.KVCache.write)(
+            _cache.KVCache(zeros, zeros, jnp.array([index])), one, one, jnp.array([1])
+        )
+        np.testing.assert_array_equal(written.key[0, :, 0, 0], expected)
+        np.testing.assert_array_equal(written.value[0, :, 0, 1], expected)
+        assert int(written.index[0]) == index + 1
+    mha = make_mha(2)
+    x = normal(9, (1, 9, 16))
+    full = nnx.jit(lambda m, x: m(x, is_causal=True))(mha, x)
+    mha.init_cache(1, 8)
+    state, step = functional(mha)
+    step = jax.jit(step)
+    out, state = step(state, x[:, :5])
+    outs = [out]
+    for i in range(5, 9):  # the last token is past the end: its write is dropped and its row is NaN
+        out, state = step(state, x[:, i : i + 1])
+        outs.append(out)
+    close(jnp.concatenate(outs, axis=1)[:, :8], full[:, :8])
+    assert np.isnan(np.asarray(outs[-1])).all() and int(state["cache_index"][...][0]) == 9

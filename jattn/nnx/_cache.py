@@ -69,12 +69,7 @@ class KVCache:
         def put(old, new):
             split = {} if explicit_mesh(old) is None else {"out_sharding": jax.typeof(old).sharding}
             at, new = positions, new.astype(old.dtype)
-            if batch * n_new == 1 and jax.default_backend() == "cpu":
-                # One more update, at max_length, which mode="drop" discards: XLA:CPU rewrites a scatter of a
-                # single update as a dynamic-update-slice, fuses that into each reader of the cache and copies
-                # the whole cache for every one (a batch-1 decode step: 4 copies per cache and step). On an H200
-                # the two-update scatter cost 7-15% of a batch-1 step, the copies nothing measurable (a probe of
-                # the decode bench's step, issue 22's closing note), so other backends write the one update.
+            if batch * n_new == 1 and _pad_single_updates():
                 at = jnp.concatenate([at, jnp.full_like(at, old.shape[1])], axis=1)
                 new = jnp.concatenate([new, jnp.zeros_like(new)], axis=1)
             return old.at[rows, at].set(new, mode="drop", **split)
@@ -104,6 +99,15 @@ class KVCache:
         over = jnp.any(end > self.max_length)
         furthest = jnp.max(end)  # one scalar to the host (a batch split over devices would be gathered there)
         jax.lax.cond(over, lambda: jax.debug.callback(_raise_overflow, furthest, self.max_length), lambda: None)
+
+
+def _pad_single_updates() -> bool:
+    """Whether a one-token write of batch 1 adds a second update at ``max_length`` (which ``mode="drop"``
+    discards): XLA:CPU rewrites a scatter of a single update as a dynamic-update-slice, fuses that into each
+    reader of the cache and copies the whole cache for every one (4 copies per cache and step). On an H200
+    the two-update scatter cost 7-15% of a batch-1 decode step and the copies nothing measurable (a probe of
+    ``bench.suites.decode``'s step, issue 22's closing note), so other backends write the one update."""
+    return jax.default_backend() == "cpu"
 
 
 def _raise_overflow(end, max_length) -> None:
