@@ -263,7 +263,9 @@ def auto_implementation(
 
     * on GPU, ``"cudnn"`` (jax.nn's fused cuDNN kernel) in float16/bfloat16
       with a head dim of at most 128 and a multiple of 8, else ``"xla"``, else
-      ``"reference"`` up to ``4096**2`` logits over at most 4096 keys, else ``"blockwise"``;
+      ``"reference"`` up to ``4 * 8 * 4096**2`` logits in all (batch x heads x
+      q_seq x kv_seq; ``256**2`` per head with a ``mask_mod`` or ``block_mask``)
+      over at most 4096 keys, else ``"blockwise"``;
     * on other non-CPU backends, ``"xla"``;
     * on CPU, ``"xla"`` for float32/bfloat16 sequences up to 1024, else
       ``"reference"`` for tiny problems (``q_seq * kv_seq <= 64**2`` over at

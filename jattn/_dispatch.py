@@ -51,16 +51,28 @@ REFERENCE_MAX_KV = 1024
 """A decode step (a few queries) over more keys than this goes blockwise, which skips the key blocks past
 ``key_value_seq_lengths`` (``reference_max_kv``: the longest cache where the reference was faster)."""
 
-GPU_REFERENCE_MAX_LOGITS = 4096 * 4096
-"""The same threshold on GPU, from bench/results/auto-rule-gpu.json (an H200, float32): the reference beat the
-blockwise kernel in every bias and soft-cap case at 256, 1024 and 4096, the longest it ran at (1.0-1.35x
-jax.nn's XLA time against 1.9-3.2x above 256). The blockwise kernel was 1.2-4.6x slower than XLA in every
-case jax.nn computes exactly at 1024 and 4096 (at 256, 0.91-5.2x: calls of about 0.1 ms), so the GPU rule
-has no ``XLA_MAX_SEQ``: it delegates wherever jax.nn is exact."""
+GPU_REFERENCE_MAX_LOGITS = 4 * 8 * 4096 * 4096
+"""On GPU, the reference for up to this many logits in all (``batch * heads * q_seq * kv_seq``: 2 GiB in
+float32), from bench/results/auto-rule-gpu.json (an H200, float32, batch 4, 8 heads): the reference beat the
+blockwise kernel in every bias and soft-cap case at 256, 1024 and 4096, the longest it ran at (0.94-1.35x
+jax.nn's XLA time; blockwise 0.98-1.27x at 256, 1.9-3.2x above). The count includes batch and heads because
+the reference holds the logits: a larger call goes blockwise, whose memory does not grow with them. The
+blockwise kernel was 1.2-4.6x slower than XLA in every case jax.nn computes exactly at 1024 and 4096 (at
+256, 0.91-5.2x: calls of about 0.1 ms), so the GPU rule has no ``XLA_MAX_SEQ``: it delegates wherever
+jax.nn is exact."""
 
 GPU_REFERENCE_MAX_KV = 4096
-"""On GPU the reference also takes up to this many keys: the same run's longest sequence (no decode step was
+"""On GPU the reference takes up to this many keys: the same run's longest sequence (no decode step was
 measured there, so no longer cache is known to favour it)."""
+
+GPU_BLOCK_SPARSE = frozenset({"mask_mod", "block_mask"})
+"""Features whose calls the blockwise kernel may run on a fraction of the blocks: on GPU they keep the
+reference to ``GPU_BLOCK_SPARSE_MAX_LOGITS``, since the run that set the thresholds above had dense logits
+only (bias, soft cap)."""
+
+GPU_BLOCK_SPARSE_MAX_LOGITS = 256 * 256
+"""``q_seq * kv_seq`` up to which a block-sparse call (``GPU_BLOCK_SPARSE``) takes the reference on GPU: the
+shortest length the GPU run measured, where the reference won every case."""
 
 DECODE_XLA_MAX_KV_BYTES = 4 * 2**20
 """A one-query step (a decode step) over a key cache larger than this (``batch * kv_seq * kv_heads * dim``
@@ -93,6 +105,7 @@ class CallSignature(NamedTuple):
     kv_bytes: int | None = None  # the key array's size (None when a dimension is symbolic)
     kv_heads: int | None = None
     kv_cache: bool = False  # key/value are jattn.nnx's KV cache, written by a scatter this step (_one_query)
+    logits: int | None = None  # batch * heads * q_seq * kv_seq (None when a dimension is symbolic)
 
 
 def signature_of(inputs: AttentionInputs, backend: str | None = None, *, kv_cache: bool = False) -> CallSignature:
@@ -102,6 +115,7 @@ def signature_of(inputs: AttentionInputs, backend: str | None = None, *, kv_cach
     q_seq, kv_seq = query.shape[1], key.shape[1]
     concrete = _checks.is_concrete(q_seq) and _checks.is_concrete(kv_seq)
     sized = all(_checks.is_concrete(n) for n in key.shape)
+    logits = (*query.shape[:3], kv_seq)
     return CallSignature(
         backend=backend or jax.default_backend(),
         dtype=jnp.dtype(query.dtype),
@@ -113,6 +127,7 @@ def signature_of(inputs: AttentionInputs, backend: str | None = None, *, kv_cach
         kv_bytes=math.prod(key.shape) * jnp.dtype(key.dtype).itemsize if sized else None,
         kv_heads=key.shape[2],
         kv_cache=kv_cache,
+        logits=math.prod(logits) if all(_checks.is_concrete(n) for n in logits) else None,
     )
 
 
@@ -133,10 +148,12 @@ def choose(s: CallSignature) -> Implementation:
       computes, ``"reference"`` in its one-query form, which reads the cache
       as it lies where jax.nn's program copies it transposed every step;
       else ``"xla"`` for sequences up to ``XLA_MAX_SEQ`` in float32 or bfloat16.
-    * Otherwise ``"reference"`` for small problems (``REFERENCE_MAX_LOGITS``, on GPU ``GPU_REFERENCE_MAX_LOGITS``)
-      over at most ``REFERENCE_MAX_KV`` keys (on GPU ``GPU_REFERENCE_MAX_KV``) or where the blockwise kernel
+    * Otherwise ``"reference"`` for small problems (``REFERENCE_MAX_LOGITS``)
+      over at most ``REFERENCE_MAX_KV`` keys or where the blockwise kernel
       cannot run (a symbolic sequence length), else ``"blockwise"``: it skips
-      blocks no query sees.
+      blocks no query sees. On GPU the reference's limits are
+      ``GPU_REFERENCE_MAX_LOGITS`` logits in all over ``GPU_REFERENCE_MAX_KV``
+      keys (``GPU_BLOCK_SPARSE_MAX_LOGITS`` for a ``mask_mod`` or ``block_mask``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -144,9 +161,10 @@ def choose(s: CallSignature) -> Implementation:
         >>> cpu = CallSignature("cpu", jnp.dtype(jnp.float32), 4096, 4096, 64, 64)
         >>> choose(cpu), choose(cpu._replace(q_seq=8, kv_seq=8)), choose(cpu._replace(backend="gpu"))
         ('blockwise', 'xla', 'xla')
-        >>> choose(cpu._replace(backend="gpu", features=frozenset({"sinks"})))
-        'reference'
-        >>> choose(cpu._replace(backend="gpu", q_seq=8192, kv_seq=8192, features=frozenset({"sinks"})))
+        >>> sinks = cpu._replace(backend="gpu", features=frozenset({"sinks"}), logits=4 * 8 * 4096 * 4096)
+        >>> choose(sinks), choose(sinks._replace(logits=64 * 8 * 4096 * 4096))  # batch 4, then batch 64
+        ('reference', 'blockwise')
+        >>> choose(sinks._replace(features=frozenset({"sinks", "mask_mod"})))  # may skip blocks: blockwise
         'blockwise'
         >>> step = cpu._replace(q_seq=1, kv_seq=1024)  # a decode step: 2 MiB of keys, then 16 MiB
         >>> choose(step._replace(kv_bytes=2**21)), choose(step._replace(kv_bytes=2**24))
@@ -173,12 +191,14 @@ def choose(s: CallSignature) -> Implementation:
     if not exact("blockwise") or sizes is None:  # blockwise lacks symbolic lengths: the table says so too
         return "reference"
     q_seq, kv_seq = sizes
-    gpu = s.backend == "gpu"
-    max_logits = GPU_REFERENCE_MAX_LOGITS if gpu else REFERENCE_MAX_LOGITS
-    max_kv = GPU_REFERENCE_MAX_KV if gpu else REFERENCE_MAX_KV
-    if q_seq * kv_seq <= max_logits and kv_seq <= max_kv:
-        return "reference"
-    return "blockwise"
+    if s.backend == "gpu":
+        if s.features & GPU_BLOCK_SPARSE:
+            fits = q_seq * kv_seq <= GPU_BLOCK_SPARSE_MAX_LOGITS and kv_seq <= REFERENCE_MAX_KV
+        else:
+            fits = s.logits is not None and s.logits <= GPU_REFERENCE_MAX_LOGITS and kv_seq <= GPU_REFERENCE_MAX_KV
+    else:
+        fits = q_seq * kv_seq <= REFERENCE_MAX_LOGITS and kv_seq <= REFERENCE_MAX_KV
+    return "reference" if fits else "blockwise"
 
 
 def _cudnn_supports(s: CallSignature) -> bool:

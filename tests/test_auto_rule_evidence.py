@@ -33,5 +33,33 @@ def test_the_gpu_rule_follows_the_gpu_run():
     doc = json.loads(GPU_EVIDENCE.read_text())
     longest = max(r["seq"] for r in doc["records"] if r["option"] != "decode")
     assert doc["crossovers"]["xla_max_seq"] == longest
-    assert doc["crossovers"]["reference_max_seq"] ** 2 == _dispatch.GPU_REFERENCE_MAX_LOGITS
-    assert doc["crossovers"]["reference_max_seq"] == _dispatch.GPU_REFERENCE_MAX_KV
+    seq, shape = doc["crossovers"]["reference_max_seq"], doc["shape"]
+    assert shape["batch"] * shape["heads"] * seq**2 == _dispatch.GPU_REFERENCE_MAX_LOGITS  # logits in all
+    assert seq == _dispatch.GPU_REFERENCE_MAX_KV
+
+
+def test_the_gpu_block_sparse_threshold_is_the_shortest_length_where_the_reference_won_every_case():
+    doc = json.loads(GPU_EVIDENCE.read_text())
+    own = [r for r in doc["records"] if r["option"] in bench.auto_rule.OWN_OPTIONS]
+    shortest = min(r["seq"] for r in own)
+    at_shortest = [r["results"] for r in own if r["seq"] == shortest]
+    assert at_shortest and all(r["jattn:reference"]["median_s"] < r["jattn:blockwise"]["median_s"] for r in at_shortest)
+    assert shortest**2 == _dispatch.GPU_BLOCK_SPARSE_MAX_LOGITS
+
+
+def test_the_gpu_rule_counts_batch_and_heads_and_keeps_block_sparse_calls_blockwise():
+    """The reference holds the logits: on GPU its limit is on all of them, and a ``mask_mod`` keeps the blockwise
+    kernel, which may skip blocks, past 256 x 256 (``auto_implementation`` on shapes alone, any machine)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jattn
+
+    def pick(batch, seq, **options):
+        q = jax.ShapeDtypeStruct((batch, seq, 8, 64), jnp.float32)
+        return jattn.auto_implementation(q, q, q, backend="gpu", logits_soft_cap=30.0, **options)
+
+    picks = [pick(4, 4096), pick(64, 1024), pick(8, 4096), pick(64, 2048), pick(4, 8192)]
+    assert picks == ["reference", "reference", "blockwise", "blockwise", "blockwise"]
+    causal = jattn.masks.causal()
+    assert [pick(1, 256, mask_mod=causal), pick(1, 512, mask_mod=causal)] == ["reference", "blockwise"]
