@@ -237,14 +237,16 @@ def _case(record: dict) -> tuple:
 def kept_records(earlier: dict, args) -> list[dict]:
     """The records of an ``earlier`` result (a device run cut short, say) that this run keeps: those of cases it
     does not measure, each marked with the command that measured it. The earlier run must have had this run's
-    batch and rounds, else its times are not comparable."""
+    batch and rounds, backend and device kind, else its times are not comparable."""
     if earlier["shape"]["batch"] != args.batch or earlier["rounds"] != args.rounds:
         raise ValueError(
             f"--keep: the earlier run had batch {earlier['shape']['batch']} and {earlier['rounds']} rounds; "
             f"this one has {args.batch} and {args.rounds} (rerun with the same)"
         )
-    if earlier["machine"]["backend"] != jax.default_backend():
-        raise ValueError(f"--keep: the earlier run was on {earlier['machine']['backend']}, not {jax.default_backend()}")
+    here = machine_info()
+    there = {key: earlier["machine"].get(key) for key in ("backend", "device_kind")}
+    if there != {key: here[key] for key in there}:
+        raise ValueError(f"--keep: the earlier run was on {there}, not { ({key: here[key] for key in there}) }")
     return [{"from": earlier["command"], **r} if "from" not in r else r for r in earlier["records"]]
 
 

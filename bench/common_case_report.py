@@ -77,13 +77,21 @@ def auto_rule_markdown(doc: dict[str, Any]) -> str:
     names = [n for n in dict.fromkeys(timed) if n != "jax.nn:xla"]  # a contender that never ran has no column
     lines = [f"| case | jax.nn:xla | {' | '.join(f'{n} / xla' for n in names)} | auto picks |",
              "|---|---|" + "---|" * len(names) + "---|"]  # fmt: skip
+    origins = kept_origins(doc)
     for r in doc["records"]:
         res = r["results"]
         ratios = [f"{res[n]['vs_jax_nn']:.2f}" if "vs_jax_nn" in res.get(n, {}) else "-" for n in names]
-        case = f"{r['dtype']} {r['option']} {r['mode']} T={r['seq']}" + (" (kept)" if "from" in r else "")
+        case = f"{r['dtype']} {r['option']} {r['mode']} T={r['seq']}"
+        case += f" (kept {origins.index(r['from']) + 1})" if "from" in r else ""
         picked = auto_pick(r, doc["shape"], doc["machine"]["backend"])
         lines.append(f"| {case} | {fmt_time(res['jax.nn:xla'].get('median_s'))} | {' | '.join(ratios)} | {picked} |")
     return "\n".join(lines)
+
+
+def kept_origins(doc: dict[str, Any]) -> list[str]:
+    """The commands of the earlier runs whose records a ``--keep`` run kept, in order: a table row marked
+    "(kept i)" comes from the i-th."""
+    return list(dict.fromkeys(r["from"] for r in doc["records"] if "from" in r))
 
 
 def auto_pick(record: dict, shape: dict, backend: str) -> str:

@@ -107,8 +107,8 @@ def auto_rule_region(doc: dict) -> str:
     m = doc["machine"]
     line = (f"Made by `{doc['command']}` on backend `{m['backend']}` ({m['device_kind']}), {doc['rounds']} "
             f"interleaved rounds, medians; crossovers `{json.dumps(doc['crossovers'])}`.")  # fmt: skip
-    for earlier in dict.fromkeys(r["from"] for r in doc["records"] if "from" in r):
-        line += f" Cases marked (kept) are from an earlier run on the same machine kind, `{earlier}`."
+    for i, earlier in enumerate(common_case_report.kept_origins(doc), 1):
+        line += f" Cases marked (kept {i}) are from an earlier run on the same kind of device: `{earlier}`."
     return "\n\n".join([line, common_case_report.auto_rule_markdown(doc)])
 
 
