@@ -11,7 +11,8 @@
 #               each: -v and --tb=line, since pytest-xdist prints tracebacks only at the very end);
 #   common-case the common-case suite's decode, causal, jvp, mask_mod and compile parts;
 #   auto-rule   the auto rule's measurements (jax.nn's XLA and cuDNN attention, jattn's blockwise kernel and
-#               materialized reference up to 4096, bfloat16 first, decode caches);
+#               materialized reference up to 4096, bfloat16 first, decode caches), keeping the committed
+#               GPU result's cases the time box cuts (--keep: its JSON is whole either way);
 #   auto        the common-case suite's auto part.
 #
 # Runs from the repository root with whatever JAX the machine has (no install: PYTHONPATH). SECONDS is the
@@ -53,7 +54,8 @@ for name in "${parts[@]}"; do
         --rounds 9 --long-rounds 7 --out "$out/common-case.json" ;;
     auto-rule) part auto-rule 240 "$py" -m bench.auto_rule --seq 256 1024 4096 --dtype bfloat16 float32 \
         --option none causal lengths bias soft_cap decode --rounds 5 --reference-max-seq 4096 \
-        --contenders jax.nn:xla jax.nn:cudnn jattn:blockwise jattn:reference --out "$out/auto-rule.json" ;;
+        --contenders jax.nn:xla jax.nn:cudnn jattn:blockwise jattn:reference \
+        --keep bench/results/auto-rule-gpu.json --out "$out/auto-rule.json" ;;
     auto) part auto 150 "$py" -m bench.common_case --part auto --rounds 7 --out "$out/common-case-auto.json" ;;
     *) echo "unknown part $name" >&2 && exit 2 ;;
     esac
