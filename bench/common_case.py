@@ -4,7 +4,10 @@ What a JAX user mostly runs — short sequences, decode steps over a KV cache, c
 measured against the call they would make otherwise, in interleaved rounds (A B A B ...: a noisy shared
 machine slows both alike), each timed sample lasting at least ``--min-sample-ms`` (a sub-millisecond
 call is otherwise mostly timer and dispatch jitter). Every row is a ratio, jattn over the peer of the same
-run, and carries its target (``met`` when ratio <= target). Parts:
+run, and carries its target (``met`` when ratio <= target). With ``--repeats R`` each part runs R times in a
+row and each row's ratio is the median of its R ratios (all R are kept in the row, ``ratios``): on a shared
+machine two compiles of one program read 0.92-1.05 of each other in one measurement, so a single
+measurement per row misses a 1.05 target on noise alone a few times in 80 rows. Parts:
 
 * ``auto``: ``jattn.dot_product_attention`` (auto rule) / ``jax.nn.dot_product_attention`` (xla), batch 4,
   8 heads, dim 64, T 128-1024, no options, causal, ``key_value_seq_lengths``, GQA (2 kv heads), a boolean
@@ -53,6 +56,23 @@ def row(part: str, case: str, ours: tuple[str, float], peer: tuple[str, float], 
     target = TARGETS[notes.pop("target_key", part)]
     return {"part": part, "case": case, "ours": ours[0], "ours_value": ours[1], "peer": peer[0],
             "peer_value": peer[1], "ratio": ratio, "target": target, "met": ratio <= target, **notes}  # fmt: skip
+
+
+def combine(repeats: list[list[dict]]) -> list[dict]:
+    """One row per case from the rows of several runs of a part: the row whose ratio is the median (the lower
+    one for an even count, so its figures are one measurement's), with every run's ratio in ``ratios``, in
+    run order. A case missing from later runs (a run cut short) keeps the runs that measured it."""
+    cases: dict[tuple, list[dict]] = {}
+    for rows in repeats:
+        for r in rows:
+            cases.setdefault((r["part"], r["case"], r["ours"], r["peer"]), []).append(r)
+    out = []
+    for runs in cases.values():
+        ratios = [r["ratio"] for r in runs]
+        middle = statistics.median_low(ratios)
+        chosen = next(r for r in runs if r["ratio"] == middle)
+        out.append({**chosen, "ratios": ratios} if len(repeats) > 1 else chosen)
+    return out
 
 
 def blocking(f: Callable, *args) -> Callable[[], Any]:
@@ -227,10 +247,11 @@ def part_mask_mod(args) -> list[dict]:
     return [r]
 
 
-def report(r: dict, args: argparse.Namespace | None = None) -> None:
+def report(r: dict, args: argparse.Namespace | None = None, label: str = "") -> None:
     """Prints a row, and hands it to ``args.on_row`` where ``main`` set one (it saves the run so far)."""
     mark = "ok " if r["met"] else "MISS"
-    print(f"{mark} {r['part']:8} {r['case']:40} {r['ratio']:6.2f} (target {r['target']})", flush=True)
+    label = f", {label}" if label else ""
+    print(f"{mark} {r['part']:8} {r['case']:40} {r['ratio']:6.2f} (target {r['target']}{label})", flush=True)
     if args is not None and getattr(args, "on_row", None) is not None:
         args.on_row(r)
 
@@ -254,8 +275,11 @@ def parse(argv) -> argparse.Namespace:
     p.add_argument("--compile-seq", type=int, default=512, help="the compile part's attention length")
     p.add_argument("--compile-cache", type=int, default=1024, help="the compile part's decode cache")
     p.add_argument("--min-sample-ms", type=float, default=20.0, help="each timed sample lasts at least this")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each part; a row's ratio is their median")
     p.add_argument("--out", type=Path, help="default: bench/results/common-case-<backend>.json")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     args.min_sample_s = args.min_sample_ms / 1000
     return args
 
@@ -268,19 +292,27 @@ def main(argv=None) -> dict:
 
     def save(partial: list[dict]) -> dict:  # after every row: a run cut short keeps what it measured
         doc = {"machine": machine_info(), "command": " ".join(["python -m bench.common_case", *argv]),
-               "rows": rows + partial}  # fmt: skip
+               "repeats": args.repeats, "rows": rows + partial}  # fmt: skip
         out.write_text(json.dumps(doc, indent=1) + "\n")
         return doc
 
     for part in args.part:
-        partial: list[dict] = []  # this part's rows so far
+        runs: list[list[dict]] = []  # this part's runs so far, the last one in progress
+        for i in range(args.repeats):
+            if args.repeats > 1:
+                print(f"-- {part}: run {i + 1} of {args.repeats}", flush=True)
+            runs.append([])
 
-        def on_row(r: dict, partial: list[dict] = partial) -> None:
-            partial.append(r)
-            save(partial)
+            def on_row(r: dict, runs: list[list[dict]] = runs) -> None:
+                runs[-1].append(r)
+                save(combine(runs))
 
-        args.on_row = on_row
-        rows += globals()[f"part_{part}"](args)
+            args.on_row = on_row
+            runs[-1] = globals()[f"part_{part}"](args)
+        combined = combine(runs)
+        rows += combined
+        for r in combined if args.repeats > 1 else ():
+            report(r, label=f"median of {args.repeats}")
     doc = save([])
     met = sum(r["met"] for r in rows)
     print(f"{met}/{len(rows)} rows meet their target -> {out}")

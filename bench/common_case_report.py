@@ -50,14 +50,21 @@ def summary_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ratio(r: dict) -> str:
+    """The row's ratio; with repeats (``--repeats``), the median and, in brackets, the lowest and highest."""
+    spread = r.get("ratios", [])
+    return f"{r['ratio']:.2f}" if len(spread) < 2 else f"{r['ratio']:.2f} ({min(spread):.2f}-{max(spread):.2f})"
+
+
 def full_markdown(doc: dict[str, Any]) -> str:
-    """Every row: both figures, the ratio and whether it meets its target ("same program": jattn compiled to the
-    peer's own program, so the ratio measures the machine's noise)."""
+    """Every row: both figures, the ratio (with ``--repeats``, the median and its range) and whether it meets its
+    target ("same program": jattn compiled to the peer's own program, so the ratio measures the machine's
+    noise)."""
     lines = ["| part | case | jattn | peer | ratio | target | met |", "|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         ours, peer = f"{_value(r, 'ours_value')} ({r['ours']})", f"{_value(r, 'peer_value')} ({r['peer']})"
         case = f"{r['case']} (same program)" if r.get("same_program") else r["case"]
-        lines.append(f"| {r['part']} | {case} | {ours} | {peer} | {r['ratio']:.2f} | {r['target']:g} | "
+        lines.append(f"| {r['part']} | {case} | {ours} | {peer} | {_ratio(r)} | {r['target']:g} | "
                      f"{'yes' if r['met'] else '**no**'} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -66,8 +73,10 @@ def run_line(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v and k in ("jax", "flax"))
     device = "" if m["backend"] == "cpu" else f" ({m['device_kind']})"
+    repeats = doc.get("repeats", 1)
+    how = "every ratio from one run" if repeats == 1 else f"every ratio the median of {repeats} runs of its part"
     return (f"Made by `{doc['command']}` on backend `{m['backend']}`{device}, {m['cpu_count']} CPUs ({versions}); "
-            "interleaved rounds, medians, every ratio from one run.")  # fmt: skip
+            f"interleaved rounds, medians, {how}.")  # fmt: skip
 
 
 def auto_rule_markdown(doc: dict[str, Any]) -> str:

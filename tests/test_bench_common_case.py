@@ -94,3 +94,36 @@ def test_auto_rule_keep_refreshes_some_cases_and_marks_the_kept_ones(tmp_path):
     elsewhere.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="the earlier run was on"):
         auto_rule.main([*earlier_args, "--no-progress", "--keep", str(elsewhere), "--out", str(later)])
+
+
+def test_combine_keeps_the_median_runs_row_and_every_ratio():
+    def runs(*ratios, cases=("a", "b")):
+        pairs = zip(cases, ratios, strict=True)
+        return [common_case.row("causal", case, ("ours", r), ("peer", 1.0)) for case, r in pairs]
+
+    rows = common_case.combine([runs(0.60, 0.9), runs(0.50, 0.4), runs(0.56, 0.7)])
+    assert [r["case"] for r in rows] == ["a", "b"]
+    assert [r["ratio"] for r in rows] == [0.56, 0.7]  # the median run's row, figures and all
+    assert [r["ours_value"] for r in rows] == [0.56, 0.7]
+    assert [r["met"] for r in rows] == [False, False]  # 0.56 and 0.7 against the causal target 0.55
+    assert rows[0]["ratios"] == [0.60, 0.50, 0.56]
+    # an even count takes the lower middle (a measured row), and a case a cut run lacks keeps the others
+    rows = common_case.combine([runs(0.60, 0.9), runs(0.50, cases=("a",))])
+    assert [(r["ratio"], r["met"], r["ratios"]) for r in rows] == [(0.50, True, [0.60, 0.50]), (0.9, False, [0.9])]
+    assert "ratios" not in common_case.combine([runs(0.6, 0.9)])[0]  # one run: its rows as they were
+
+
+def test_repeats_run_a_part_that_many_times_and_report_the_spread(tmp_path, capsys):
+    out = tmp_path / "repeated.json"
+    doc = common_case.main([*TINY, "--part", "causal", "--repeats", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == doc and doc["repeats"] == 2
+    assert [r["case"] for r in doc["rows"]] == ["fwd T=64", "fwd+bwd T=64"]
+    for r in doc["rows"]:
+        assert len(r["ratios"]) == 2 and r["ratio"] == min(r["ratios"])  # the lower of two
+        assert r["ratio"] == pytest.approx(r["ours_value"] / r["peer_value"])
+    spread = f"({min(doc['rows'][0]['ratios']):.2f}-{max(doc['rows'][0]['ratios']):.2f})"
+    assert spread in common_case_report.full_markdown(doc)
+    assert "every ratio the median of 2 runs of its part" in common_case_report.run_line(doc)
+    with pytest.raises(SystemExit):
+        common_case.parse(["--repeats", "0"])
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
