@@ -5,9 +5,9 @@ measured against the call they would make otherwise, in interleaved rounds (A B 
 machine slows both alike), each timed sample lasting at least ``--min-sample-ms`` (a sub-millisecond
 call is otherwise mostly timer and dispatch jitter). Every row is a ratio, jattn over the peer of the same
 run, and carries its target (``met`` when ratio <= target). With ``--repeats R`` each part runs R times in a
-row and each row's ratio is the median of its R ratios (all R are kept in the row, ``ratios``): on a shared
-machine two compiles of one program read 0.92-1.05 of each other in one measurement, so a single
-measurement per row misses a 1.05 target on noise alone a few times in 80 rows. Parts:
+row and each row's ratio is the median of its R ratios (all R are kept in the row, ``ratios``; an even R
+takes the higher middle one), at R times the run time: on a shared machine two compiles of one program read
+0.92-1.05 of each other in one measurement, a spread that reaches the 1.05 target. Parts:
 
 * ``auto``: ``jattn.dot_product_attention`` (auto rule) / ``jax.nn.dot_product_attention`` (xla), batch 4,
   8 heads, dim 64, T 128-1024, no options, causal, ``key_value_seq_lengths``, GQA (2 kv heads), a boolean
@@ -59,19 +59,22 @@ def row(part: str, case: str, ours: tuple[str, float], peer: tuple[str, float], 
 
 
 def combine(repeats: list[list[dict]]) -> list[dict]:
-    """One row per case from the rows of several runs of a part: the row whose ratio is the median (the lower
-    one for an even count, so its figures are one measurement's), with every run's ratio in ``ratios``, in
-    run order. A case missing from later runs (a run cut short) keeps the runs that measured it."""
+    """One row per case from the rows of several runs of a part: the row whose ratio is the median (the higher
+    one for an even count: the verdict never rests on the better of two measurements), its figures that
+    run's, with every run's ratio in ``ratios``, in run order. A case missing from later runs (a run cut
+    short) keeps the runs that measured it; a case a run measures twice (a length given twice) stays two rows."""
     cases: dict[tuple, list[dict]] = {}
     for rows in repeats:
+        seen: dict[tuple, int] = {}
         for r in rows:
-            cases.setdefault((r["part"], r["case"], r["ours"], r["peer"]), []).append(r)
+            key = (r["part"], r["case"], r["ours"], r["peer"])
+            seen[key] = seen.get(key, -1) + 1
+            cases.setdefault((*key, seen[key]), []).append(r)
     out = []
     for runs in cases.values():
-        ratios = [r["ratio"] for r in runs]
-        middle = statistics.median_low(ratios)
-        chosen = next(r for r in runs if r["ratio"] == middle)
-        out.append({**chosen, "ratios": ratios} if len(repeats) > 1 else chosen)
+        order = sorted(range(len(runs)), key=lambda i: runs[i]["ratio"])
+        chosen = runs[order[len(runs) // 2]]
+        out.append({**chosen, "ratios": [r["ratio"] for r in runs]} if len(repeats) > 1 else chosen)
     return out
 
 
@@ -248,7 +251,8 @@ def part_mask_mod(args) -> list[dict]:
 
 
 def report(r: dict, args: argparse.Namespace | None = None, label: str = "") -> None:
-    """Prints a row, and hands it to ``args.on_row`` where ``main`` set one (it saves the run so far)."""
+    """Prints a row (``label``: a note after its target), and hands it to ``args.on_row`` where ``main`` set one
+    (it saves the run so far)."""
     mark = "ok " if r["met"] else "MISS"
     label = f", {label}" if label else ""
     print(f"{mark} {r['part']:8} {r['case']:40} {r['ratio']:6.2f} (target {r['target']}{label})", flush=True)
@@ -311,8 +315,9 @@ def main(argv=None) -> dict:
             runs[-1] = globals()[f"part_{part}"](args)
         combined = combine(runs)
         rows += combined
-        for r in combined if args.repeats > 1 else ():
-            report(r, label=f"median of {args.repeats}")
+        if args.repeats > 1:
+            for r in combined:
+                report(r, label=f"median of {args.repeats}")
     doc = save([])
     met = sum(r["met"] for r in rows)
     print(f"{met}/{len(rows)} rows meet their target -> {out}")

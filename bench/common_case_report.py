@@ -74,7 +74,9 @@ def run_line(doc: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v and k in ("jax", "flax"))
     device = "" if m["backend"] == "cpu" else f" ({m['device_kind']})"
     repeats = doc.get("repeats", 1)
-    how = "every ratio from one run" if repeats == 1 else f"every ratio the median of {repeats} runs of its part"
+    runs = {len(r.get("ratios", [r["ratio"]])) for r in doc["rows"]} or {repeats}
+    upto = "" if runs == {repeats} else "up to "  # a run cut short: some rows have fewer
+    how = "every ratio from one run" if repeats == 1 else f"every ratio the median of {upto}{repeats} runs of its part"
     return (f"Made by `{doc['command']}` on backend `{m['backend']}`{device}, {m['cpu_count']} CPUs ({versions}); "
             f"interleaved rounds, medians, {how}.")  # fmt: skip
 

@@ -107,10 +107,13 @@ def test_combine_keeps_the_median_runs_row_and_every_ratio():
     assert [r["ours_value"] for r in rows] == [0.56, 0.7]
     assert [r["met"] for r in rows] == [False, False]  # 0.56 and 0.7 against the causal target 0.55
     assert rows[0]["ratios"] == [0.60, 0.50, 0.56]
-    # an even count takes the lower middle (a measured row), and a case a cut run lacks keeps the others
+    # an even count takes the higher middle (never the better of two), and a case a cut run lacks keeps the others
     rows = common_case.combine([runs(0.60, 0.9), runs(0.50, cases=("a",))])
-    assert [(r["ratio"], r["met"], r["ratios"]) for r in rows] == [(0.50, True, [0.60, 0.50]), (0.9, False, [0.9])]
+    assert [(r["ratio"], r["met"], r["ratios"]) for r in rows] == [(0.60, False, [0.60, 0.50]), (0.9, False, [0.9])]
     assert "ratios" not in common_case.combine([runs(0.6, 0.9)])[0]  # one run: its rows as they were
+    # a case measured twice in one run (a length given twice) stays two rows
+    twice = common_case.combine([runs(0.5, 0.6, cases=("a", "a")), runs(0.7, 0.4, cases=("a", "a"))])
+    assert [r["ratios"] for r in twice] == [[0.5, 0.7], [0.6, 0.4]]
 
 
 def test_repeats_run_a_part_that_many_times_and_report_the_spread(tmp_path, capsys):
@@ -119,7 +122,7 @@ def test_repeats_run_a_part_that_many_times_and_report_the_spread(tmp_path, caps
     assert json.loads(out.read_text()) == doc and doc["repeats"] == 2
     assert [r["case"] for r in doc["rows"]] == ["fwd T=64", "fwd+bwd T=64"]
     for r in doc["rows"]:
-        assert len(r["ratios"]) == 2 and r["ratio"] == min(r["ratios"])  # the lower of two
+        assert len(r["ratios"]) == 2 and r["ratio"] == max(r["ratios"])  # the higher of two
         assert r["ratio"] == pytest.approx(r["ours_value"] / r["peer_value"])
     spread = f"({min(doc['rows'][0]['ratios']):.2f}-{max(doc['rows'][0]['ratios']):.2f})"
     assert spread in common_case_report.full_markdown(doc)
@@ -127,3 +130,25 @@ def test_repeats_run_a_part_that_many_times_and_report_the_spread(tmp_path, caps
     with pytest.raises(SystemExit):
         common_case.parse(["--repeats", "0"])
     assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_in_a_later_repeat_keeps_every_measured_ratio(tmp_path, monkeypatch):
+    calls = []
+
+    def part(args):  # two rows per run; the second run stops after its first row
+        calls.append(None)
+        rows = []
+        for case, ratio in (("a", 0.5 + len(calls) / 10), ("b", 0.9)):
+            if len(calls) == 2 and case == "b":
+                raise KeyboardInterrupt
+            rows.append(common_case.row("causal", case, ("ours", ratio), ("peer", 1.0)))
+            common_case.report(rows[-1], args)
+        return rows
+
+    monkeypatch.setattr(common_case, "part_causal", part)
+    out = tmp_path / "cut.json"
+    with pytest.raises(KeyboardInterrupt):
+        common_case.main(["--part", "causal", "--repeats", "3", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert [(r["case"], r["ratios"]) for r in doc["rows"]] == [("a", [0.6, 0.7]), ("b", [0.9])]
+    assert "every ratio the median of up to 3 runs of its part" in common_case_report.run_line(doc)
