@@ -5,6 +5,7 @@ What jax.nn lacks is in the capability table (``_capabilities``); calls reach he
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -70,7 +71,8 @@ def rows_with_a_key(inputs: AttentionInputs) -> Array:
     jax.nn has (lengths, causal, window, the query offset of a decode step, a dense mask).
 
     Closed form for the position masks (each row sees a contiguous key range ``[lo, hi]``), so it costs
-    ``O(batch * q_seq)``; a dense mask adds one ``any`` over it (jax.nn reads it whole anyway).
+    ``O(batch * q_seq)``; a dense mask adds one ``any`` over it (jax.nn reads it whole anyway), over the
+    mask's own shape where no causal or window mask makes the key range differ between rows.
     """
     query, key, _, _, mask, opts = inputs
     static, arrays = opts.static, opts.arrays
@@ -85,9 +87,12 @@ def rows_with_a_key(inputs: AttentionInputs) -> Array:
     rows = rows[:, :, None]  # (batch, q_seq, 1)
     if mask is None:
         return rows
-    j = jnp.arange(kv_seq, dtype=jnp.int32)[None, None, :]
-    in_range = (j >= lo[..., None]) & (j < hi[..., None])  # (batch, q_seq, kv_seq)
-    visible = (in_range[:, None] & mask).any(-1)  # (batch, heads|1, q_seq)
+    j = jnp.arange(kv_seq, dtype=jnp.int32)[None, None, None, :]
+    if static.is_causal or static.local_window_size is not None:  # each row its own key range
+        in_range = (j >= lo[:, None, :, None]) & (j < hi[:, None, :, None])  # (batch, 1, q_seq, kv_seq)
+    else:  # every row the keys below its example's length: the any stays the mask's size (a padding mask's: tiny)
+        in_range = j < end[:, :, None, None]  # (batch, 1, 1, kv_seq)
+    visible = (in_range & mask).any(-1)  # (batch, heads|1, q_seq|1)
     return rows & visible.transpose(0, 2, 1)
 
 
@@ -105,7 +110,23 @@ def with_segment_mask(inputs: AttentionInputs) -> AttentionInputs:
 
 def repair_rows(inputs: AttentionInputs, out: Array, lse: Array) -> tuple[Array, Array]:
     """jax.nn's ``(out, lse)`` with jattn's answer for rows that see no key: zeros (and zero gradients: the
-    select passes none to jax.nn's mean-of-V there) and the masking sentinel as log-sum-exp."""
+    select passes none to jax.nn's mean-of-V there) and the masking sentinel as log-sum-exp.
+
+    On CPU the select runs only when some row sees no key (a ``lax.cond``): XLA:CPU fuses it into the
+    transpose that ends jax.nn's program, which then loses its fast transpose path and took about 3x as
+    long (0.2 ms of a 3 ms call, batch 4, T=128); every row seeing a key is the common case. Elsewhere
+    the select is fused at no cost, and a branch would cost a device-to-host wait.
+    """
     rows = rows_with_a_key(inputs)
-    out = jnp.where(rows[..., None], out, jnp.zeros((), out.dtype))
-    return out, jnp.where(rows, lse, _numerics.masked_value(lse.dtype))
+
+    def repaired(out, lse, rows=rows):
+        out = jnp.where(rows[..., None], out, jnp.zeros((), out.dtype))
+        return out, jnp.where(rows, lse, _numerics.masked_value(lse.dtype))
+
+    def when_needed(out, lse):
+        # The untouched branch selects with all-true rows (XLA drops that select) so that both branches give
+        # the same types, shardings included.
+        untouched = functools.partial(repaired, rows=jnp.ones_like(rows))
+        return jax.lax.cond(rows.all(), untouched, repaired, out, lse)
+
+    return jax.lax.platform_dependent(out, lse, cpu=when_needed, default=repaired)

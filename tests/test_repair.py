@@ -96,3 +96,31 @@ def test_auto_runs_packed_sequences_through_jax_nn_as_a_dense_mask():
     for g, rg in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, rg, atol=1e-5)
     assert not jnp.any(grads[0][:, 6])  # the query of segment 3 sees no key: zero gradient
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["every-row-sees-a-key", "one-example-sees-none"])
+def test_a_padding_mask_through_jax_nn_is_repaired_only_where_a_row_sees_no_key(empty):
+    # On CPU the repair is a branch taken only when some row sees no key (jattn._jax_nn.repair_rows): both
+    # branches, forward and gradients, against jax.nn where it is exact and the reference everywhere.
+    r = np.random.default_rng(2)
+    q, k, v = (jnp.asarray(r.standard_normal((B, n, H, D)), jnp.float32) for n in (T, S, S))
+    keep = jnp.asarray([S, 0 if empty else 2, 3], jnp.int32)
+    mask = (jnp.arange(S, dtype=jnp.int32)[None, :] < keep[:, None])[:, None, None, :]  # a padding mask
+    assert jattn.auto_implementation(q, k, v, mask=mask, backend="cpu") == "xla"
+
+    def loss(implementation):
+        def f(q, k, v):
+            return jnp.sum(jnp.sin(jattn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)))
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+    out = jax.jit(lambda q, k, v: jattn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    theirs = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    seen = [0, 2] if empty else [0, 1, 2]
+    np.testing.assert_array_equal(out[jnp.asarray(seen)], theirs[jnp.asarray(seen)])
+    assert not jnp.any(out[1]) if empty else jnp.all(out[1] == theirs[1])
+    (value, grads), (ref_value, ref_grads) = loss(None)(q, k, v), loss("reference")(q, k, v)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, rg, atol=1e-5)
+    assert not jnp.any(grads[0][1]) if empty else jnp.any(grads[0][1])
