@@ -124,3 +124,24 @@ def test_a_padding_mask_through_jax_nn_is_repaired_only_where_a_row_sees_no_key(
     for g, rg in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, rg, atol=1e-5)
     assert not jnp.any(grads[0][1]) if empty else jnp.any(grads[0][1])
+    # Forward mode: the repair's tangent is a plain select (no branch), so check it and a Hessian-vector
+    # product against the reference too.
+    tangents = tuple(jnp.asarray(r.standard_normal(x.shape), jnp.float32) for x in (q, k, v))
+
+    def jvp_and_hvp(implementation):
+        def attend(q, k, v):
+            return jattn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+        def loss_of_q(q):
+            return jnp.sum(jnp.sin(attend(q, k, v)))
+
+        tangent = jax.jvp(attend, (q, k, v), tangents)[1]
+        return tangent, jax.jvp(jax.grad(loss_of_q), (q,), tangents[:1])[1]
+
+    (tangent, hvp), (ref_tangent, ref_hvp) = (
+        jax.jit(jvp_and_hvp, static_argnums=0)(None),
+        jax.jit(jvp_and_hvp, static_argnums=0)("reference"),
+    )
+    np.testing.assert_allclose(tangent, ref_tangent, atol=1e-5)
+    np.testing.assert_allclose(hvp, ref_hvp, atol=1e-4)
+    assert not jnp.any(tangent[1]) if empty else jnp.any(tangent[1])
