@@ -157,11 +157,14 @@ def split_pair_grads(spec, blocks: ExampleBlocks, key: KeyBlock, query: QueryBlo
 
 
 class BackwardArrays(NamedTuple):
-    """One example's backward operands, transposed once so every block product is a plain matmul."""
+    """One example's backward operands, transposed once so every block product is a plain matmul.
 
-    k: Array  # head-major keys (kv_heads, kv_padded, dim)
-    v: Array  # (kv_heads, kv_padded, v_dim)
-    kt: Array  # (kv_heads, dim, kv_padded)
+    K and V keep the caller's layout: each key block is transposed when its loop starts
+    (:func:`key_block`), into a small buffer, not as whole-sequence copies.
+    """
+
+    k: Array  # keys in the caller's layout (kv_padded, kv_heads, dim)
+    v: Array  # (kv_padded, kv_heads, v_dim)
     qt: Array  # (kv_heads, dim, groups, q_padded)
     dout_t: Array  # (kv_heads, v_dim, groups, q_padded)
     delta: Array  # (kv_heads, groups, q_padded)
@@ -169,16 +172,15 @@ class BackwardArrays(NamedTuple):
 
 def backward_arrays(ops: Operands, out: Array, dout: Array, dlse: Array) -> BackwardArrays:
     acc_dtype = _numerics.compute_dtype(ops.q.dtype)
-    k, v = ops.k.transpose(1, 0, 2), ops.v.transpose(1, 0, 2)
     # The log-sum-exp's cotangent adds dlse * p to dlogits: it enters as -dlse in the row term.
     delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype) - dlse.astype(acc_dtype)
-    return BackwardArrays(k, v, k.transpose(0, 2, 1), ops.q.transpose(0, 3, 1, 2), dout.transpose(0, 3, 1, 2), delta)
+    return BackwardArrays(ops.k, ops.v, ops.q.transpose(0, 3, 1, 2), dout.transpose(0, 3, 1, 2), delta)
 
 
 def key_block(grid, arrays: BackwardArrays, kb) -> KeyBlock:
-    return KeyBlock(
-        *(bm.dynamic_block(x, kb, grid.block_kv, axis) for x, axis in ((arrays.k, 1), (arrays.v, 1), (arrays.kt, 2)))
-    )
+    """Key block ``kb``, head-major, and its keys transposed."""
+    k, v = (bm.dynamic_block(x, kb, grid.block_kv, 0) for x in (arrays.k, arrays.v))  # (bk, kv_heads, x)
+    return KeyBlock(k.transpose(1, 0, 2), v.transpose(1, 0, 2), k.transpose(1, 2, 0))
 
 
 def query_block(grid, ops: Operands, arrays: BackwardArrays, lse: Array, dout: Array, *, at) -> QueryBlock:

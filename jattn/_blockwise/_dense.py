@@ -105,7 +105,7 @@ def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, *, dlse,
         arrays = backward_arrays(ops, out, dout, dlse)
         blocks, visible, _ = _example(spec, ops, example)
         consts = ops.opts.shared.score_consts
-        zeros = (jnp.zeros(arrays.k.shape, acc_dtype), jnp.zeros(arrays.v.shape, acc_dtype))
+        zeros = tuple(jnp.zeros((x.shape[1], x.shape[0], x.shape[2]), acc_dtype) for x in (arrays.k, arrays.v))
         dconsts = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
         query = query_block(grid, ops, arrays, lse, dout, at=(0, 0))
         place = blocks.place(0, 0)
