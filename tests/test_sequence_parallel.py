@@ -247,10 +247,14 @@ def test_ring_moves_p_minus_1_shards_each_way_and_never_gathers(eight_devices):
 
 @eight_cpu_devices
 def test_ring_memory_per_device(eight_devices):
-    """fwd+bwd at N=32768 on 8 devices: per-device args + temp at most 1.5x the single-device total / 8
-    (1.16 measured; a plain ``jnp.sum`` loss gives 1.52, see the README)."""
+    """fwd+bwd at N=32768 on 8 devices: per-device args + temp at most 2x the single-device total / 8.
+
+    1.78 measured: 114.3 MiB a device against 513.0 MiB on one. It was 1.45 until the single-device
+    backward stopped making whole-sequence transposed copies of Q and dO (450 -> 321 MiB of temporaries);
+    the ring's own figure fell too (116.3 -> 114.3 MiB), it just carries the K/V shards in flight and the
+    travelling dK/dV accumulators a single device does not need. See docs/sequence-parallel.md."""
     assert eight_devices["memory-and-transfers"] == "ok", eight_devices["memory-and-transfers"]
-    assert eight_devices["memory-ratio"] <= 1.5, eight_devices["memory-ratio"]
+    assert eight_devices["memory-ratio"] <= 2.0, eight_devices["memory-ratio"]
 
 
 # ---------------------------------------------------------------- one device

@@ -4,8 +4,9 @@ For each key block, loop over the query blocks that see it, recompute the
 probabilities from the saved log-sum-exp, accumulate dK/dV for the key block
 and add into a full-size dQ carry. Five block matmuls per visited pair (QK^T,
 dV, dP, dK, dQ) and no second pass for dQ. The backward works on transposed
-logits ``(kv_heads, bk, groups * bq)`` so that all five products are plain
-matmuls (see ``_blockmath.mm``).
+logits ``(kv_heads, bk, groups * bq)``: the logits and dP read the query and dO
+blocks as they are (``_blockmath.mm_nt``), and dQ is built transposed, so
+every product is one XLA:CPU runs at full speed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from jaxtyping import Array
 from .. import _numerics
 from .._tiling import PARTIAL
 from . import _blockmath as bm
-from ._forward import example_sinks, keys_all_seen, splittable
+from ._forward import example_sinks, keys_all_seen, splittable, unit_groups_dropped
 from ._geometry import ExampleBlocks, Grid, block_start, slice_block
 from ._layout import Operands, over_batch
 
@@ -38,9 +39,7 @@ class QueryBlock(NamedTuple):
     """What the backward reads of one query block; ``rows = groups * block_q``."""
 
     q: Array  # (kv_heads, rows, dim)
-    qt: Array  # (kv_heads, dim, rows)
     dout: Array  # (kv_heads, rows, v_dim)
-    dout_t: Array  # (kv_heads, v_dim, rows)
     lse: Array  # (kv_heads, 1, rows)
     delta: Array  # (kv_heads, 1, rows): sum_d dO O - dlse, the softmax-Jacobian term of every row
     bias: Array | None  # slice_block of the bias
@@ -86,7 +85,7 @@ def pair_grads(
     def as_4d(x):  # (kv_heads, bk|1, rows) -> (kv_heads, bk|1, groups, bq)
         return x.reshape(kv_heads, x.shape[1], groups, bq)
 
-    raw = as_4d(bm.mm(key.k, bm.scaled_query(options, query.qt)))  # (kv_heads, bk, groups, bq)
+    raw = as_4d(bm.mm_nt(key.k, bm.scaled_query(options, query.q)))  # (kv_heads, bk, groups, bq)
     bias = None if query.bias is None else bm.transposed_block(bm.grouped(query.bias, kv_heads, groups))
     pre, t = bm.finish_logits(options, raw, query.q.dtype, bias)
 
@@ -100,7 +99,7 @@ def pair_grads(
     if visible is not None:
         pt = jnp.where(visible, pt, 0)
     dv = acc.dv + bm.mm(pt.reshape(raw.shape[0], bk, -1).astype(query.dout.dtype), query.dout)
-    dpt = as_4d(bm.mm(key.v, query.dout_t))
+    dpt = as_4d(bm.mm_nt(key.v, query.dout))
     dlogits = pt * (dpt - as_4d(query.delta))  # with respect to the logits softmax saw
     dconsts = acc.dconsts
     if options.score_mod is not None:
@@ -145,8 +144,8 @@ def split_pair_grads(spec, blocks: ExampleBlocks, key: KeyBlock, query: QueryBlo
 
     left = pair_grads(spec, keys(False), query, visible(qb, 2 * kb, bq), acc_half(acc, False), consts=consts,
                       want=want, place=blocks.place(qb * bq, kb * bk), hide=hide)  # fmt: skip
-    lower = QueryBlock(bottom(query.q, 1), bottom(query.qt, 2), bottom(query.dout, 1), bottom(query.dout_t, 2),
-                       bottom(query.lse, 2), bottom(query.delta, 2), None, None)  # fmt: skip
+    lower = QueryBlock(bottom(query.q, 1), bottom(query.dout, 1), bottom(query.lse, 2), bottom(query.delta, 2), None,
+                       None)  # fmt: skip
     right = pair_grads(spec, keys(True), lower, visible(2 * qb + 1, 2 * kb + 1, hq),
                        acc_half(acc, True)._replace(dconsts=left.dconsts), consts=consts, want=want,
                        place=blocks.place(qb * bq + hq, kb * bk + hk), block_q=hq, hide=hide)  # fmt: skip
@@ -157,16 +156,18 @@ def split_pair_grads(spec, blocks: ExampleBlocks, key: KeyBlock, query: QueryBlo
 
 
 class BackwardArrays(NamedTuple):
-    """One example's backward operands, transposed once so every block product is a plain matmul.
+    """One example's backward operands.
 
-    K and V keep the caller's layout: each key block is transposed when its loop starts
-    (:func:`key_block`), into a small buffer, not as whole-sequence copies.
+    K and V keep the caller's layout: each key block is made head-major when its loop starts
+    (:func:`key_block`), into a small buffer, not as whole-sequence copies. Q and dO are read in the
+    kernel layout, without a unit groups axis (``_forward.unit_groups_dropped``): no transposed copy of
+    either is made.
     """
 
     k: Array  # keys in the caller's layout (kv_padded, kv_heads, dim)
     v: Array  # (kv_padded, kv_heads, v_dim)
-    qt: Array  # (kv_heads, dim, groups, q_padded)
-    dout_t: Array  # (kv_heads, v_dim, groups, q_padded)
+    q: Array  # (kv_heads, groups, q_padded, dim), or (kv_heads, q_padded, dim) when groups is 1
+    dout: Array  # likewise, (..., v_dim)
     delta: Array  # (kv_heads, groups, q_padded)
 
 
@@ -174,7 +175,7 @@ def backward_arrays(ops: Operands, out: Array, dout: Array, dlse: Array) -> Back
     acc_dtype = _numerics.compute_dtype(ops.q.dtype)
     # The log-sum-exp's cotangent adds dlse * p to dlogits: it enters as -dlse in the row term.
     delta = jnp.einsum("kgqd,kgqd->kgq", dout, out, preferred_element_type=acc_dtype) - dlse.astype(acc_dtype)
-    return BackwardArrays(ops.k, ops.v, ops.q.transpose(0, 3, 1, 2), dout.transpose(0, 3, 1, 2), delta)
+    return BackwardArrays(ops.k, ops.v, unit_groups_dropped(ops.q), unit_groups_dropped(dout), delta)
 
 
 def key_block(grid, arrays: BackwardArrays, kb) -> KeyBlock:
@@ -183,23 +184,21 @@ def key_block(grid, arrays: BackwardArrays, kb) -> KeyBlock:
     return KeyBlock(k.transpose(1, 0, 2), v.transpose(1, 0, 2), k.transpose(1, 2, 0))
 
 
-def query_block(grid, ops: Operands, arrays: BackwardArrays, lse: Array, dout: Array, *, at) -> QueryBlock:
+def query_block(grid, ops: Operands, arrays: BackwardArrays, lse: Array, *, at) -> QueryBlock:
     """The query-side blocks of block pair ``at = (qb, kb)``."""
     qb, kb = at
     kv_heads, groups = ops.q.shape[:2]
     rows = groups * grid.block_q
 
+    def query_rows(x):  # (kv_heads, [groups,] q_padded, x) -> (kv_heads, rows, x)
+        return bm.dynamic_block(x, qb, grid.block_q, x.ndim - 2).reshape(kv_heads, rows, x.shape[-1])
+
     def row_block(x):  # (kv_heads, groups, q_padded) -> (kv_heads, 1, rows)
         return bm.dynamic_block(x, qb, grid.block_q, 2).reshape(kv_heads, 1, rows)
 
-    def col_block(x):  # (kv_heads, x, groups, q_padded) -> (kv_heads, x, rows)
-        return bm.dynamic_block(x, qb, grid.block_q, 3).reshape(kv_heads, x.shape[1], rows)
-
     return QueryBlock(
-        q=bm.rows(bm.dynamic_block(ops.q, qb, grid.block_q, 2)),
-        qt=col_block(arrays.qt),
-        dout=bm.rows(bm.dynamic_block(dout, qb, grid.block_q, 2)),
-        dout_t=col_block(arrays.dout_t),
+        q=query_rows(arrays.q),
+        dout=query_rows(arrays.dout),
         lse=row_block(lse),
         delta=row_block(arrays.delta),
         bias=None if ops.bias is None else slice_block(ops.bias, qb, kb, grid),
@@ -269,7 +268,7 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
                                           at=(qb, kb), hide=hide)  # fmt: skip
                 branches.append(lambda acc, query: split(query, acc))
                 kind = jnp.where((kind == PARTIAL) & blocks.top_half_skips_right_half(qb, kb), len(branches) - 1, kind)
-            query = query_block(grid, ops, arrays, lse, dout, at=(qb, kb))
+            query = query_block(grid, ops, arrays, lse, at=(qb, kb))
             # The barrier keeps XLA from hoisting the split's row halves as a second slice of each query array.
             query = lax.optimization_barrier(query) if can_split else query
             grads = lax.switch(kind, branches, acc, query)
@@ -292,7 +291,7 @@ def backward_example(spec, ops: Operands, out, lse, dout, *, dlse, example, want
 
     dconsts0 = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
     dbias0 = jnp.zeros(ops.bias.shape, acc_dtype) if want.bias and ops.bias is not None else None
-    init = (jnp.zeros(arrays.qt.shape, acc_dtype), dbias0, dconsts0)
+    init = (jnp.zeros((kv_heads, dim, groups, grid.q_padded), acc_dtype), dbias0, dconsts0)
     (dqt, dbias, dconsts), (dk, dv) = lax.scan(one_kv_block, init, jnp.arange(grid.num_kv_blocks, dtype=jnp.int32))
     # (num_kv_blocks, kv_heads, bk, x) -> the primal layout (kv_padded, kv_heads, x)
     dk = jnp.moveaxis(dk, 1, 2).reshape(grid.kv_padded, kv_heads, dim)

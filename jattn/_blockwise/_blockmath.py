@@ -2,9 +2,9 @@
 
 Inside the kernel q is head-major, ``(kv_heads, groups, q_padded, dim)``; k and v
 keep the caller's layout ``(kv_padded, kv_heads, dim)`` and only visited
-blocks are transposed. Every block product is arranged as a plain batched
-matmul over the ``kv_heads`` axis (see :func:`mm`), so grouped-query heads
-share each K/V block and K/V are never repeated.
+blocks are made head-major. Every block product is a batched matmul over the
+``kv_heads`` axis (:func:`mm`, :func:`mm_nt`), so grouped-query heads share
+each K/V block and K/V are never repeated.
 """
 
 from __future__ import annotations
@@ -35,16 +35,26 @@ class KernelSpec:
 
 
 def mm(a: Array, b: Array) -> Array:
-    """Batched ``a @ b`` over the leading (kv_heads) axis, accumulated in the compute dtype.
+    """Batched ``a @ b`` over the leading (kv_heads) axis, accumulated in the compute dtype."""
+    return _product("kij,kjl->kil", a, b)
 
-    Every block product of the kernel is arranged as this plain (non-transposed)
-    matmul by keeping transposed copies of K, Q and dO: on CPU, XLA runs
-    transposed-operand products up to 4x slower than plain ones.
+
+def mm_nt(a: Array, b: Array) -> Array:
+    """Batched ``a @ b^T`` over the leading (kv_heads) axis: ``(k, i, j) x (k, l, j) -> (k, i, l)``.
+
+    XLA:CPU runs this product (both operands contracted on their last axis) as fast as :func:`mm`, so
+    queries, keys and output cotangents are read in their head-major layout, never transposed for it. Its
+    mirror (contracting the first axis of ``a``) is up to 3x slower there: the backward's dQ is built
+    transposed instead (``_backward``).
     """
+    return _product("kij,klj->kil", a, b)
+
+
+def _product(subscripts: str, a: Array, b: Array) -> Array:
     acc = _numerics.compute_dtype(a.dtype)
 
     def native(a, b):
-        return jnp.einsum("kij,kjl->kil", a, b, preferred_element_type=acc)
+        return jnp.einsum(subscripts, a, b, preferred_element_type=acc)
 
     if a.dtype == acc:
         return native(a, b)
@@ -167,13 +177,13 @@ def finish_logits(options: StaticOptions, raw: Array, dtype, bias: Array | None)
     return s, t
 
 
-def block_logits(spec, q_blk: Array, kt_blk: Array, bias_blk: Array | None, *, consts, place: Placement) -> Logits:
+def block_logits(spec, q_blk: Array, k_blk: Array, bias_blk: Array | None, *, consts, place: Placement) -> Logits:
     """Logits ``(kv_heads, groups, bq, bk)`` of a block in the compute dtype.
 
-    ``q_blk`` is ``(kv_heads, groups, bq, dim)``, ``kt_blk`` the transposed keys ``(kv_heads, dim, bk)``.
+    ``q_blk`` is ``(kv_heads, groups, bq, dim)``, ``k_blk`` the keys, head-major ``(kv_heads, bk, dim)``.
     """
     kv_heads, groups, bq, _ = q_blk.shape
-    raw = mm(rows(scaled_query(spec.options, q_blk)), kt_blk).reshape(kv_heads, groups, bq, -1)
+    raw = mm_nt(rows(scaled_query(spec.options, q_blk)), k_blk).reshape(kv_heads, groups, bq, -1)
     bias = None if bias_blk is None else grouped(bias_blk, kv_heads, groups)
     pre, t = finish_logits(spec.options, raw, q_blk.dtype, bias)
     return Logits(score_mod(spec.options, consts, pre, FORWARD_LAYOUT, groups=groups, place=place), t, pre)

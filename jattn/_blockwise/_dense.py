@@ -57,7 +57,7 @@ def dense_forward(spec: bm.KernelSpec, ops: Operands) -> tuple[Array, Array]:
         _, visible, place = _example(spec, ops, example)
         acc_dtype = _numerics.compute_dtype(ops.q.dtype)
         init = initial_carry(ops.q.shape[:3], v.shape[-1], acc_dtype, example_sinks(ops))
-        key = KeyBlock(kt=k.transpose(1, 2, 0), v=v.transpose(1, 0, 2), bias=ops.bias, mask=ops.mask)
+        key = KeyBlock(k=k.transpose(1, 0, 2), v=v.transpose(1, 0, 2), bias=ops.bias, mask=ops.mask)
         carry = online_softmax_step(spec, init, ops.q, key, visible, consts=ops.opts.shared.score_consts, place=place)
         return finish(carry, v.dtype)
 
@@ -73,11 +73,11 @@ def dense_tangent(spec: bm.KernelSpec, ops: Operands, out, lse, tangents: Tangen
         k, v, dk, dv = (None if x is None else x[example] for x in whole_kv)  # (kv_padded, kv_heads, x)
         _, visible, place = _example(spec, ops, example)
         key = TangentKeyBlock(
-            kt=k.transpose(1, 2, 0),
+            k=k.transpose(1, 0, 2),
             v=v.transpose(1, 0, 2),
             bias=ops.bias,
             mask=ops.mask,
-            dkt=None if dk is None else dk.transpose(1, 2, 0),
+            dk=None if dk is None else dk.transpose(1, 0, 2),
             dv=None if dv is None else dv.transpose(1, 0, 2),
             dbias=tangents.bias,
         )
@@ -107,7 +107,7 @@ def dense_cotangent(spec: bm.KernelSpec, ops: Operands, out, lse, dout, *, dlse,
         consts = ops.opts.shared.score_consts
         zeros = tuple(jnp.zeros((x.shape[1], x.shape[0], x.shape[2]), acc_dtype) for x in (arrays.k, arrays.v))
         dconsts = tuple(jnp.zeros(c.shape, acc_dtype) for c in bm.wanted(consts, want.consts))
-        query = query_block(grid, ops, arrays, lse, dout, at=(0, 0))
+        query = query_block(grid, ops, arrays, lse, at=(0, 0))
         place = blocks.place(0, 0)
         acc = PairGrads(*zeros, None, None, dconsts)
         grads = pair_grads(

@@ -32,7 +32,7 @@ class OnlineSoftmax(NamedTuple):
 
 
 class KeyBlock(NamedTuple):
-    kt: Array  # transposed keys (kv_heads, dim, bk)
+    k: Array  # keys, head-major (kv_heads, bk, dim)
     v: Array  # values (kv_heads, bk, v_dim)
     bias: Array | None  # slice_block of the bias
     mask: Array | None  # slice_block of the dense mask
@@ -44,8 +44,8 @@ def online_softmax_step(spec, carry: OnlineSoftmax, q_blk, key: KeyBlock, visibl
     select out the keys no row of the block sees (False only where every key is seen, :func:`keys_all_seen`)."""
     if visible is not None and hide:  # (kv_heads|1, groups|1, bq, bk)
         seen = bm.seen_keys(visible, 3)
-        key = key._replace(kt=bm.hide_unseen(key.kt, seen, 2), v=bm.hide_unseen(key.v, seen, 1))
-    s = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place).s
+        key = key._replace(k=bm.hide_unseen(key.k, seen, 1), v=bm.hide_unseen(key.v, seen, 1))
+    s = bm.block_logits(spec, q_blk, key.k, key.bias, consts=consts, place=place).s
     return fold_logits(carry, s, key.v, visible)[0]
 
 
@@ -127,10 +127,17 @@ def visit_split(spec, blocks: ExampleBlocks, q_blk, carry: OnlineSoftmax, key: K
         return online_softmax_step(spec, part, rows_of(q_blk, half), keys, visible, consts=consts, place=place,
                                    hide=hide)  # fmt: skip
 
-    left = KeyBlock(kt=key.kt[:, :, :hk], v=key.v[:, :hk], bias=None, mask=None)
+    left = KeyBlock(k=key.k[:, :hk], v=key.v[:, :hk], bias=None, mask=None)
     top = fold(0, left, hk, 2 * kb)
     bottom = fold(1, key, bk, kb)
     return OnlineSoftmax(*(jnp.concatenate(pair, axis=2) for pair in zip(top, bottom, strict=True)))
+
+
+def unit_groups_dropped(q: Array) -> Array:
+    """One example's queries ``(kv_heads, groups, q_padded, dim)`` as ``(kv_heads, q_padded, dim)`` when
+    ``groups`` is 1 (no grouped-query attention): XLA:CPU gives a whole-sequence array with a unit axis a
+    layout that costs the caller-to-kernel transpose a second pass over it (an 8 MiB copy at N=4096)."""
+    return q[:, 0] if q.shape[1] == 1 else q
 
 
 def example_sinks(ops: Operands) -> Array | None:
@@ -150,8 +157,10 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
     can_split = splittable(grid, ops)
     hide = not keys_all_seen(grid, ops)
 
+    q = unit_groups_dropped(ops.q)
+
     def one_q_block(qb):
-        q_blk = bm.dynamic_block(ops.q, qb, grid.block_q, 2)
+        q_blk = bm.dynamic_block(q, qb, grid.block_q, q.ndim - 2).reshape(kv_heads, groups, grid.block_q, -1)
 
         def visit(carry, key, kb, masked):
             visible = blocks.visible(qb, kb, key.mask, grid.block_q, grid.block_kv) if masked else None
@@ -162,7 +171,7 @@ def forward_example(spec, ops: Operands, k: Array, v: Array, example) -> tuple[A
             # Blocks are sliced here, outside the switch: a branch that took the
             # whole K/V (or mask) as an operand could copy it on every step.
             key = KeyBlock(
-                kt=bm.kv_block(k, example, kb, grid.block_kv).transpose(1, 2, 0),
+                k=bm.kv_block(k, example, kb, grid.block_kv).transpose(1, 0, 2),
                 v=bm.kv_block(v, example, kb, grid.block_kv).transpose(1, 0, 2),
                 bias=None if ops.bias is None else slice_block(ops.bias, qb, kb, grid),
                 mask=None if ops.mask is None else slice_block(ops.mask, qb, kb, grid),

@@ -51,7 +51,7 @@ class FusedCarry(NamedTuple):
 def fused_step(spec, carry: FusedCarry, q_blk, dq_blk, *, key: TangentKeyBlock, visible, consts, dconsts, place):
     """Folds one key block into both accumulators; ``visible`` masks a partial block."""
     key = hide_unseen_keys(key, visible)
-    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place)
+    logits = bm.block_logits(spec, q_blk, key.k, key.bias, consts=consts, place=place)
     primal, e, alpha = fold_logits(carry.primal, logits.s, key.v, visible)
     rescaled = TangentCarry(carry.tangent.acc * alpha[..., None], carry.tangent.rowsum * alpha)
     at = dict(key=key, logits=logits, visible=visible, consts=consts, dconsts=dconsts, place=place)

@@ -50,11 +50,11 @@ class TangentCarry(NamedTuple):
 
 
 class TangentKeyBlock(NamedTuple):
-    kt: Array  # transposed keys (kv_heads, dim, bk)
+    k: Array  # keys, head-major (kv_heads, bk, dim)
     v: Array  # (kv_heads, bk, v_dim)
     bias: Array | None  # slice_block of the bias
     mask: Array | None  # slice_block of the dense mask
-    dkt: Array | None  # transposed key tangents (kv_heads, dim, bk)
+    dk: Array | None  # key tangents (kv_heads, bk, dim)
     dv: Array | None  # (kv_heads, bk, v_dim)
     dbias: Array | None  # slice_block of the bias tangent
 
@@ -74,9 +74,9 @@ def logits_tangent(spec, q_blk, dq_blk, key: TangentKeyBlock, logits: bm.Logits,
     kv_heads, groups, bq, _ = q_blk.shape
     ds = None
     if dq_blk is not None:
-        ds = bm.mm(bm.rows(bm.scaled_query(options, dq_blk)), key.kt)
-    if key.dkt is not None:
-        term = bm.mm(bm.rows(bm.scaled_query(options, q_blk)), key.dkt)
+        ds = bm.mm_nt(bm.rows(bm.scaled_query(options, dq_blk)), key.k)
+    if key.dk is not None:
+        term = bm.mm_nt(bm.rows(bm.scaled_query(options, q_blk)), key.dk)
         ds = term if ds is None else ds + term
     if ds is not None:
         ds = ds.reshape(kv_heads, groups, bq, -1)
@@ -108,9 +108,9 @@ def hide_unseen_keys(key: TangentKeyBlock, visible) -> TangentKeyBlock:
         return key
     seen = bm.seen_keys(visible, 3)  # visible: (kv_heads|1, groups|1, bq, bk)
     return key._replace(
-        kt=bm.hide_unseen(key.kt, seen, 2),
+        k=bm.hide_unseen(key.k, seen, 1),
         v=bm.hide_unseen(key.v, seen, 1),
-        dkt=None if key.dkt is None else bm.hide_unseen(key.dkt, seen, 2),
+        dk=None if key.dk is None else bm.hide_unseen(key.dk, seen, 1),
         dv=None if key.dv is None else bm.hide_unseen(key.dv, seen, 1),
     )
 
@@ -137,7 +137,7 @@ def accumulate_tangent(spec, carry: TangentCarry, weights, q_blk, dq_blk, *, key
 def tangent_step(spec, carry: TangentCarry, q_blk, dq_blk, lse_blk, *, key, visible, consts, dconsts, place):
     """Folds one key block into the tangent accumulators; ``visible`` masks a partial block."""
     key = hide_unseen_keys(key, visible)
-    logits = bm.block_logits(spec, q_blk, key.kt, key.bias, consts=consts, place=place)
+    logits = bm.block_logits(spec, q_blk, key.k, key.bias, consts=consts, place=place)
     p = probabilities(logits.s, lse_blk, visible)
     at = dict(key=key, logits=logits, visible=visible, consts=consts, dconsts=dconsts, place=place)
     return accumulate_tangent(spec, carry, p, q_blk, dq_blk, **at)
@@ -186,7 +186,7 @@ class TangentSweep(NamedTuple):
         return TangentCarry(jnp.zeros((*shape, self.whole[1].shape[-1]), acc_dtype), jnp.zeros(shape, acc_dtype))
 
     def key_block(self, qb, kb) -> TangentKeyBlock:
-        """Key block ``kb`` (beside query block ``qb``) with its tangents, transposed for the products."""
+        """Key block ``kb`` (beside query block ``qb``) with its tangents, head-major."""
         grid, (k, v, dk, dv) = self.spec.grid, self.whole
 
         def block_of(x, transpose):
@@ -196,11 +196,11 @@ class TangentSweep(NamedTuple):
             return None if x is None else slice_block(x, qb, kb, grid)
 
         return TangentKeyBlock(
-            kt=block_of(k, (1, 2, 0)),
+            k=block_of(k, (1, 0, 2)),
             v=block_of(v, (1, 0, 2)),
             bias=logits_block(self.ops.bias),
             mask=logits_block(self.ops.mask),
-            dkt=block_of(dk, (1, 2, 0)),
+            dk=block_of(dk, (1, 0, 2)),
             dv=block_of(dv, (1, 0, 2)),
             dbias=logits_block(self.tangents.bias),
         )
