@@ -152,7 +152,7 @@ SCRIPT = textwrap.dedent(
     def memory_and_transfers_check():
         n = 32768
         # A loss whose cotangent depends on the output, as in training (jnp.sum's constant cotangent is
-        # materialized by XLA while the forward ring runs: 1.52x, see the README).
+        # materialized by XLA while the forward ring runs: 2.73x, see docs/sequence-parallel.md).
         loss = lambda sp: lambda q, k, v: jnp.sum(jnp.sin(jattn.dot_product_attention(
             q, k, v, is_causal=True, implementation="blockwise", sequence_parallel=sp)))
         def compiled(sp, spec):
